@@ -1,0 +1,195 @@
+"""Execute a ResourcePlan: each resource starts the moment its dependencies are done.
+
+The group is created first (a synchronous ARM call); every other resource runs in its own thread
+and waits only on the futures of what it depends on, so the VNet and NSG go side by side and all
+VMs start together. When anything fails, the group is deleted at once (forcing VM deletion) without
+waiting for in-flight siblings: a failed run must not keep paying for a GPU while it waits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.azure.errors import classify
+from orchestrator.azure.session import AzureSession
+from orchestrator.azure.teardown import delete_group
+from orchestrator.errors import CloudError
+from orchestrator.plan import T_NSG, T_RG, T_VM, T_VNET, PlannedResource, ResourcePlan
+
+
+@dataclass(frozen=True)
+class ResourceEvent:
+    resource: PlannedResource
+    status: str  # "creating", "created", "failed", "skipped"
+    elapsed: float  # Azure seconds since provisioning started
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    rank: int
+    vm_name: str
+    public_ip: str
+    private_ip: str
+
+
+@dataclass
+class ProvisionResult:
+    plan: ResourcePlan
+    nodes: list[NodeAddress]
+    seconds: float
+    timings: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (start, end)
+
+
+class ProvisionFailed(CloudError):
+    """The typed cloud error, plus whether cleanup removed everything."""
+
+    def __init__(self, cause: CloudError, cleaned: bool, cleanup_error: str = "") -> None:
+        message = str(cause)
+        if not cleaned:
+            message += (f"\nCleanup of the resource group failed too ({cleanup_error}); run "
+                        "`orchestrator down RUN` or `orchestrator gc` to remove it.")
+        super().__init__(message, code=cause.code, resource=cause.resource)
+        self.cause = cause
+        self.cleaned = cleaned
+
+
+EventSink = Callable[[ResourceEvent], None]
+
+
+class Provisioner:
+    def __init__(self, session: AzureSession, on_event: EventSink | None = None) -> None:
+        self.session = session
+        self.on_event = on_event or (lambda e: None)
+        self._cancel = threading.Event()
+
+    def provision(self, plan: ResourcePlan) -> ProvisionResult:
+        clock = self.session.clock
+        t0 = clock.now()
+        timings: dict[str, tuple[float, float]] = {}
+        self._cancel.clear()
+
+        def run_one(r: PlannedResource, deps: list[Future[None]]) -> None:
+            for d in deps:
+                d.result()  # re-raises a dependency's failure: this resource is never started
+            if self._cancel.is_set():
+                self.on_event(ResourceEvent(r, "skipped", clock.now() - t0))
+                raise _Cancelled()
+            start = clock.now()
+            self.on_event(ResourceEvent(r, "creating", start - t0))
+            try:
+                self._create(plan, r)
+            except BaseException as e:
+                if not self._cancel.is_set():
+                    self.on_event(ResourceEvent(r, "failed", clock.now() - t0, str(e)))
+                raise
+            end = clock.now()
+            timings[r.id] = (start - t0, end - t0)
+            self.on_event(ResourceEvent(r, "created", end - t0))
+
+        first_error: BaseException | None = None
+        first_resource: PlannedResource | None = None
+        pool = ThreadPoolExecutor(max_workers=max(1, len(plan.resources)), thread_name_prefix="provision")
+        try:
+            futures: dict[str, Future[None]] = {}
+            for r in plan.resources:  # in dependency order, so every dependency already has a future
+                futures[r.id] = pool.submit(run_one, r, [futures[d] for d in r.depends_on])
+            order = list(futures.items())
+            pending = {f: rid for rid, f in order}
+            while pending and first_error is None:
+                done = next(iter(_wait_first(list(pending))))
+                rid = pending.pop(done)
+                exc = done.exception()
+                if exc is not None and not isinstance(exc, _Cancelled):
+                    first_error, first_resource = exc, plan.by_id(rid)
+                    self._cancel.set()
+        except BaseException as e:  # Ctrl-C in the main thread: same cleanup as a failure
+            first_error = e
+            self._cancel.set()
+        finally:
+            pool.shutdown(wait=first_error is None, cancel_futures=True)
+
+        if first_error is not None:
+            cloud = first_error if isinstance(first_error, CloudError) else None
+            if cloud is None and not isinstance(first_error, Exception):
+                self._cleanup(plan)
+                raise first_error
+            if cloud is None:
+                r = first_resource
+                size = plan.by_id(r.id).body["properties"]["hardwareProfile"]["vmSize"] if r and r.type == T_VM \
+                    else ""
+                cloud = classify(first_error, resource=f"{r.short_type} {r.name}" if r else "", size=size,
+                                 region=plan.region)
+            cleaned, why = self._cleanup(plan)
+            raise ProvisionFailed(cloud, cleaned, why) from first_error
+
+        nodes = self._addresses(plan)
+        return ProvisionResult(plan, nodes, clock.now() - t0, timings)
+
+    def _cleanup(self, plan: ResourcePlan) -> tuple[bool, str]:
+        try:
+            delete_group(self.session, plan.resource_group, wait=True)
+            return True, ""
+        except Exception as e:  # reported to the user with what to run next
+            return False, str(e)
+
+    def _create(self, plan: ResourcePlan, r: PlannedResource) -> None:
+        s, rg = self.session, plan.resource_group
+        if r.type == T_RG:
+            s.resources.resource_groups.create_or_update(r.name, r.body)
+        elif r.type == T_VNET:
+            s.network.virtual_networks.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
+        elif r.type == T_NSG:
+            s.network.network_security_groups.begin_create_or_update(
+                rg, r.name, r.body, polling=s.polling(r.type)).result()
+        elif r.type == T_VM:
+            s.compute.virtual_machines.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
+        else:
+            raise ValueError(f"the provisioner cannot create {r.type}")
+
+    def _addresses(self, plan: ResourcePlan) -> list[NodeAddress]:
+        """Two list calls for all nodes, instead of two GETs per node."""
+        try:
+            pips = {p.name: p for p in self.session.network.public_ip_addresses.list(plan.resource_group)}
+            nics = {n.name: n for n in self.session.network.network_interfaces.list(plan.resource_group)}
+        except Exception as e:
+            raise classify(e, resource=f"addresses in {plan.resource_group}") from e
+        out = []
+        for node in plan.nodes:
+            pip, nic = pips.get(node.public_ip_name), nics.get(node.nic_name)
+            public = _get(pip, "properties", "ipAddress") or _get(pip, "ip_address") or ""
+            configs = _get(nic, "properties", "ipConfigurations") or _get(nic, "ip_configurations") or []
+            private = ""
+            if configs:
+                private = _get(configs[0], "properties", "privateIPAddress") or \
+                    _get(configs[0], "private_ip_address") or ""
+            out.append(NodeAddress(node.rank, node.vm_name, str(public), str(private)))
+        return out
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _get(obj: Any, *path: str) -> Any:
+    """Read a field from a new-style SDK model (a MutableMapping) or an old-style one (attributes)."""
+    cur = obj
+    for key in path:
+        if cur is None:
+            return None
+        try:
+            cur = cur[key]
+        except (KeyError, TypeError, IndexError):
+            cur = getattr(cur, key, None)
+    return cur
+
+
+def _wait_first(futures: list[Future[None]]) -> set[Future[None]]:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+    return done

@@ -1,0 +1,135 @@
+"""Credentials, subscription and SDK clients for one target (real Azure or the emulator).
+
+The emulator is chosen here, at client construction, and nowhere else: the provisioner and teardown
+code run unchanged against either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.azure.polling import make_polling, schedule_for
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.errors import CredentialsError
+
+if TYPE_CHECKING:
+    from orchestrator.emulator import Emulator
+
+DRY_RUN_SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+LOCAL_SUBSCRIPTION = "11111111-1111-1111-1111-111111111111"
+
+
+@dataclass
+class AzureSession:
+    subscription_id: str
+    credential: Any
+    clock: Clock = field(default_factory=SystemClock)
+    transport: Any = None  # None: azure-core's default HTTP transport
+    poll_scale: float = 1.0
+    backend: str = "azure"
+    emulator: Emulator | None = None
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _client(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._clients:
+                self._clients[name] = self._build(name)
+            return self._clients[name]
+
+    def _build(self, name: str) -> Any:
+        kwargs: dict[str, Any] = {"retry_total": 8, "retry_backoff_factor": 0.5, "retry_backoff_max": 60}
+        if self.transport is not None:
+            kwargs["transport"] = self.transport
+        if name == "resource":
+            from azure.mgmt.resource.resources import ResourceManagementClient
+
+            return ResourceManagementClient(self.credential, self.subscription_id, **kwargs)
+        if name == "compute":
+            from azure.mgmt.compute import ComputeManagementClient
+
+            return ComputeManagementClient(self.credential, self.subscription_id, **kwargs)
+        from azure.mgmt.network import NetworkManagementClient
+
+        return NetworkManagementClient(self.credential, self.subscription_id, **kwargs)
+
+    @property
+    def resources(self) -> Any:
+        return self._client("resource")
+
+    @property
+    def compute(self) -> Any:
+        return self._client("compute")
+
+    @property
+    def network(self) -> Any:
+        return self._client("network")
+
+    def polling(self, kind: str) -> Any:
+        """A fresh poller strategy for one LRO of `kind` (an ARM type, 'delete' or 'group-delete')."""
+        return make_polling(schedule_for(kind, self.poll_scale), self.clock)
+
+
+def resolve_subscription(flag: str | None) -> str:
+    """--subscription, then AZURE_SUBSCRIPTION_ID, then the az CLI's default subscription."""
+    if flag:
+        return flag
+    env = os.environ.get("AZURE_SUBSCRIPTION_ID", "").strip()
+    if env:
+        return env
+    az = shutil.which("az")
+    if az:
+        try:
+            out = subprocess.run([az, "account", "show", "--query", "id", "-o", "tsv"], capture_output=True,
+                                 text=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    raise CredentialsError(
+        "No Azure subscription found: pass --subscription ID, set AZURE_SUBSCRIPTION_ID, or run `az login` "
+        "(and `az account set -s ID`). To try the tool without Azure, add --dry-run or use --target local."
+    )
+
+
+def azure_session(subscription: str | None) -> AzureSession:
+    from azure.identity import DefaultAzureCredential
+
+    sub = resolve_subscription(subscription)
+    credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
+    return AzureSession(subscription_id=sub, credential=credential)
+
+
+def emulator_session(emulator: Emulator, subscription: str = DRY_RUN_SUBSCRIPTION,
+                     poll_scale: float = 1.0) -> AzureSession:
+    from orchestrator.emulator.transport import EmulatorCredential, EmulatorTransport
+
+    return AzureSession(subscription_id=subscription, credential=EmulatorCredential(), clock=emulator.clock,
+                        transport=EmulatorTransport(emulator), poll_scale=poll_scale, backend="emulator",
+                        emulator=emulator)
+
+
+@contextmanager
+def local_session(state: Path) -> Iterator[AzureSession]:
+    """--target local: the emulator, its store kept in the state directory across processes."""
+    from orchestrator.emulator.persist import persistent_emulator
+
+    with persistent_emulator(state / "emulator" / "store.json") as emulator:
+        # Operations on the instant profile finish at once: poll without waiting.
+        yield emulator_session(emulator, subscription=LOCAL_SUBSCRIPTION, poll_scale=0.0)
+
+
+def dry_run_session(start: float) -> AzureSession:
+    """--dry-run: a throwaway emulator on a virtual clock; nothing leaves the process."""
+    from orchestrator.clock import VirtualClock
+    from orchestrator.emulator import Emulator
+
+    return emulator_session(Emulator("instant", clock=VirtualClock(start)))

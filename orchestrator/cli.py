@@ -1,0 +1,194 @@
+"""The click commands: parse, call lifecycle, render. No Azure or SSH code here.
+
+Heavy imports (pydantic, rich, the Azure SDK) happen inside the commands so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from orchestrator import __version__
+from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchestratorError
+
+if TYPE_CHECKING:
+    from orchestrator.lifecycle import Target
+    from orchestrator.spec import JobSpec
+
+
+@dataclass
+class Ctx:
+    target: str
+    subscription: str | None
+    state_dir: str | None
+    as_json: bool
+    debug: bool
+    dry_run: bool
+
+    def target_obj(self) -> Target:
+        from orchestrator.lifecycle import Target
+        from orchestrator.paths import state_dir
+
+        return Target(kind="local" if self.target == "local" else "azure", state=state_dir(self.state_dir),
+                      subscription=self.subscription)
+
+
+def _overrides(f: Any) -> Any:
+    f = click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`).")(f)
+    f = click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot).")(f)
+    f = click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size).")(f)
+    f = click.option("--region", help="Azure region, e.g. eastus (overrides resources.region).")(f)
+    f = click.option("--dry-run", "dry_run_here", is_flag=True, help="Show the plan; create nothing.")(f)
+    return f
+
+
+def _load(job: str, region: str | None, vm_size: str | None, spot: bool | None, nodes: int | None) -> JobSpec:
+    from orchestrator.spec import Overrides, load_spec
+
+    return load_spec(job, Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="orchestrator")
+@click.option("--target", type=click.Choice(["azure", "local"]), default="azure", show_default=True,
+              envvar="ORCH_TARGET", help="Real Azure, or the built-in emulator on this machine.")
+@click.option("--dry-run", is_flag=True, help="Show what would be created, create nothing (no credentials needed).")
+@click.option("--subscription", envvar="AZURE_SUBSCRIPTION_ID", help="Azure subscription id (default: az CLI's).")
+@click.option("--state-dir", type=click.Path(file_okay=False), envvar="ORCH_STATE_DIR",
+              help="Where runs, keys and the local emulator live (default: $XDG_STATE_HOME/orchestrator).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document or JSON lines).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, target: str, dry_run: bool, subscription: str | None, state_dir: str | None,
+        as_json: bool, debug: bool) -> None:
+    """Run training jobs on Azure GPU VMs from one command, and leave nothing behind.
+
+    \b
+    Exit codes: 0 success, 1 the job or a metric gate failed, 2 bad input,
+                3 Azure refused (quota, capacity, auth), 130 interrupted.
+    """
+    ctx.obj = Ctx(target, subscription, state_dir, as_json, debug, dry_run)
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=True))
+@_overrides
+@click.pass_obj
+def run(obj: Ctx, job: str, dry_run_here: bool, region: str | None, vm_size: str | None, spot: bool | None,
+        nodes: int | None) -> None:
+    """Provision, train, collect artifacts and tear down (with --dry-run: show the plan)."""
+    spec = _load(job, region, vm_size, spot, nodes)
+    if obj.dry_run or dry_run_here:
+        _dry_run(obj, spec)
+        return
+    raise OrchestratorError(
+        "`orchestrator run` without --dry-run needs the SSH job runner, which this version does not have yet. "
+        "Use `orchestrator provision JOB` and `orchestrator down RUN` meanwhile, or add --dry-run."
+    )
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=True))
+@_overrides
+@click.pass_obj
+def provision(obj: Ctx, job: str, dry_run_here: bool, region: str | None, vm_size: str | None,
+              spot: bool | None, nodes: int | None) -> None:
+    """Create the run's resource group, network and VM(s), and print how to reach them."""
+    spec = _load(job, region, vm_size, spot, nodes)
+    if obj.dry_run or dry_run_here:
+        _dry_run(obj, spec)
+        return
+    from orchestrator import lifecycle
+    from orchestrator.ui import ProgressPrinter
+
+    printer = ProgressPrinter(obj.as_json)
+    result = lifecycle.provision(spec, obj.target_obj(), on_event=printer.event)
+    printer.provisioned(result)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.pass_obj
+def down(obj: Ctx, run_id: str) -> None:
+    """Delete everything a run created (its resource group) and confirm it is gone."""
+    from orchestrator import lifecycle
+
+    existed = lifecycle.down(run_id, obj.target_obj())
+    _say(obj, {"event": "down", "run": run_id, "deleted": existed},
+         f"Deleted {run_id}: nothing of it is left." if existed else f"Nothing to delete: {run_id} has no resources.")
+
+
+@cli.command()
+@click.option("--run", "run_id", help="Only this run's resources.")
+@click.option("--all", "include_unexpired", is_flag=True, help="Also runs whose expiry has not passed yet.")
+@click.option("--dry-run", "dry_run_here", is_flag=True, help="List what would be deleted.")
+@click.pass_obj
+def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, dry_run_here: bool) -> None:
+    """Delete resources that crashed or abandoned runs left behind (found by their tags)."""
+    from orchestrator import lifecycle
+
+    dry = obj.dry_run or dry_run_here
+    groups = lifecycle.gc(obj.target_obj(), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry)
+    if obj.as_json:
+        _say(obj, {"event": "gc", "dry_run": dry, "groups": [
+            {"name": g.name, "run_id": g.run_id, "owner": g.owner,
+             "expires": g.expires.isoformat() if g.expires else None} for g in groups]}, "")
+        return
+    if not groups:
+        click.echo("Nothing to collect: no " + ("matching" if run_id else "expired") + " orchestrator resources.")
+        return
+    verb = "Would delete" if dry else "Deleted"
+    for g in groups:
+        expires = g.expires.strftime("%Y-%m-%d %H:%M UTC") if g.expires else "no expiry tag"
+        click.echo(f"{verb} {g.name}  (run {g.run_id}, owner {g.owner}, expires {expires})")
+
+
+def _dry_run(obj: Ctx, spec: JobSpec) -> None:
+    from orchestrator import lifecycle
+    from orchestrator.ui import print_plan
+
+    print_plan(lifecycle.dry_run(spec), as_json=obj.as_json)
+
+
+def _say(obj: Ctx, payload: dict[str, Any], text: str) -> None:
+    if obj.as_json:
+        import json
+
+        click.echo(json.dumps(payload))
+    elif text:
+        click.echo(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="orchestrator", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        return EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show()
+        return EXIT_BAD_INPUT if e.exit_code == 2 else e.exit_code
+    except click.exceptions.Exit as e:
+        return int(e.exit_code or 0)
+    except OrchestratorError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug of ours: say so plainly, and how to see more
+        if debug:
+            traceback.print_exc()
+        else:
+            click.echo(f"internal error: {type(e).__name__}: {e}\nRe-run with --debug for the traceback, and "
+                       "please report it.", err=True)
+        return 1

@@ -1,0 +1,79 @@
+"""How long things take in the emulator: `instant` for tests and dry-run, `azure-like` for realism.
+
+Durations are in Azure seconds; `scale` multiplies all of them (0.5 = twice as fast as Azure).
+To run a realistic profile in less wall time, keep scale at 1 and give the emulator a ScaledClock
+instead: then the SDK's own sleeps shrink by the same factor and every ratio stays true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# Public reports (see DESIGN.md): resource group ~1 s; VNet 5-10 s; NSG ~3 s; public IP ~3 s;
+# NIC 2-5 s; GPU VM create 60-180 s; boot to SSH 30-90 s; VM delete ~30 s; group delete 1-10 min.
+_AZURE_CREATE = {
+    "Microsoft.Resources/resourceGroups": 1.0,
+    "Microsoft.Network/virtualNetworks": 7.0,
+    "Microsoft.Network/networkSecurityGroups": 3.0,
+    "Microsoft.Network/publicIPAddresses": 3.0,
+    "Microsoft.Network/networkInterfaces": 3.0,
+    "Microsoft.Compute/virtualMachines": 120.0,
+    "Microsoft.Compute/disks": 5.0,
+}
+_AZURE_DELETE = {
+    "Microsoft.Network/virtualNetworks": 10.0,
+    "Microsoft.Network/networkSecurityGroups": 5.0,
+    "Microsoft.Network/publicIPAddresses": 10.0,
+    "Microsoft.Network/networkInterfaces": 5.0,
+    "Microsoft.Compute/virtualMachines": 30.0,
+    "Microsoft.Compute/disks": 5.0,
+}
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    name: str
+    create: dict[str, float] = field(default_factory=dict)
+    delete: dict[str, float] = field(default_factory=dict)
+    group_delete: float = 0.0
+    group_delete_forced: float = 0.0  # force_deletion_types skips the VMs' graceful shutdown
+    boot_to_ssh: float = 0.0
+    request: float = 0.0  # ARM front-door round trip, charged on every request
+    scale: float = 1.0
+
+    def create_seconds(self, resource_type: str) -> float:
+        return self.create.get(resource_type, 0.0) * self.scale
+
+    def delete_seconds(self, resource_type: str) -> float:
+        return self.delete.get(resource_type, 0.0) * self.scale
+
+    def group_delete_seconds(self, forced: bool) -> float:
+        return (self.group_delete_forced if forced else self.group_delete) * self.scale
+
+    def request_seconds(self) -> float:
+        return self.request * self.scale
+
+    def boot_seconds(self) -> float:
+        return self.boot_to_ssh * self.scale
+
+
+PROFILES: dict[str, LatencyProfile] = {
+    "instant": LatencyProfile("instant"),
+    "azure-like": LatencyProfile(
+        "azure-like",
+        create=_AZURE_CREATE,
+        delete=_AZURE_DELETE,
+        group_delete=240.0,
+        group_delete_forced=90.0,
+        boot_to_ssh=45.0,
+        request=0.15,
+    ),
+}
+
+
+def get_profile(name: str, scale: float = 1.0) -> LatencyProfile:
+    try:
+        base = PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown latency profile {name!r}; choose one of {', '.join(PROFILES)}") from None
+    return replace(base, scale=scale)

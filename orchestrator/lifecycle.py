@@ -1,0 +1,219 @@
+"""The steps of a run, composed from azure/, plan and spec: dry-run, provision, down, gc.
+
+The CLI calls these; they own the guarantees: a run's record (and so its resource group name) is
+written before anything is created, and a failed provision leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from orchestrator import catalog
+from orchestrator.errors import CloudError, UserInputError
+from orchestrator.paths import run_dir
+from orchestrator.plan import RUN_ID_RE, ResourcePlan, build_plan, new_run_id, resource_group_name
+from orchestrator.spec import JobSpec
+
+# A syntactically valid key for the dry-run's plan; a real run generates a key pair per run.
+PLACEHOLDER_PUBLIC_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlaceholderKeyGeneratedPerRunAtProvisionTime0 generated-per-run"
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: Literal["azure", "local"]
+    state: Path
+    subscription: str | None = None
+
+
+def owner_name() -> str:
+    """Who the resources belong to: the CI actor, or user@host."""
+    for var in ("ORCH_OWNER", "GITHUB_ACTOR"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@contextmanager
+def open_session(target: Target) -> Iterator[Any]:
+    from orchestrator.azure.session import azure_session, local_session
+
+    if target.kind == "local":
+        with local_session(target.state) as session:
+            yield session
+    else:
+        yield azure_session(target.subscription)
+
+
+# ------------------------------------------------------------------------------------------ dry-run
+
+
+@dataclass
+class RequestLine:
+    method: str
+    path: str
+    api_version: str
+    status: int
+    phase: str  # provision or teardown
+
+
+@dataclass
+class DryRunReport:
+    plan: ResourcePlan
+    requests: list[RequestLine]
+    polls: int
+    estimate_seconds: float
+    boot_seconds: float
+    hourly_usd: float
+    max_cost_usd: float
+    budget_usd: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "run_id": plan.run_id,
+            "resource_group": plan.resource_group,
+            "region": plan.region,
+            "tags": plan.tags,
+            "stages": [
+                [{"type": r.type, "name": r.name, "id": r.id, "depends_on": list(r.depends_on), "body": r.body}
+                 for r in stage]
+                for stage in plan.stages
+            ],
+            "requests": [r.__dict__ for r in self.requests],
+            "polls": self.polls,
+            "estimate": {
+                "provision_seconds": round(self.estimate_seconds, 1),
+                "boot_to_ssh_seconds": self.boot_seconds,
+                "usd_per_hour": round(self.hourly_usd, 4),
+                "max_cost_usd": round(self.max_cost_usd, 2),
+                "budget_usd": self.budget_usd,
+                "price_snapshot": catalog.PRICE_SNAPSHOT_DATE,
+            },
+            "warnings": self.warnings,
+        }
+
+
+def dry_run(spec: JobSpec, *, now: datetime | None = None, run_id: str | None = None) -> DryRunReport:
+    """Run the real provisioner and teardown against a throwaway emulator and report what they sent."""
+    from orchestrator.azure.provision import Provisioner
+    from orchestrator.azure.session import DRY_RUN_SUBSCRIPTION, dry_run_session
+    from orchestrator.azure.teardown import delete_group
+
+    now = now or datetime.now(UTC)
+    run_id = run_id or new_run_id(spec.name)
+    plan = build_plan(spec, run_id, subscription_id=DRY_RUN_SUBSCRIPTION, owner=owner_name(), now=now,
+                      ssh_public_key=PLACEHOLDER_PUBLIC_KEY)
+    session = dry_run_session(now.timestamp())
+    Provisioner(session).provision(plan)
+    emulator = session.emulator
+    assert emulator is not None
+    provision_count = len(emulator.requests())
+    delete_group(session, plan.resource_group, wait=True)
+    lines, polls = [], 0
+    for i, r in enumerate(emulator.requests()):
+        if r.kind == "poll":
+            polls += 1
+            continue
+        phase = "provision" if i < provision_count else "teardown"
+        lines.append(RequestLine(r.method, r.path, r.api_version or "", r.status, phase))
+    hours = spec.max_duration / 3600
+    return DryRunReport(
+        plan=plan,
+        requests=lines,
+        polls=polls,
+        estimate_seconds=plan.critical_path_seconds(),
+        boot_seconds=catalog.TYPICAL_BOOT_TO_SSH_SECONDS,
+        hourly_usd=plan.hourly_usd,
+        max_cost_usd=plan.hourly_usd * hours,
+        budget_usd=spec.budget_usd,
+        warnings=list(plan.warnings),
+    )
+
+
+# ---------------------------------------------------------------------------------------- provision
+
+
+def _record(target: Target, plan_run_id: str, spec: JobSpec, subscription: str) -> Path:
+    """Written before the group exists: a killed process still leaves a name `down` can use."""
+    folder = run_dir(target.state, plan_run_id)
+    record = {
+        "run_id": plan_run_id,
+        "resource_group": resource_group_name(plan_run_id),
+        "target": target.kind,
+        "subscription": subscription,
+        "job": spec.name,
+        "source": spec.source,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (folder / "run.json").write_text(json.dumps(record, indent=2))
+    return folder
+
+
+def provision(spec: JobSpec, target: Target, *, on_event: Any = None, run_id: str | None = None) -> Any:
+    from orchestrator.azure.provision import Provisioner
+    from orchestrator.sshkeys import generate_keypair, public_key_of
+
+    run_id = run_id or new_run_id(spec.name)
+    with open_session(target) as session:
+        folder = _record(target, run_id, spec, session.subscription_id)
+        if spec.ssh.private_key:
+            key = Path(spec.ssh.private_key).expanduser()
+            key = key if key.is_absolute() else Path(spec.base_dir) / key
+            public = public_key_of(key)
+        else:
+            _, public = generate_keypair(folder)
+        plan = build_plan(spec, run_id, subscription_id=session.subscription_id, owner=owner_name(),
+                          now=datetime.now(UTC), ssh_public_key=public)
+        result = Provisioner(session, on_event=on_event).provision(plan)
+        (folder / "nodes.json").write_text(json.dumps([n.__dict__ for n in result.nodes], indent=2))
+        return result
+
+
+# --------------------------------------------------------------------------------------- down / gc
+
+
+def _group_for(run: str) -> str:
+    if run.startswith("orch-"):
+        return run
+    if not RUN_ID_RE.match(run):
+        raise UserInputError(f"'{run}' is not a run id (like mnist-cnn-1a2b3c); `orchestrator gc --dry-run` "
+                             "lists the runs that still have resources.")
+    return resource_group_name(run)
+
+
+def down(run: str, target: Target) -> bool:
+    """Delete a run's resource group and confirm it is gone; False if there was nothing to delete."""
+    from orchestrator.azure.teardown import delete_group, group_exists
+
+    group = _group_for(run)
+    with open_session(target) as session:
+        existed = delete_group(session, group, wait=True)
+        if group_exists(session, group):
+            raise CloudError(f"Resource group {group} still exists after deletion; run `orchestrator down {run}` "
+                             "again or check the Azure portal.")
+        return existed
+
+
+def gc(target: Target, *, run_id: str | None = None, include_unexpired: bool = False,
+       dry_run: bool = False) -> list[Any]:
+    from orchestrator.azure.teardown import gc as azure_gc
+
+    with open_session(target) as session:
+        return azure_gc(session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired,
+                        dry_run=dry_run)

@@ -1,0 +1,493 @@
+"""JobSpec: the job.yaml schema, its defaults, and validation that points at file:line.
+
+Loading is two steps. `load_yaml_with_lines` turns the text into plain Python values while
+remembering the line of every key and item, refusing duplicate keys, alias bombs and binary junk.
+Then pydantic validates; each pydantic error location is mapped back to a line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator import catalog
+from orchestrator.errors import UserInputError
+
+MAX_FILE_BYTES = 256 * 1024
+MAX_YAML_NODES = 20_000  # a real job.yaml has a few hundred; alias bombs expand to millions
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass
+class SpecProblem:
+    where: str  # "job.yaml:12" or "--region"
+    field: str  # "resources.vm_size"
+    message: str
+
+
+class SpecError(UserInputError):
+    def __init__(self, problems: list[SpecProblem]) -> None:
+        self.problems = problems
+        lines = []
+        for p in problems[:6]:
+            prefix = f"{p.where}: " + (f"{p.field}: " if p.field else "")
+            lines.append(prefix + p.message)
+        if len(problems) > 6:
+            lines.append(f"... and {len(problems) - 6} more problems")
+        super().__init__("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+@dataclass
+class LinedDocument:
+    data: Any
+    lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int:
+        """The line of the deepest known prefix of loc (a missing key points at its parent)."""
+        while loc:
+            if loc in self.lines:
+                return self.lines[loc]
+            loc = loc[:-1]
+        return self.lines.get((), 1)
+
+
+def load_yaml_with_lines(raw: bytes, filename: str) -> LinedDocument:
+    def fail(line: int, msg: str) -> SpecError:
+        return SpecError([SpecProblem(f"{filename}:{line}", "", msg)])
+
+    if len(raw) > MAX_FILE_BYTES:
+        raise fail(1, f"file is {len(raw)} bytes; a job file may be at most {MAX_FILE_BYTES} bytes")
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise fail(line, "file holds binary data (a NUL byte); a job file must be UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise fail(line, "file is not UTF-8 text; save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise fail(line, f"not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise fail(1, f"not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    doc = LinedDocument(data=None)
+    if node is None:
+        raise fail(1, "the file is empty; a job needs at least `name` and `run`")
+    doc.lines[()] = node.start_mark.line + 1
+    budget = [0]
+
+    def build(n: yaml.Node, loc: Loc) -> Any:
+        budget[0] += 1
+        if budget[0] > MAX_YAML_NODES:
+            raise fail(n.start_mark.line + 1, "the document expands to too many values (alias bomb?)")
+        doc.lines.setdefault(loc, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            loader.flatten_mapping(n)  # resolves `<<` merge keys
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise fail(key_node.start_mark.line + 1, "a key must be a plain string")
+                key = loader.construct_scalar(key_node)
+                if key in out:
+                    first = doc.lines.get((*loc, key), "?")
+                    raise fail(key_node.start_mark.line + 1, f"duplicate key '{key}' (first at line {first})")
+                doc.lines[(*loc, key)] = key_node.start_mark.line + 1
+                out[key] = build(value_node, (*loc, key))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [build(item, (*loc, i)) for i, item in enumerate(n.value)]
+        try:
+            return loader.construct_object(n, deep=True)
+        except yaml.YAMLError as e:
+            raise fail(n.start_mark.line + 1, f"bad value: {e}") from None
+
+    doc.data = build(node, ())
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LINUX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Azure refuses these as adminUsername (compute API, "InvalidParameter ... adminUsername").
+RESERVED_USERS = frozenset(
+    {
+        "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1",
+        "123", "a", "actuser", "adm", "admin2", "aspnet", "backup", "console", "david", "guest", "john",
+        "owner", "root", "server", "sql", "support", "support_388945a0", "sys", "test2", "test3",
+        "user4", "user5",
+    }
+)  # fmt: skip
+DURATION_RE = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*$")
+CONDITION_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*$")
+MAX_DURATION_SECONDS = 7 * 24 * 3600
+
+
+def parse_duration(value: Any) -> int:
+    """'90m', '2h', '1h30m', '45s', or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '2h', '90m' or a number of seconds")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and (m := DURATION_RE.match(value)) and any(m.groups()):
+        d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    else:
+        raise ValueError(f"'{value}' is not a duration; write e.g. '2h', '90m', '1h30m' or seconds")
+    if not 60 <= seconds <= MAX_DURATION_SECONDS:
+        raise ValueError("must be between 1 minute and 7 days")
+    return seconds
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    op: Literal[">=", "<=", "==", "!=", ">", "<"]
+    threshold: float
+
+    def holds(self, value: float) -> bool:
+        t = self.threshold
+        return {
+            ">=": value >= t,
+            "<=": value <= t,
+            "==": value == t,
+            "!=": value != t,
+            ">": value > t,
+            "<": value < t,
+        }[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.threshold:g}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Resources(_Strict):
+    vm_size: str = "Standard_NC4as_T4_v3"
+    region: str = "eastus"
+    zone: str | None = None
+    image: str = "auto"
+    disk_gb: Annotated[int, Field(ge=30, le=4095)] = 128
+    spot: bool = False
+
+    @field_validator("zone", mode="before")
+    @classmethod
+    def _zone(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, bool) or str(v) not in {"1", "2", "3"}:
+            raise ValueError("zone must be 1, 2 or 3 (or left out to let Azure choose)")
+        return str(v)
+
+    @field_validator("vm_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if v in catalog.VM_SIZES:
+            return v
+        by_lower = {k.lower(): k for k in catalog.VM_SIZES}
+        if v.lower() in by_lower:
+            raise ValueError(f"unknown VM size '{v}'; did you mean '{by_lower[v.lower()]}'? (case matters)")
+        close = difflib.get_close_matches(v, catalog.VM_SIZES, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        gpus = ", ".join(k for k, s in catalog.VM_SIZES.items() if s.is_gpu)
+        raise ValueError(f"unknown VM size '{v}'.{hint} Known GPU sizes: {gpus}")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if v in catalog.REGIONS:
+            return v
+        close = difflib.get_close_matches(v.lower().replace(" ", ""), catalog.REGIONS, n=2, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"unknown region '{v}'.{hint} Known regions: {', '.join(sorted(catalog.REGIONS))}")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        try:
+            catalog.resolve_image(v, gpu=False)
+        except ValueError:
+            aliases = ", ".join(["auto", *catalog.IMAGE_ALIASES])
+            raise ValueError(f"image must be one of {aliases} or publisher:offer:sku:version") from None
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> Resources:
+        size = catalog.VM_SIZES[self.vm_size]
+        if self.region not in size.regions:
+            where = ", ".join(sorted(size.regions))
+            raise ValueError(f"{self.vm_size} is not offered in {self.region}; it is offered in: {where}")
+        if self.zone and not catalog.region_has_zones(self.region):
+            raise ValueError(f"{self.region} has no availability zones; remove `zone`")
+        return self
+
+    @property
+    def size(self) -> catalog.VmSize:
+        return catalog.VM_SIZES[self.vm_size]
+
+
+class Ssh(_Strict):
+    user: str = "azureuser"
+    allowed_cidrs: list[str] = Field(default_factory=list, max_length=50)
+    private_key: str | None = None  # path to an existing key; default: a key pair generated per run
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not LINUX_USER_RE.match(v):
+            raise ValueError("ssh.user must be 1-32 lowercase letters, digits, '_' or '-', not starting with a digit")
+        if v in RESERVED_USERS:
+            raise ValueError(f"Azure does not allow '{v}' as the admin user; pick another (e.g. azureuser)")
+        return v
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        out = []
+        for c in v:
+            try:
+                net = ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                raise ValueError(f"'{c}' is not an IP address or CIDR range (e.g. 203.0.113.7/32)") from None
+            out.append(str(net))
+        return out
+
+
+class JobSpec(_Strict):
+    name: str
+    workdir: str = "."
+    resources: Resources = Field(default_factory=Resources)
+    nodes: Annotated[int, Field(ge=1, le=16)] = 1
+    setup: list[str] = Field(default_factory=list)
+    run: str
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
+    artifacts: list[str] = Field(default_factory=list)
+    max_duration: int = 4 * 3600
+    budget_usd: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    ssh: Ssh = Field(default_factory=Ssh)
+    expect: dict[str, Condition] = Field(default_factory=dict)
+
+    # Where the spec came from; filled by load_spec, not by the user.
+    source: str = Field(default="", exclude=True)
+    base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"'{v}' is not a valid job name: use 2-40 lowercase letters, digits and '-', starting "
+                "with a letter and not ending with '-' (it becomes part of Azure resource names)"
+            )
+        return v
+
+    @field_validator("setup", mode="before")
+    @classmethod
+    def _setup(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("run must be a command, e.g. `python train.py`")
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if not isinstance(v, Mapping):
+            return v
+        out = {}
+        for k, val in v.items():
+            if not isinstance(k, str) or not ENV_NAME_RE.match(k):
+                raise ValueError(f"'{k}' is not a valid environment variable name")
+            if k.startswith("ORCH_"):
+                raise ValueError(f"'{k}': names starting with ORCH_ are set by orchestrator")
+            if isinstance(val, bool) or not isinstance(val, str | int | float):
+                raise ValueError(f"env.{k} must be a string or a number")
+            out[k] = str(val)
+        return out
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not ENV_NAME_RE.match(s):
+                raise ValueError(f"'{s}' is not a valid environment variable name")
+        if len(set(v)) != len(v):
+            raise ValueError("a secret is listed twice")
+        return v
+
+    @field_validator("artifacts", "workdir")
+    @classmethod
+    def _relative(cls, v: Any) -> Any:
+        for p in [v] if isinstance(v, str) else v:
+            pure = PurePosixPath(p)
+            if pure.is_absolute() or ".." in pure.parts:
+                raise ValueError(f"'{p}' must be a relative path inside the job's folder (no '/' start, no '..')")
+        return v
+
+    @field_validator("max_duration", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return parse_duration(v)
+
+    @field_validator("budget_usd", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _expect(cls, v: Any) -> Any:
+        if not isinstance(v, Mapping):
+            return v
+        out = {}
+        for metric, cond in v.items():
+            if isinstance(cond, int | float) and not isinstance(cond, bool):
+                cond = f">= {cond}"
+            m = CONDITION_RE.match(cond) if isinstance(cond, str) else None
+            if not m:
+                raise ValueError(f"expect.{metric}: write a condition like '>= 0.99' (ops: >= <= > < == !=)")
+            out[metric] = Condition(op=m.group(1), threshold=float(m.group(2)))  # type: ignore[arg-type]
+        return out
+
+    @property
+    def workdir_path(self) -> Path:
+        return (Path(self.base_dir) / self.workdir).resolve()
+
+    def hourly_usd(self) -> float:
+        size = self.resources.size
+        vm = catalog.price_per_hour(size, self.resources.region, self.resources.spot)
+        return self.nodes * (vm + catalog.STANDARD_PUBLIC_IP_USD_PER_HOUR)
+
+
+@dataclass
+class Overrides:
+    """Command-line flags that replace values from the file."""
+
+    region: str | None = None
+    vm_size: str | None = None
+    spot: bool | None = None
+    nodes: int | None = None
+
+    def apply(self, data: dict[str, Any]) -> dict[Loc, str]:
+        applied: dict[Loc, str] = {}
+        res = data.setdefault("resources", {})
+        if not isinstance(res, dict):
+            return applied
+        for loc, flag, value in (
+            (("resources", "region"), "--region", self.region),
+            (("resources", "vm_size"), "--vm-size", self.vm_size),
+            (("resources", "spot"), "--spot", self.spot),
+            (("nodes",), "--nodes", self.nodes),
+        ):
+            if value is None:
+                continue
+            target = data if len(loc) == 1 else res
+            target[loc[-1]] = value
+            applied[loc] = flag
+        return applied
+
+
+def _where(doc: LinedDocument, flags: dict[Loc, str], filename: str, loc: Loc) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in flags:
+            return flags[loc[:n]]
+    return f"{filename}:{doc.line_of(loc)}"
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key; check its spelling (see the job.yaml reference in README.md)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind.endswith("_type") or kind in {"model_type", "dict_type", "list_type"}:
+        return f"wrong type: {msg.lower()}"
+    return str(msg).removeprefix("Value error, ")
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in {"function-after[_fits(), Resources]"}:
+            continue
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def load_spec(path: str | Path, overrides: Overrides | None = None) -> JobSpec:
+    """Read, parse and validate a job file; any problem raises SpecError (exit code 2)."""
+    p = Path(path)
+    filename = str(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError([SpecProblem(filename, "", "no such file; pass the path to a job.yaml")]) from None
+    except IsADirectoryError:
+        hint = " (did you mean " + str(p / "job.yaml") + "?)" if (p / "job.yaml").exists() else ""
+        raise SpecError([SpecProblem(filename, "", f"is a folder, not a job file{hint}")]) from None
+    except OSError as e:
+        raise SpecError([SpecProblem(filename, "", f"cannot read: {e.strerror}")]) from None
+    doc = load_yaml_with_lines(raw, filename)
+    if not isinstance(doc.data, dict):
+        raise SpecError([SpecProblem(f"{filename}:1", "", "a job file must be a mapping of keys (name, run, ...)")])
+    flags = (overrides or Overrides()).apply(doc.data)
+    base_dir = str(p.resolve().parent)
+    try:
+        spec = JobSpec.model_validate({**doc.data, "source": str(p), "base_dir": base_dir})
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
+            problems.append(SpecProblem(_where(doc, flags, filename, loc), _field_name(loc), _message(err)))
+        raise SpecError(problems) from None
+    _check_files(spec, doc, filename)
+    return spec
+
+
+def _check_files(spec: JobSpec, doc: LinedDocument, filename: str) -> None:
+    problems = []
+    base = Path(spec.base_dir)
+    workdir = spec.workdir_path
+    if not workdir.is_dir():
+        problems.append(SpecProblem(f"{filename}:{doc.line_of(('workdir',))}", "workdir", f"no folder {workdir}"))
+    elif not workdir.is_relative_to(base.resolve()):
+        where = f"{filename}:{doc.line_of(('workdir',))}"
+        problems.append(SpecProblem(where, "workdir", "resolves outside the job's folder (a symlink?)"))
+    if spec.ssh.private_key is not None:
+        key = Path(spec.ssh.private_key).expanduser()
+        key = key if key.is_absolute() else base / key
+        if not key.is_file():
+            where = f"{filename}:{doc.line_of(('ssh', 'private_key'))}"
+            problems.append(SpecProblem(where, "ssh.private_key", f"no such file {key}"))
+    if problems:
+        raise SpecError(problems)

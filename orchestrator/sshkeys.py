@@ -1,0 +1,45 @@
+"""Per-run SSH key pairs (ed25519, private key mode 0600), or the public half of the user's own key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from orchestrator.errors import UserInputError
+
+
+def generate_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, str]:
+    """Create (or reuse) a key pair in `directory`; returns the private key path and the public key line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = directory / name
+    if private.exists():
+        return private, public_key_of(private)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    line = public.decode() + " orchestrator"
+    (directory / f"{name}.pub").write_text(line + "\n")
+    return private, line
+
+
+def public_key_of(private: Path) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    pub = Path(str(private) + ".pub")
+    if pub.is_file():
+        return pub.read_text().strip()
+    try:
+        key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise UserInputError(
+            f"{private}: cannot read this SSH private key ({e}). Use an unencrypted key, or put its public "
+            f"half next to it as {pub.name}."
+        ) from None
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
