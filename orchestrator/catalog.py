@@ -43,7 +43,9 @@ _T4 = frozenset(
         "japaneast", "australiaeast", "southeastasia", "canadacentral", "koreacentral", "centralindia",
     }
 )  # fmt: skip
-_V100 = frozenset({"eastus", "eastus2", "westus2", "southcentralus", "westeurope", "northeurope", "japaneast"})
+_V100 = frozenset(
+    {"eastus", "eastus2", "westus2", "southcentralus", "westeurope", "northeurope", "japaneast"}
+)
 _A100 = frozenset(
     {"eastus", "eastus2", "westus2", "westus3", "southcentralus", "westeurope", "swedencentral", "japaneast"}
 )
@@ -56,18 +58,68 @@ VM_SIZES: dict[str, VmSize] = {
     for s in (
         VmSize("Standard_NC4as_T4_v3", 4, 28, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 0.526, 0.2, _T4),
         VmSize("Standard_NC8as_T4_v3", 8, 56, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 0.752, 0.2, _T4),
-        VmSize("Standard_NC16as_T4_v3", 16, 110, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 1.204, 0.2, _T4),
-        VmSize("Standard_NC64as_T4_v3", 64, 440, 4, "Tesla T4 16GB", "standardNCASv3_T4Family", 4.352, 0.2, _T4),
+        VmSize(
+            "Standard_NC16as_T4_v3", 16, 110, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 1.204, 0.2, _T4
+        ),
+        VmSize(
+            "Standard_NC64as_T4_v3", 64, 440, 4, "Tesla T4 16GB", "standardNCASv3_T4Family", 4.352, 0.2, _T4
+        ),
         VmSize("Standard_NC6s_v3", 6, 112, 1, "Tesla V100 16GB", "standardNCSv3Family", 3.06, 0.25, _V100),
         VmSize("Standard_NC12s_v3", 12, 224, 2, "Tesla V100 16GB", "standardNCSv3Family", 6.12, 0.25, _V100),
         VmSize("Standard_NC24s_v3", 24, 448, 4, "Tesla V100 16GB", "standardNCSv3Family", 12.24, 0.25, _V100),
-        VmSize("Standard_NC24ads_A100_v4", 24, 220, 1, "A100 80GB", "StandardNCADSA100v4Family", 3.673, 0.3, _A100),
-        VmSize("Standard_NC48ads_A100_v4", 48, 440, 2, "A100 80GB", "StandardNCADSA100v4Family", 7.346, 0.3, _A100),
-        VmSize("Standard_NC96ads_A100_v4", 96, 880, 4, "A100 80GB", "StandardNCADSA100v4Family", 14.692, 0.3, _A100),
-        VmSize("Standard_ND96asr_v4", 96, 900, 8, "A100 40GB", "standardNDASv4_A100Family", 27.197, 0.3, _A100),
-        VmSize("Standard_ND96isr_H100_v5", 96, 1900, 8, "H100 80GB", "standardNDSH100v5Family", 98.32, 0.35, _H100),
-        VmSize("Standard_NV36ads_A10_v5", 36, 440, 1, "A10 24GB", "StandardNVADSA10v5Family", 3.20, 0.25, _A10),
-        VmSize("Standard_B2s", 2, 4, 0, None, "standardBSFamily", 0.0416, 1.0, _ALL, accelerated_networking=False),
+        VmSize(
+            "Standard_NC24ads_A100_v4",
+            24,
+            220,
+            1,
+            "A100 80GB",
+            "StandardNCADSA100v4Family",
+            3.673,
+            0.3,
+            _A100,
+        ),
+        VmSize(
+            "Standard_NC48ads_A100_v4",
+            48,
+            440,
+            2,
+            "A100 80GB",
+            "StandardNCADSA100v4Family",
+            7.346,
+            0.3,
+            _A100,
+        ),
+        VmSize(
+            "Standard_NC96ads_A100_v4",
+            96,
+            880,
+            4,
+            "A100 80GB",
+            "StandardNCADSA100v4Family",
+            14.692,
+            0.3,
+            _A100,
+        ),
+        VmSize(
+            "Standard_ND96asr_v4", 96, 900, 8, "A100 40GB", "standardNDASv4_A100Family", 27.197, 0.3, _A100
+        ),
+        VmSize(
+            "Standard_ND96isr_H100_v5",
+            96,
+            1900,
+            8,
+            "H100 80GB",
+            "standardNDSH100v5Family",
+            98.32,
+            0.35,
+            _H100,
+        ),
+        VmSize(
+            "Standard_NV36ads_A10_v5", 36, 440, 1, "A10 24GB", "StandardNVADSA10v5Family", 3.20, 0.25, _A10
+        ),
+        VmSize(
+            "Standard_B2s", 2, 4, 0, None, "standardBSFamily", 0.0416, 1.0, _ALL, accelerated_networking=False
+        ),
         VmSize("Standard_D2s_v5", 2, 8, 0, None, "standardDSv5Family", 0.096, 0.15, _ALL),
         VmSize("Standard_D4s_v5", 4, 16, 0, None, "standardDSv5Family", 0.192, 0.15, _ALL),
         VmSize("Standard_D8s_v5", 8, 32, 0, None, "standardDSv5Family", 0.384, 0.15, _ALL),

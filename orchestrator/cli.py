@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -34,8 +33,11 @@ class Ctx:
         from orchestrator.lifecycle import Target
         from orchestrator.paths import state_dir
 
-        return Target(kind="local" if self.target == "local" else "azure", state=state_dir(self.state_dir),
-                      subscription=self.subscription)
+        return Target(
+            kind="local" if self.target == "local" else "azure",
+            state=state_dir(self.state_dir),
+            subscription=self.subscription,
+        )
 
 
 def _overrides(f: Any) -> Any:
@@ -55,17 +57,40 @@ def _load(job: str, region: str | None, vm_size: str | None, spot: bool | None, 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="orchestrator")
-@click.option("--target", type=click.Choice(["azure", "local"]), default="azure", show_default=True,
-              envvar="ORCH_TARGET", help="Real Azure, or the built-in emulator on this machine.")
-@click.option("--dry-run", is_flag=True, help="Show what would be created, create nothing (no credentials needed).")
-@click.option("--subscription", envvar="AZURE_SUBSCRIPTION_ID", help="Azure subscription id (default: az CLI's).")
-@click.option("--state-dir", type=click.Path(file_okay=False), envvar="ORCH_STATE_DIR",
-              help="Where runs, keys and the local emulator live (default: $XDG_STATE_HOME/orchestrator).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document or JSON lines).")
+@click.option(
+    "--target",
+    type=click.Choice(["azure", "local"]),
+    default="azure",
+    show_default=True,
+    envvar="ORCH_TARGET",
+    help="Real Azure, or the built-in emulator on this machine.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Show what would be created, create nothing (no credentials needed)."
+)
+@click.option(
+    "--subscription", envvar="AZURE_SUBSCRIPTION_ID", help="Azure subscription id (default: az CLI's)."
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    envvar="ORCH_STATE_DIR",
+    help="Where runs, keys and the local emulator live (default: $XDG_STATE_HOME/orchestrator).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document or JSON lines)."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
-def cli(ctx: click.Context, target: str, dry_run: bool, subscription: str | None, state_dir: str | None,
-        as_json: bool, debug: bool) -> None:
+def cli(
+    ctx: click.Context,
+    target: str,
+    dry_run: bool,
+    subscription: str | None,
+    state_dir: str | None,
+    as_json: bool,
+    debug: bool,
+) -> None:
     """Run training jobs on Azure GPU VMs from one command, and leave nothing behind.
 
     \b
@@ -79,16 +104,23 @@ def cli(ctx: click.Context, target: str, dry_run: bool, subscription: str | None
 @click.argument("job", type=click.Path(dir_okay=True))
 @_overrides
 @click.pass_obj
-def run(obj: Ctx, job: str, dry_run_here: bool, region: str | None, vm_size: str | None, spot: bool | None,
-        nodes: int | None) -> None:
+def run(
+    obj: Ctx,
+    job: str,
+    dry_run_here: bool,
+    region: str | None,
+    vm_size: str | None,
+    spot: bool | None,
+    nodes: int | None,
+) -> None:
     """Provision, train, collect artifacts and tear down (with --dry-run: show the plan)."""
     spec = _load(job, region, vm_size, spot, nodes)
     if obj.dry_run or dry_run_here:
         _dry_run(obj, spec)
         return
     raise OrchestratorError(
-        "`orchestrator run` without --dry-run needs the SSH job runner, which this version does not have yet. "
-        "Use `orchestrator provision JOB` and `orchestrator down RUN` meanwhile, or add --dry-run."
+        "`orchestrator run` without --dry-run needs the SSH job runner, which this version does not "
+        "have yet. Use `orchestrator provision JOB` and `orchestrator down RUN` meanwhile, or add --dry-run."
     )
 
 
@@ -96,8 +128,15 @@ def run(obj: Ctx, job: str, dry_run_here: bool, region: str | None, vm_size: str
 @click.argument("job", type=click.Path(dir_okay=True))
 @_overrides
 @click.pass_obj
-def provision(obj: Ctx, job: str, dry_run_here: bool, region: str | None, vm_size: str | None,
-              spot: bool | None, nodes: int | None) -> None:
+def provision(
+    obj: Ctx,
+    job: str,
+    dry_run_here: bool,
+    region: str | None,
+    vm_size: str | None,
+    spot: bool | None,
+    nodes: int | None,
+) -> None:
     """Create the run's resource group, network and VM(s), and print how to reach them."""
     spec = _load(job, region, vm_size, spot, nodes)
     if obj.dry_run or dry_run_here:
@@ -119,8 +158,13 @@ def down(obj: Ctx, run_id: str) -> None:
     from orchestrator import lifecycle
 
     existed = lifecycle.down(run_id, obj.target_obj())
-    _say(obj, {"event": "down", "run": run_id, "deleted": existed},
-         f"Deleted {run_id}: nothing of it is left." if existed else f"Nothing to delete: {run_id} has no resources.")
+    _say(
+        obj,
+        {"event": "down", "run": run_id, "deleted": existed},
+        f"Deleted {run_id}: nothing of it is left."
+        if existed
+        else f"Nothing to delete: {run_id} has no resources.",
+    )
 
 
 @cli.command()
@@ -135,12 +179,28 @@ def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, dry_run_here: bool
     dry = obj.dry_run or dry_run_here
     groups = lifecycle.gc(obj.target_obj(), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry)
     if obj.as_json:
-        _say(obj, {"event": "gc", "dry_run": dry, "groups": [
-            {"name": g.name, "run_id": g.run_id, "owner": g.owner,
-             "expires": g.expires.isoformat() if g.expires else None} for g in groups]}, "")
+        _say(
+            obj,
+            {
+                "event": "gc",
+                "dry_run": dry,
+                "groups": [
+                    {
+                        "name": g.name,
+                        "run_id": g.run_id,
+                        "owner": g.owner,
+                        "expires": g.expires.isoformat() if g.expires else None,
+                    }
+                    for g in groups
+                ],
+            },
+            "",
+        )
         return
     if not groups:
-        click.echo("Nothing to collect: no " + ("matching" if run_id else "expired") + " orchestrator resources.")
+        click.echo(
+            "Nothing to collect: no " + ("matching" if run_id else "expired") + " orchestrator resources."
+        )
         return
     verb = "Would delete" if dry else "Deleted"
     for g in groups:
@@ -189,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            click.echo(f"internal error: {type(e).__name__}: {e}\nRe-run with --debug for the traceback, and "
-                       "please report it.", err=True)
+            click.echo(
+                f"internal error: {type(e).__name__}: {e}\nRe-run with --debug for the traceback, and "
+                "please report it.",
+                err=True,
+            )
         return 1

@@ -91,8 +91,16 @@ class DryRunReport:
             "region": plan.region,
             "tags": plan.tags,
             "stages": [
-                [{"type": r.type, "name": r.name, "id": r.id, "depends_on": list(r.depends_on), "body": r.body}
-                 for r in stage]
+                [
+                    {
+                        "type": r.type,
+                        "name": r.name,
+                        "id": r.id,
+                        "depends_on": list(r.depends_on),
+                        "body": r.body,
+                    }
+                    for r in stage
+                ]
                 for stage in plan.stages
             ],
             "requests": [r.__dict__ for r in self.requests],
@@ -117,8 +125,14 @@ def dry_run(spec: JobSpec, *, now: datetime | None = None, run_id: str | None = 
 
     now = now or datetime.now(UTC)
     run_id = run_id or new_run_id(spec.name)
-    plan = build_plan(spec, run_id, subscription_id=DRY_RUN_SUBSCRIPTION, owner=owner_name(), now=now,
-                      ssh_public_key=PLACEHOLDER_PUBLIC_KEY)
+    plan = build_plan(
+        spec,
+        run_id,
+        subscription_id=DRY_RUN_SUBSCRIPTION,
+        owner=owner_name(),
+        now=now,
+        ssh_public_key=PLACEHOLDER_PUBLIC_KEY,
+    )
     session = dry_run_session(now.timestamp())
     Provisioner(session).provision(plan)
     emulator = session.emulator
@@ -178,8 +192,14 @@ def provision(spec: JobSpec, target: Target, *, on_event: Any = None, run_id: st
             public = public_key_of(key)
         else:
             _, public = generate_keypair(folder)
-        plan = build_plan(spec, run_id, subscription_id=session.subscription_id, owner=owner_name(),
-                          now=datetime.now(UTC), ssh_public_key=public)
+        plan = build_plan(
+            spec,
+            run_id,
+            subscription_id=session.subscription_id,
+            owner=owner_name(),
+            now=datetime.now(UTC),
+            ssh_public_key=public,
+        )
         result = Provisioner(session, on_event=on_event).provision(plan)
         (folder / "nodes.json").write_text(json.dumps([n.__dict__ for n in result.nodes], indent=2))
         return result
@@ -192,8 +212,10 @@ def _group_for(run: str) -> str:
     if run.startswith("orch-"):
         return run
     if not RUN_ID_RE.match(run):
-        raise UserInputError(f"'{run}' is not a run id (like mnist-cnn-1a2b3c); `orchestrator gc --dry-run` "
-                             "lists the runs that still have resources.")
+        raise UserInputError(
+            f"'{run}' is not a run id (like mnist-cnn-1a2b3c); `orchestrator gc --dry-run` "
+            "lists the runs that still have resources."
+        )
     return resource_group_name(run)
 
 
@@ -205,15 +227,19 @@ def down(run: str, target: Target) -> bool:
     with open_session(target) as session:
         existed = delete_group(session, group, wait=True)
         if group_exists(session, group):
-            raise CloudError(f"Resource group {group} still exists after deletion; run `orchestrator down {run}` "
-                             "again or check the Azure portal.")
+            raise CloudError(
+                f"Resource group {group} still exists after deletion; run `orchestrator down {run}` "
+                "again or check the Azure portal."
+            )
         return existed
 
 
-def gc(target: Target, *, run_id: str | None = None, include_unexpired: bool = False,
-       dry_run: bool = False) -> list[Any]:
+def gc(
+    target: Target, *, run_id: str | None = None, include_unexpired: bool = False, dry_run: bool = False
+) -> list[Any]:
     from orchestrator.azure.teardown import gc as azure_gc
 
     with open_session(target) as session:
-        return azure_gc(session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired,
-                        dry_run=dry_run)
+        return azure_gc(
+            session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry_run
+        )

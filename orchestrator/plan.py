@@ -280,7 +280,9 @@ def _vm_body(
         "linuxConfiguration": {
             "disablePasswordAuthentication": True,
             "provisionVMAgent": True,
-            "ssh": {"publicKeys": [{"path": f"/home/{user}/.ssh/authorized_keys", "keyData": ssh_public_key}]},
+            "ssh": {
+                "publicKeys": [{"path": f"/home/{user}/.ssh/authorized_keys", "keyData": ssh_public_key}]
+            },
         },
     }
     if custom_data is not None:

@@ -17,8 +17,9 @@ def generate_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, s
     if private.exists():
         return private, public_key_of(private)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -41,5 +42,8 @@ def public_key_of(private: Path) -> str:
             f"{private}: cannot read this SSH private key ({e}). Use an unencrypted key, or put its public "
             f"half next to it as {pub.name}."
         ) from None
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                         serialization.PublicFormat.OpenSSH).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )

@@ -30,7 +30,9 @@ def describe(r: PlannedResource) -> str:
     if r.short_type == "resourceGroups":
         return f"location {r.body['location']}"
     if r.short_type == "virtualNetworks":
-        subnets = ", ".join(f"{s['name']} {s['properties']['addressPrefix']}" for s in props.get("subnets", []))
+        subnets = ", ".join(
+            f"{s['name']} {s['properties']['addressPrefix']}" for s in props.get("subnets", [])
+        )
         return f"address space {', '.join(props['addressSpace']['addressPrefixes'])}; subnet {subnets}"
     if r.short_type == "networkSecurityGroups":
         parts = []
@@ -58,7 +60,8 @@ def describe(r: PlannedResource) -> str:
         lines = [
             f"{size_name} ({gpu}{spec})" + (", " + ", ".join(extra) if extra else ""),
             f"image {img['publisher']}:{img['offer']}:{img['sku']}:{img['version']}",
-            f"OS disk {disk.get('diskSizeGB')} GB {disk['managedDisk']['storageAccountType']}, deleted with the VM",
+            f"OS disk {disk.get('diskSizeGB')} GB {disk['managedDisk']['storageAccountType']}, "
+            "deleted with the VM",
             f"NIC {nic['name']} + public IP {pip['name']}, created inline, deleted with the VM",
             f"SSH key only (no password), user {props['osProfile']['adminUsername']}",
         ]
@@ -74,8 +77,10 @@ def print_plan(report: DryRunReport, as_json: bool = False) -> None:
 
     con = _console()
     plan = report.plan
-    con.print(f"[bold]Dry run[/bold]: nothing is created. Run [bold]{plan.run_id}[/bold] would create "
-              f"resource group [bold]{plan.resource_group}[/bold] in {plan.region}.")
+    con.print(
+        f"[bold]Dry run[/bold]: nothing is created. Run [bold]{plan.run_id}[/bold] would create "
+        f"resource group [bold]{plan.resource_group}[/bold] in {plan.region}."
+    )
     table = Table(show_lines=True, pad_edge=False, expand=False)
     table.add_column("stage", justify="right")
     table.add_column("resource")
@@ -87,18 +92,27 @@ def print_plan(report: DryRunReport, as_json: bool = False) -> None:
     con.print(table)
     con.print("Resources in one stage are created in parallel; each stage waits only for what it uses.")
     con.print("Tags on every resource: " + ", ".join(f"{k}={v}" for k, v in plan.tags.items()))
-    con.print(f"\n[bold]ARM requests[/bold] under /subscriptions/{plan.subscription_id} (in order; plus "
-              f"{report.polls} status polls):")
+    con.print(
+        f"\n[bold]ARM requests[/bold] under /subscriptions/{plan.subscription_id} (in order; plus "
+        f"{report.polls} status polls):"
+    )
     prefix = f"/subscriptions/{plan.subscription_id}"
-    for r in report.requests:
-        path = r.path.removeprefix(prefix)
-        con.print(f"  {r.phase:9} {r.method:6} {path}  [dim]{r.api_version} -> {r.status}[/dim]", soft_wrap=True)
-    con.print(f"\n[bold]Estimate[/bold]: VMs ready in about {report.estimate_seconds:.0f} s (critical path), "
-              f"SSH about {report.boot_seconds:.0f} s later.")
+    for line in report.requests:
+        path = line.path.removeprefix(prefix)
+        con.print(
+            f"  {line.phase:9} {line.method:6} {path}  [dim]{line.api_version} -> {line.status}[/dim]",
+            soft_wrap=True,
+        )
+    con.print(
+        f"\n[bold]Estimate[/bold]: VMs ready in about {report.estimate_seconds:.0f} s (critical path), "
+        f"SSH about {report.boot_seconds:.0f} s later."
+    )
     budget = f"; budget ${report.budget_usd:,.2f}" if report.budget_usd else ""
-    con.print(f"Cost: ${report.hourly_usd:,.3f}/hour for {len(plan.nodes)} node(s); at most "
-              f"${report.max_cost_usd:,.2f} if it runs the full max_duration{budget} "
-              f"[dim](prices of {catalog.PRICE_SNAPSHOT_DATE})[/dim].")
+    con.print(
+        f"Cost: ${report.hourly_usd:,.3f}/hour for {len(plan.nodes)} node(s); at most "
+        f"${report.max_cost_usd:,.2f} if it runs the full max_duration{budget} "
+        f"[dim](prices of {catalog.PRICE_SNAPSHOT_DATE})[/dim]."
+    )
     for w in report.warnings:
         con.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -112,25 +126,51 @@ class ProgressPrinter:
 
     def event(self, e: ResourceEvent) -> None:
         if self.as_json:
-            print(json.dumps({"event": f"resource.{e.status}", "type": e.resource.type, "name": e.resource.name,
-                              "elapsed": round(e.elapsed, 2), "error": e.error or None}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": f"resource.{e.status}",
+                        "type": e.resource.type,
+                        "name": e.resource.name,
+                        "elapsed": round(e.elapsed, 2),
+                        "error": e.error or None,
+                    }
+                ),
+                flush=True,
+            )
             return
         if e.status == "failed":
             return  # the error paragraph says it once, at the end
         wall = time.monotonic() - self.t0
-        print(f"[{wall:7.1f}s] {e.status:9} {e.resource.short_type:22} {e.resource.name}", file=sys.stderr,
-              flush=True)
+        print(
+            f"[{wall:7.1f}s] {e.status:9} {e.resource.short_type:22} {e.resource.name}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def provisioned(self, result: ProvisionResult) -> None:
         plan = result.plan
         if self.as_json:
-            print(json.dumps({"event": "provisioned", "run_id": plan.run_id, "resource_group": plan.resource_group,
-                              "seconds": round(result.seconds, 2),
-                              "nodes": [n.__dict__ for n in result.nodes]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "provisioned",
+                        "run_id": plan.run_id,
+                        "resource_group": plan.resource_group,
+                        "seconds": round(result.seconds, 2),
+                        "nodes": [n.__dict__ for n in result.nodes],
+                    }
+                ),
+                flush=True,
+            )
             return
         con = _console()
-        con.print(f"[bold green]Provisioned[/bold green] run [bold]{plan.run_id}[/bold] "
-                  f"({plan.resource_group}) in {result.seconds:.1f} s:")
+        con.print(
+            f"[bold green]Provisioned[/bold green] run [bold]{plan.run_id}[/bold] "
+            f"({plan.resource_group}) in {result.seconds:.1f} s:"
+        )
         for n in result.nodes:
-            con.print(f"  node {n.rank}: {n.vm_name}  ssh {plan.ssh_user}@{n.public_ip}  (private {n.private_ip})")
+            con.print(
+                f"  node {n.rank}: {n.vm_name}  ssh {plan.ssh_user}@{n.public_ip}  (private {n.private_ip})"
+            )
         con.print(f"Delete everything with: orchestrator down {plan.run_id}")

@@ -22,8 +22,18 @@ class SkuNotAvailableError(CloudError):
 
 
 class QuotaExceededError(CloudError):
-    def __init__(self, message: str, *, code: str, resource: str = "", family: str = "", region: str = "",
-                 limit: int | None = None, usage: int | None = None, required: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        resource: str = "",
+        family: str = "",
+        region: str = "",
+        limit: int | None = None,
+        usage: int | None = None,
+        required: int | None = None,
+    ) -> None:
         super().__init__(message, code=code, resource=resource)
         self.family, self.region = family, region
         self.limit, self.usage, self.required = limit, usage, required
@@ -49,15 +59,37 @@ class NotFoundError(CloudError):
     pass
 
 
-CAPACITY_CODES = {"AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest",
-                  "OverconstrainedZonalAllocationRequest", "SpotAllocationFailed"}
+CAPACITY_CODES = {
+    "AllocationFailed",
+    "ZonalAllocationFailed",
+    "OverconstrainedAllocationRequest",
+    "OverconstrainedZonalAllocationRequest",
+    "SpotAllocationFailed",
+}
 QUOTA_CODES = {"OperationNotAllowed", "QuotaExceeded", "ResourceQuotaExceeded"}
-AUTH_CODES = {"AuthenticationFailed", "InvalidAuthenticationToken", "InvalidAuthenticationTokenTenant",
-              "ExpiredAuthenticationToken", "AuthorizationFailed", "LinkedAuthorizationFailed"}
-INVALID_CODES = {"InvalidParameter", "InvalidRequestContent", "InvalidResourceName", "InvalidResourceReference",
-                 "InvalidTemplate", "PropertyChangeNotAllowed", "LocationNotAvailableForResourceType",
-                 "InvalidResourceGroupLocation", "BadRequest", "InvalidAddressPrefixFormat",
-                 "NetcfgSubnetRangeOutsideVnet", "SecurityRuleConflict", "ZonesNotSupported"}
+AUTH_CODES = {
+    "AuthenticationFailed",
+    "InvalidAuthenticationToken",
+    "InvalidAuthenticationTokenTenant",
+    "ExpiredAuthenticationToken",
+    "AuthorizationFailed",
+    "LinkedAuthorizationFailed",
+}
+INVALID_CODES = {
+    "InvalidParameter",
+    "InvalidRequestContent",
+    "InvalidResourceName",
+    "InvalidResourceReference",
+    "InvalidTemplate",
+    "PropertyChangeNotAllowed",
+    "LocationNotAvailableForResourceType",
+    "InvalidResourceGroupLocation",
+    "BadRequest",
+    "InvalidAddressPrefixFormat",
+    "NetcfgSubnetRangeOutsideVnet",
+    "SecurityRuleConflict",
+    "ZonesNotSupported",
+}
 
 _QUOTA_RE = re.compile(
     r"exceeding approved (?P<family>\S+) Cores quota.*?Location: (?P<region>[\w-]+).*?Current Limit: "
@@ -78,7 +110,7 @@ def error_code_and_message(exc: BaseException) -> tuple[str, str]:
         except Exception:  # a body that is not JSON: fall through to the exception text
             body = None
         if isinstance(body, dict):
-            inner = body.get("error") if isinstance(body.get("error"), dict) else body
+            inner: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
             code = str(inner.get("code") or "")
             message = str(inner.get("message") or message)
     if not message:
@@ -99,17 +131,24 @@ def classify(exc: BaseException, *, resource: str = "", size: str = "", region: 
             return AuthError(
                 f"Azure refused{where}: your identity lacks a permission ({code}). {message}\n"
                 "Grant it the role in templates/azure-role.json (or Contributor) on the subscription.",
-                code=code, resource=resource)
+                code=code,
+                resource=resource,
+            )
         return AuthError(
             f"Azure could not authenticate you{where} ({code or 'no credential'}): {message}\n"
             "Run `az login` (or set AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, or use a managed or "
-            "workload identity) and try again.", code=code or "AuthenticationFailed", resource=resource)
+            "workload identity) and try again.",
+            code=code or "AuthenticationFailed",
+            resource=resource,
+        )
     if code == "SkuNotAvailable":
         return SkuNotAvailableError(
             f"Azure says {size or 'the VM size'} is not available in {region or 'this region'}{where} "
             "(SkuNotAvailable). Pick another region with --region, another size with --vm-size, or drop "
             "`zone`; `az vm list-skus -l REGION --size SIZE` shows where it is offered to you.",
-            code=code, resource=resource)
+            code=code,
+            resource=resource,
+        )
     if code in QUOTA_CODES:
         m = _QUOTA_RE.search(message)
         if m:
@@ -119,10 +158,17 @@ def classify(exc: BaseException, *, resource: str = "", size: str = "", region: 
                 f"{usage}, this run needs {required} more (so at least {usage + required}). Request an "
                 "increase in the portal (Subscriptions > Usage + quotas), free cores, use fewer nodes, or "
                 "try --spot or another region.",
-                code=code, resource=resource, family=m["family"], region=m["region"], limit=limit,
-                usage=usage, required=required)
-        return QuotaExceededError(f"Azure refused{where}: quota exceeded ({code}). {message}",
-                                  code=code, resource=resource)
+                code=code,
+                resource=resource,
+                family=m["family"],
+                region=m["region"],
+                limit=limit,
+                usage=usage,
+                required=required,
+            )
+        return QuotaExceededError(
+            f"Azure refused{where}: quota exceeded ({code}). {message}", code=code, resource=resource
+        )
     if code in CAPACITY_CODES:
         advice = {
             "ZonalAllocationFailed": "Remove `zone` (or pick another) so Azure may place it in any zone",
@@ -131,23 +177,33 @@ def classify(exc: BaseException, *, resource: str = "", size: str = "", region: 
             "OverconstrainedZonalAllocationRequest": "Remove `zone` or pick another size",
         }.get(code, "Try again later, another region (--region) or another size (--vm-size)")
         return CapacityError(
-            f"Azure has no capacity for {size or 'this VM size'} in {region or 'this region'} right now{where} "
-            f"({code}). {advice}. Everything created for this run has been deleted.",
-            code=code, resource=resource)
+            f"Azure has no capacity for {size or 'this VM size'} in {region or 'this region'} right "
+            f"now{where} ({code}). {advice}.",
+            code=code,
+            resource=resource,
+        )
     if code in {"ResourceGroupBeingDeleted"}:
         return GroupBeingDeletedError(
             f"The resource group is still being deleted{where} (ResourceGroupBeingDeleted). Wait for "
             "`orchestrator down` to finish, or start a new run (it gets a new group).",
-            code=code, resource=resource)
+            code=code,
+            resource=resource,
+        )
     if code in {"TooManyRequests", "SubscriptionRequestsThrottled"} or status == 429:
         return ThrottledError(
             f"Azure kept throttling requests{where} ({code or 429}) after retries. Wait a few minutes; "
-            "other tools on this subscription may be using its request budget.", code=code or "429",
-            resource=resource)
+            "other tools on this subscription may be using its request budget.",
+            code=code or "429",
+            resource=resource,
+        )
     if code in INVALID_CODES or status == 400:
         return InvalidRequestError(
-            f"Azure rejected the request{where} ({code or status}): {message}", code=code, resource=resource)
+            f"Azure rejected the request{where} ({code or status}): {message}", code=code, resource=resource
+        )
     if code in {"ResourceNotFound", "ResourceGroupNotFound", "NotFound"} or status == 404:
         return NotFoundError(f"Not found{where} ({code or 404}): {message}", code=code, resource=resource)
-    return CloudError(f"Azure failed{where} ({code or status or type(exc).__name__}): {message}",
-                      code=code, resource=resource)
+    return CloudError(
+        f"Azure failed{where} ({code or status or type(exc).__name__}): {message}",
+        code=code,
+        resource=resource,
+    )

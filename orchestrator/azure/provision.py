@@ -50,9 +50,13 @@ class ProvisionFailed(CloudError):
 
     def __init__(self, cause: CloudError, cleaned: bool, cleanup_error: str = "") -> None:
         message = str(cause)
-        if not cleaned:
-            message += (f"\nCleanup of the resource group failed too ({cleanup_error}); run "
-                        "`orchestrator down RUN` or `orchestrator gc` to remove it.")
+        if cleaned:
+            message += "\nEverything created for this run has been deleted."
+        else:
+            message += (
+                f"\nCleanup of the resource group failed too ({cleanup_error}); run "
+                "`orchestrator down RUN` or `orchestrator gc` to remove it."
+            )
         super().__init__(message, code=cause.code, resource=cause.resource)
         self.cause = cause
         self.cleaned = cleaned
@@ -119,11 +123,7 @@ class Provisioner:
                 self._cleanup(plan)
                 raise first_error
             if cloud is None:
-                r = first_resource
-                size = plan.by_id(r.id).body["properties"]["hardwareProfile"]["vmSize"] if r and r.type == T_VM \
-                    else ""
-                cloud = classify(first_error, resource=f"{r.short_type} {r.name}" if r else "", size=size,
-                                 region=plan.region)
+                cloud = _classify(first_error, first_resource, plan.region)
             cleaned, why = self._cleanup(plan)
             raise ProvisionFailed(cloud, cleaned, why) from first_error
 
@@ -142,12 +142,17 @@ class Provisioner:
         if r.type == T_RG:
             s.resources.resource_groups.create_or_update(r.name, r.body)
         elif r.type == T_VNET:
-            s.network.virtual_networks.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
+            s.network.virtual_networks.begin_create_or_update(
+                rg, r.name, r.body, polling=s.polling(r.type)
+            ).result()
         elif r.type == T_NSG:
             s.network.network_security_groups.begin_create_or_update(
-                rg, r.name, r.body, polling=s.polling(r.type)).result()
+                rg, r.name, r.body, polling=s.polling(r.type)
+            ).result()
         elif r.type == T_VM:
-            s.compute.virtual_machines.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
+            s.compute.virtual_machines.begin_create_or_update(
+                rg, r.name, r.body, polling=s.polling(r.type)
+            ).result()
         else:
             raise ValueError(f"the provisioner cannot create {r.type}")
 
@@ -165,10 +170,18 @@ class Provisioner:
             configs = _get(nic, "properties", "ipConfigurations") or _get(nic, "ip_configurations") or []
             private = ""
             if configs:
-                private = _get(configs[0], "properties", "privateIPAddress") or \
-                    _get(configs[0], "private_ip_address") or ""
+                private = (
+                    _get(configs[0], "properties", "privateIPAddress")
+                    or _get(configs[0], "private_ip_address")
+                    or ""
+                )
             out.append(NodeAddress(node.rank, node.vm_name, str(public), str(private)))
         return out
+
+
+def _classify(exc: BaseException, r: PlannedResource | None, region: str) -> CloudError:
+    size = r.body["properties"]["hardwareProfile"]["vmSize"] if r is not None and r.type == T_VM else ""
+    return classify(exc, resource=f"{r.short_type} {r.name}" if r else "", size=size, region=region)
 
 
 class _Cancelled(Exception):

@@ -88,8 +88,13 @@ def resolve_subscription(flag: str | None) -> str:
     az = shutil.which("az")
     if az:
         try:
-            out = subprocess.run([az, "account", "show", "--query", "id", "-o", "tsv"], capture_output=True,
-                                 text=True, timeout=20, check=False)
+            out = subprocess.run(
+                [az, "account", "show", "--query", "id", "-o", "tsv"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired):
             out = None
         if out is not None and out.returncode == 0 and out.stdout.strip():
@@ -108,13 +113,20 @@ def azure_session(subscription: str | None) -> AzureSession:
     return AzureSession(subscription_id=sub, credential=credential)
 
 
-def emulator_session(emulator: Emulator, subscription: str = DRY_RUN_SUBSCRIPTION,
-                     poll_scale: float = 1.0) -> AzureSession:
+def emulator_session(
+    emulator: Emulator, subscription: str = DRY_RUN_SUBSCRIPTION, poll_scale: float = 1.0
+) -> AzureSession:
     from orchestrator.emulator.transport import EmulatorCredential, EmulatorTransport
 
-    return AzureSession(subscription_id=subscription, credential=EmulatorCredential(), clock=emulator.clock,
-                        transport=EmulatorTransport(emulator), poll_scale=poll_scale, backend="emulator",
-                        emulator=emulator)
+    return AzureSession(
+        subscription_id=subscription,
+        credential=EmulatorCredential(),
+        clock=emulator.clock,
+        transport=EmulatorTransport(emulator),
+        poll_scale=poll_scale,
+        backend="emulator",
+        emulator=emulator,
+    )
 
 
 @contextmanager

@@ -26,7 +26,8 @@ def delete_group(session: AzureSession, group: str, *, wait: bool = True) -> boo
 
     try:
         poller = session.resources.resource_groups.begin_delete(
-            group, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete"))
+            group, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete")
+        )
         if wait:
             poller.result()
     except HttpResponseError as e:
@@ -77,15 +78,27 @@ def list_run_groups(session: AzureSession, run_id: str | None = None) -> list[Ru
     for g in groups:
         tags = dict(g.tags or {})
         props = g.properties
-        state = (props.get("provisioningState") if isinstance(props, dict) else
-                 getattr(props, "provisioning_state", "")) or ""
-        out.append(RunGroup(g.name, tags.get(TAG_RUN, ""), tags.get(TAG_OWNER, ""), tags.get(TAG_JOB, ""),
-                            _parse_expiry(tags.get(TAG_EXPIRES)), state))
+        state = (
+            props.get("provisioningState")
+            if isinstance(props, dict)
+            else getattr(props, "provisioning_state", "")
+        ) or ""
+        out.append(
+            RunGroup(
+                g.name,
+                tags.get(TAG_RUN, ""),
+                tags.get(TAG_OWNER, ""),
+                tags.get(TAG_JOB, ""),
+                _parse_expiry(tags.get(TAG_EXPIRES)),
+                state,
+            )
+        )
     return out
 
 
-def select_for_gc(groups: list[RunGroup], now: datetime, run_id: str | None = None,
-                  include_unexpired: bool = False) -> list[RunGroup]:
+def select_for_gc(
+    groups: list[RunGroup], now: datetime, run_id: str | None = None, include_unexpired: bool = False
+) -> list[RunGroup]:
     """What gc deletes: the named run's groups, or every expired one (or all, when asked)."""
     chosen = []
     for g in groups:
@@ -99,8 +112,15 @@ def select_for_gc(groups: list[RunGroup], now: datetime, run_id: str | None = No
     return chosen
 
 
-def gc(session: AzureSession, now: datetime, *, run_id: str | None = None, include_unexpired: bool = False,
-       dry_run: bool = False, wait: bool = True) -> list[RunGroup]:
+def gc(
+    session: AzureSession,
+    now: datetime,
+    *,
+    run_id: str | None = None,
+    include_unexpired: bool = False,
+    dry_run: bool = False,
+    wait: bool = True,
+) -> list[RunGroup]:
     """Delete abandoned run groups; all deletions start before any is waited on."""
     chosen = select_for_gc(list_run_groups(session, run_id), now, run_id, include_unexpired)
     if dry_run or not chosen:
@@ -110,8 +130,11 @@ def gc(session: AzureSession, now: datetime, *, run_id: str | None = None, inclu
     pollers = []
     for g in chosen:
         try:
-            pollers.append(session.resources.resource_groups.begin_delete(
-                g.name, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete")))
+            pollers.append(
+                session.resources.resource_groups.begin_delete(
+                    g.name, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete")
+                )
+            )
         except HttpResponseError as e:
             if e.status_code != 404:
                 raise classify(e, resource=f"deleting resource group {g.name}") from e

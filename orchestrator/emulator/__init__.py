@@ -4,5 +4,13 @@ from orchestrator.emulator.arm import Emulator, EmuResponse, LoggedRequest, Stor
 from orchestrator.emulator.faults import Fault, FaultInjector
 from orchestrator.emulator.latency import LatencyProfile, get_profile
 
-__all__ = ["EmuResponse", "Emulator", "Fault", "FaultInjector", "LatencyProfile", "LoggedRequest", "Store",
-           "get_profile"]
+__all__ = [
+    "EmuResponse",
+    "Emulator",
+    "Fault",
+    "FaultInjector",
+    "LatencyProfile",
+    "LoggedRequest",
+    "Store",
+    "get_profile",
+]

@@ -46,15 +46,17 @@ DEFAULT_QUOTA_VCPUS = 96  # per family and region; real new subscriptions often 
 
 _SUB = r"/subscriptions/(?P<sub>[^/]+)"
 _RG = _SUB + r"/resourcegroups/(?P<rg>[^/]+)"
+_LOC = _SUB + r"/providers/(?P<ns>[^/]+)/locations/(?P<loc>[^/]+)"
+_VNET = _RG + r"/providers/microsoft\.network/virtualnetworks/(?P<vnet>[^/]+)"
 _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ("rg_list", re.compile(_SUB + r"/resourcegroups/?$", re.I)),
     ("rg", re.compile(_RG + r"/?$", re.I)),
     ("rg_resources", re.compile(_RG + r"/resources/?$", re.I)),
-    ("subnet", re.compile(_RG + r"/providers/microsoft\.network/virtualnetworks/(?P<vnet>[^/]+)/subnets/(?P<name>[^/]+)$", re.I)),
+    ("subnet", re.compile(_VNET + r"/subnets/(?P<name>[^/]+)$", re.I)),
     ("typed_list", re.compile(_RG + r"/providers/(?P<ns>[^/]+)/(?P<type>[^/]+)/?$", re.I)),
     ("typed", re.compile(_RG + r"/providers/(?P<ns>[^/]+)/(?P<type>[^/]+)/(?P<name>[^/]+)$", re.I)),
-    ("async_op", re.compile(_SUB + r"/providers/(?P<ns>[^/]+)/locations/(?P<loc>[^/]+)/operations/(?P<op>[^/]+)$", re.I)),
-    ("op_result", re.compile(_SUB + r"/providers/(?P<ns>[^/]+)/locations/(?P<loc>[^/]+)/operationresults/(?P<op>[^/]+)$", re.I)),
+    ("async_op", re.compile(_LOC + r"/operations/(?P<op>[^/]+)$", re.I)),
+    ("op_result", re.compile(_LOC + r"/operationresults/(?P<op>[^/]+)$", re.I)),
     ("rg_op_result", re.compile(_SUB + r"/operationresults/(?P<op>[^/]+)$", re.I)),
 ]  # fmt: skip
 
@@ -170,8 +172,18 @@ class Emulator:
         request_id = str(uuid.uuid4())
         with self._lock:
             self._settle()
-            rec = LoggedRequest(len(self.log) + 1, self.clock.now(), method, parts.path,
-                                query.get("api-version"), 0, "read", None, None, request_id)
+            rec = LoggedRequest(
+                len(self.log) + 1,
+                self.clock.now(),
+                method,
+                parts.path,
+                query.get("api-version"),
+                0,
+                "read",
+                None,
+                None,
+                request_id,
+            )
             try:
                 parsed = self._parse_body(body) if method in {"PUT", "PATCH", "POST"} else None
                 rec.body = parsed
@@ -196,14 +208,16 @@ class Emulator:
         try:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            raise v.invalid("The request content was invalid and could not be deserialized.",
-                            "InvalidRequestContent") from None
+            raise v.invalid(
+                "The request content was invalid and could not be deserialized.", "InvalidRequestContent"
+            ) from None
 
     def _authenticate(self, headers: dict[str, str]) -> None:
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
-            raise ArmFault(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is "
-                           "missing.")
+            raise ArmFault(
+                401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing."
+            )
         if self.accept_token is not None and not self.accept_token(auth[7:].strip()):
             raise ArmFault(401, "InvalidAuthenticationToken", "The access token is invalid.")
 
@@ -217,28 +231,42 @@ class Emulator:
 
     @staticmethod
     def _ok(status: int, payload: Any, headers: dict[str, str] | None = None) -> EmuResponse:
-        return EmuResponse(status, headers or {}, json.dumps(payload).encode() if payload is not None else b"")
+        return EmuResponse(
+            status, headers or {}, json.dumps(payload).encode() if payload is not None else b""
+        )
 
     def _fault(self, method: str, rtype: str | None, rec: LoggedRequest, **fmt: Any) -> None:
         f = self.faults.take(method, rtype, "sync")
         if f is None:
             return
         message = f.message or DEFAULT_MESSAGES.get(f.code, f.code).format_map(_Default(fmt))
-        raise ArmFault(f.status, f.code, message, f.retry_after if f.retry_after is not None else
-                       (1.0 if f.status == 429 else None))
+        raise ArmFault(
+            f.status,
+            f.code,
+            message,
+            f.retry_after if f.retry_after is not None else (1.0 if f.status == 429 else None),
+        )
 
-    def _route(self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest) -> EmuResponse:
-        for name, pattern in _ROUTES:
+    def _route(
+        self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
+        route, m = "", None
+        for route, pattern in _ROUTES:  # noqa: B007 - the matching route is used after the loop
             m = pattern.match(path)
             if m:
                 break
         else:
-            raise ArmFault(404, "InvalidResourceType", f"The resource type could not be found for path {path}.")
-        if name not in {"async_op", "op_result", "rg_op_result"} and "api-version" not in query:
-            raise ArmFault(400, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) "
-                           "is required for all requests.")
+            raise ArmFault(
+                404, "InvalidResourceType", f"The resource type could not be found for path {path}."
+            )
+        if route not in {"async_op", "op_result", "rg_op_result"} and "api-version" not in query:
+            raise ArmFault(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
         g = m.groupdict()
-        handler = getattr(self, f"_h_{name}")
+        handler = getattr(self, f"_h_{route}")
         result: EmuResponse = handler(method, g, query, body, rec)
         return result
 
@@ -284,8 +312,14 @@ class Emulator:
                 elif child in self.store.resources:
                     self.store.resources[child]["properties"].pop("virtualMachine", None)
 
-    def _new_op(self, kind: str, rid: str, seconds: float, error: dict[str, str] | None = None,
-                children: list[str] | None = None) -> str:
+    def _new_op(
+        self,
+        kind: str,
+        rid: str,
+        seconds: float,
+        error: dict[str, str] | None = None,
+        children: list[str] | None = None,
+    ) -> str:
         op_id = str(uuid.uuid4())
         now = self.clock.now()
         self.store.operations[op_id] = {
@@ -308,8 +342,9 @@ class Emulator:
 
     # ------------------------------------------------------------------ resource groups
 
-    def _h_rg_list(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                   rec: LoggedRequest) -> EmuResponse:
+    def _h_rg_list(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rec.kind, rec.resource_type = "list", T_RG
         if method != "GET":
             raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
@@ -329,8 +364,9 @@ class Emulator:
             out.append(group)
         return self._ok(200, {"value": out})
 
-    def _h_rg(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-              rec: LoggedRequest) -> EmuResponse:
+    def _h_rg(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         sub, rg = g["sub"], g["rg"]
         gid = self._gid(sub, rg)
         rec.resource_type, rec.resource_id = T_RG, gid
@@ -348,13 +384,20 @@ class Emulator:
             v.check_name(T_RG, rg)
             location = v.check_common(body, T_RG)
             if existing is not None and existing["properties"]["provisioningState"] == "Deleting":
-                raise ArmFault(409, "ResourceGroupBeingDeleted",
-                               DEFAULT_MESSAGES["ResourceGroupBeingDeleted"].format(group=rg))
+                raise ArmFault(
+                    409,
+                    "ResourceGroupBeingDeleted",
+                    DEFAULT_MESSAGES["ResourceGroupBeingDeleted"].format(group=rg),
+                )
             self._fault(method, T_RG, rec, group=rg, location=location)
             if existing is not None and existing["location"] != location:
-                raise ArmFault(409, "InvalidResourceGroupLocation", f"Invalid resource group location "
-                               f"'{location}'. The Resource group already exists in location "
-                               f"'{existing['location']}'.")
+                raise ArmFault(
+                    409,
+                    "InvalidResourceGroupLocation",
+                    f"Invalid resource group location "
+                    f"'{location}'. The Resource group already exists in location "
+                    f"'{existing['location']}'.",
+                )
             group = {
                 "id": f"/subscriptions/{sub}/resourceGroups/{existing['name'] if existing else rg}",
                 "name": existing["name"] if existing else rg,
@@ -387,9 +430,15 @@ class Emulator:
                 raise ArmFault(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
             forced = {t.strip().lower() for t in query.get("forceDeletionTypes", "").split(",") if t.strip()}
             if forced - {"microsoft.compute/virtualmachines", "microsoft.compute/virtualmachinescalesets"}:
-                raise ArmFault(400, "InvalidForceDeletionTypes", "forceDeletionTypes may only name "
-                               "Microsoft.Compute/virtualMachines and Microsoft.Compute/virtualMachineScaleSets.")
-            has_vms = any(r["type"] == T_VM for rid, r in self.store.resources.items() if rid.startswith(gid + "/"))
+                raise ArmFault(
+                    400,
+                    "InvalidForceDeletionTypes",
+                    "forceDeletionTypes may only name "
+                    "Microsoft.Compute/virtualMachines and Microsoft.Compute/virtualMachineScaleSets.",
+                )
+            has_vms = any(
+                r["type"] == T_VM for rid, r in self.store.resources.items() if rid.startswith(gid + "/")
+            )
             op_id = existing.get("_delete_op")
             if existing["properties"]["provisioningState"] != "Deleting" or op_id is None:
                 existing["properties"]["provisioningState"] = "Deleting"
@@ -402,8 +451,9 @@ class Emulator:
             return EmuResponse(202, {"Location": location, "Retry-After": "15"})
         raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
 
-    def _h_rg_op_result(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                        rec: LoggedRequest) -> EmuResponse:
+    def _h_rg_op_result(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rec.kind, rec.resource_type = "poll", T_RG
         op = self.store.operations.get(g["op"])
         if op is None:
@@ -412,8 +462,9 @@ class Emulator:
             return EmuResponse(202, {"Location": f"{HOST}{rec.path}?{_q(query)}", "Retry-After": "15"})
         return EmuResponse(200, {})
 
-    def _h_rg_resources(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                        rec: LoggedRequest) -> EmuResponse:
+    def _h_rg_resources(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rec.kind, rec.resource_type = "list", "Microsoft.Resources/resources"
         gid = self._gid(g["sub"], g["rg"])
         self._group(g["sub"], g["rg"])
@@ -430,25 +481,33 @@ class Emulator:
         for t in SUPPORTED_TYPES:
             if t.lower() == f"{ns}/{type_}".lower():
                 return t
-        raise ArmFault(404, "InvalidResourceType", f"The resource type '{type_}' could not be found in the "
-                       f"namespace '{ns}'.")
+        raise ArmFault(
+            404,
+            "InvalidResourceType",
+            f"The resource type '{type_}' could not be found in the namespace '{ns}'.",
+        )
 
     def _rid(self, sub: str, rg: str, rtype: str, name: str) -> str:
         return f"/subscriptions/{sub}/resourceGroups/{rg}/providers/{rtype}/{name}"
 
-    def _h_typed_list(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                      rec: LoggedRequest) -> EmuResponse:
+    def _h_typed_list(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rtype = self._resolve_type(g["ns"], g["type"])
         rec.kind, rec.resource_type = "list", rtype
         self._group(g["sub"], g["rg"])
         self._fault(method, rtype, rec)
         gid = self._gid(g["sub"], g["rg"])
-        out = [self._public(r) for rid, r in sorted(self.store.resources.items())
-               if rid.startswith(gid + "/") and r["type"] == rtype]
+        out = [
+            self._public(r)
+            for rid, r in sorted(self.store.resources.items())
+            if rid.startswith(gid + "/") and r["type"] == rtype
+        ]
         return self._ok(200, {"value": out})
 
-    def _h_subnet(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                  rec: LoggedRequest) -> EmuResponse:
+    def _h_subnet(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rec.kind, rec.resource_type = "read", T_SUBNET
         if method != "GET":
             raise ArmFault(405, "MethodNotAllowed", "This emulator manages subnets through their VNet.")
@@ -469,8 +528,9 @@ class Emulator:
     def _public(res: dict[str, Any]) -> dict[str, Any]:
         return {k: copy.deepcopy(val) for k, val in res.items() if not k.startswith("_")}
 
-    def _h_typed(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                 rec: LoggedRequest) -> EmuResponse:
+    def _h_typed(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rtype = self._resolve_type(g["ns"], g["type"])
         sub, rg, name = g["sub"], g["rg"], g["name"]
         rid = self._rid(sub, rg, rtype, name)
@@ -481,8 +541,11 @@ class Emulator:
             rec.kind = "read"
             self._fault(method, rtype, rec)
             if existing is None:
-                raise ArmFault(404, "ResourceNotFound", f"The Resource '{rtype}/{name}' under resource group "
-                               f"'{rg}' was not found.")
+                raise ArmFault(
+                    404,
+                    "ResourceNotFound",
+                    f"The Resource '{rtype}/{name}' under resource group '{rg}' was not found.",
+                )
             return self._ok(200, self._public(existing))
         if method == "DELETE":
             rec.kind = "delete"
@@ -492,38 +555,56 @@ class Emulator:
             self._check_not_in_use(existing)
             existing["properties"]["provisioningState"] = "Deleting"
             op_id = self._new_op("delete", key, self.profile.delete_seconds(rtype))
-            return EmuResponse(202, self._op_headers(sub, rtype, existing["location"], op_id, query, result=True))
+            return EmuResponse(
+                202, self._op_headers(sub, rtype, existing["location"], op_id, query, result=True)
+            )
         if method == "PUT":
             group = self._group(sub, rg)
             if group["properties"]["provisioningState"] == "Deleting":
-                raise ArmFault(409, "ResourceGroupBeingDeleted",
-                               DEFAULT_MESSAGES["ResourceGroupBeingDeleted"].format(group=rg))
+                raise ArmFault(
+                    409,
+                    "ResourceGroupBeingDeleted",
+                    DEFAULT_MESSAGES["ResourceGroupBeingDeleted"].format(group=rg),
+                )
             v.check_name(rtype, name)
             location = v.check_common(body, rtype)
             rec.kind = "update" if existing else "create"
-            if existing is not None and existing["properties"].get("provisioningState") in {"Creating", "Updating",
-                                                                                             "Deleting"}:
-                raise ArmFault(409, "AnotherOperationInProgress", f"Operation on '{name}' is not allowed: "
-                               "another operation is in progress.")
+            if existing is not None and existing["properties"].get("provisioningState") in {
+                "Creating",
+                "Updating",
+                "Deleting",
+            }:
+                raise ArmFault(
+                    409,
+                    "AnotherOperationInProgress",
+                    f"Operation on '{name}' is not allowed: another operation is in progress.",
+                )
             writer = {T_VNET: self._put_vnet, T_NSG: self._put_nsg, T_VM: self._put_vm}.get(rtype)
             if writer is None:
-                raise ArmFault(405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the "
-                               "emulator.")
+                raise ArmFault(
+                    405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the emulator."
+                )
             resource, children, seconds = writer(sub, rg, rid, name, location, body, existing, rec)
             lro = self.faults.take("PUT", rtype, "lro")
             error = None
             if lro is not None:
-                fmt = {"size": body.get("properties", {}).get("hardwareProfile", {}).get("vmSize", ""),
-                       "location": location}
-                error = {"code": lro.code,
-                         "message": lro.message or DEFAULT_MESSAGES.get(lro.code, lro.code).format_map(_Default(fmt))}
-            state = ("Updating" if existing or rtype.startswith("Microsoft.Network") else "Creating")
+                fmt = {
+                    "size": body.get("properties", {}).get("hardwareProfile", {}).get("vmSize", ""),
+                    "location": location,
+                }
+                error = {
+                    "code": lro.code,
+                    "message": lro.message
+                    or DEFAULT_MESSAGES.get(lro.code, lro.code).format_map(_Default(fmt)),
+                }
+            state = "Updating" if existing or rtype.startswith("Microsoft.Network") else "Creating"
             resource["properties"]["provisioningState"] = state
             self.store.resources[key] = resource
             for child in children:
                 self.store.resources[child["id"].lower()] = child
-            op_id = self._new_op("update" if existing else "create", key, seconds, error,
-                                 [c["id"].lower() for c in children])
+            op_id = self._new_op(
+                "update" if existing else "create", key, seconds, error, [c["id"].lower() for c in children]
+            )
             headers = self._op_headers(sub, rtype, location, op_id, query, result=False)
             # The PUT answers with the resource as it is now (Creating), before the operation's end.
             snapshot = self._public(resource)
@@ -531,8 +612,9 @@ class Emulator:
             return self._ok(200 if existing else 201, snapshot, headers)
         raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
 
-    def _op_headers(self, sub: str, rtype: str, location: str, op_id: str, query: dict[str, str],
-                    *, result: bool) -> dict[str, str]:
+    def _op_headers(
+        self, sub: str, rtype: str, location: str, op_id: str, query: dict[str, str], *, result: bool
+    ) -> dict[str, str]:
         ns = rtype.split("/")[0]
         api = query.get("api-version", "")
         base = f"{HOST}/subscriptions/{sub}/providers/{ns}/locations/{location}"
@@ -541,22 +623,28 @@ class Emulator:
             headers["Location"] = f"{base}/operationresults/{op_id}?api-version={api}"
         return headers
 
-    def _h_async_op(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                    rec: LoggedRequest) -> EmuResponse:
+    def _h_async_op(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rec.kind = "poll"
         op = self.store.operations.get(g["op"])
         if op is None:
             raise ArmFault(404, "NotFound", "The operation was not found.")
         rec.resource_id = op["resource"]
-        payload: dict[str, Any] = {"name": g["op"], "status": op["status"], "startTime": _now_iso(op["start"])}
+        payload: dict[str, Any] = {
+            "name": g["op"],
+            "status": op["status"],
+            "startTime": _now_iso(op["start"]),
+        }
         if op["status"] != "InProgress":
             payload["endTime"] = _now_iso(op["end"])
         if op["status"] == "Failed" and op.get("error"):
             payload["error"] = op["error"]
         return self._ok(200, payload)
 
-    def _h_op_result(self, method: str, g: dict[str, str], query: dict[str, str], body: Any,
-                     rec: LoggedRequest) -> EmuResponse:
+    def _h_op_result(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
         rec.kind = "poll"
         op = self.store.operations.get(g["op"])
         if op is None:
@@ -572,8 +660,11 @@ class Emulator:
                 continue
             props = other["properties"]
             if (props.get("networkSecurityGroup") or {}).get("id", "").lower() == rid:
-                raise ArmFault(400, "InUseNetworkSecurityGroupCannotBeDeleted", f"Network security group {rid} "
-                               f"cannot be deleted because it is in use by {other['id']}.")
+                raise ArmFault(
+                    400,
+                    "InUseNetworkSecurityGroupCannotBeDeleted",
+                    f"Network security group {rid} cannot be deleted because it is in use by {other['id']}.",
+                )
             for ipc in props.get("ipConfigurations", []):
                 if ipc["properties"]["subnet"]["id"].lower().startswith(rid + "/"):
                     raise ArmFault(400, "InUseSubnetCannotBeDeleted", f"Subnet is in use by {other['id']}.")
@@ -585,26 +676,54 @@ class Emulator:
     # ------------------------------------------------------------------ writers
 
     def _base(self, rid: str, name: str, rtype: str, location: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"id": rid, "name": name, "type": rtype, "location": location,
-                "tags": dict(body.get("tags") or {}), "properties": {}}
+        return {
+            "id": rid,
+            "name": name,
+            "type": rtype,
+            "location": location,
+            "tags": dict(body.get("tags") or {}),
+            "properties": {},
+        }
 
-    def _put_vnet(self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
-                  existing: dict[str, Any] | None, rec: LoggedRequest) -> tuple[dict[str, Any], list[Any], float]:
+    def _put_vnet(
+        self,
+        sub: str,
+        rg: str,
+        rid: str,
+        name: str,
+        location: str,
+        body: dict[str, Any],
+        existing: dict[str, Any] | None,
+        rec: LoggedRequest,
+    ) -> tuple[dict[str, Any], list[Any], float]:
         v.check_vnet(body)
         self._fault("PUT", T_VNET, rec, location=location)
         res = self._base(rid, name, T_VNET, location, body)
         props = copy.deepcopy(body["properties"])
         props["subnets"] = [
-            {"name": s["name"], "id": f"{rid}/subnets/{s['name']}", "type": T_SUBNET,
-             "properties": {**s["properties"], "provisioningState": "Succeeded"}}
+            {
+                "name": s["name"],
+                "id": f"{rid}/subnets/{s['name']}",
+                "type": T_SUBNET,
+                "properties": {**s["properties"], "provisioningState": "Succeeded"},
+            }
             for s in props.get("subnets") or []
         ]
         res["properties"] = props
         res["etag"] = f'W/"{uuid.uuid4()}"'
         return res, [], self.profile.create_seconds(T_VNET)
 
-    def _put_nsg(self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
-                 existing: dict[str, Any] | None, rec: LoggedRequest) -> tuple[dict[str, Any], list[Any], float]:
+    def _put_nsg(
+        self,
+        sub: str,
+        rg: str,
+        rid: str,
+        name: str,
+        location: str,
+        body: dict[str, Any],
+        existing: dict[str, Any] | None,
+        rec: LoggedRequest,
+    ) -> tuple[dict[str, Any], list[Any], float]:
         v.check_nsg(body)
         self._fault("PUT", T_NSG, rec, location=location)
         res = self._base(rid, name, T_NSG, location, body)
@@ -630,20 +749,38 @@ class Emulator:
                 usage += other.vcpus
         if usage + size.vcpus > limit:
             message = DEFAULT_MESSAGES["OperationNotAllowed"].format(
-                family=family, location=location, limit=limit, usage=usage, required=size.vcpus,
-                new_limit=usage + size.vcpus)
+                family=family,
+                location=location,
+                limit=limit,
+                usage=usage,
+                required=size.vcpus,
+                new_limit=usage + size.vcpus,
+            )
             raise ArmFault(409, "OperationNotAllowed", message)
 
-    def _put_vm(self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
-                existing: dict[str, Any] | None, rec: LoggedRequest) -> tuple[dict[str, Any], list[Any], float]:
+    def _put_vm(
+        self,
+        sub: str,
+        rg: str,
+        rid: str,
+        name: str,
+        location: str,
+        body: dict[str, Any],
+        existing: dict[str, Any] | None,
+        rec: LoggedRequest,
+    ) -> tuple[dict[str, Any], list[Any], float]:
         size = v.check_vm(body, location)
         props = body["properties"]
         if location not in size.regions:
-            raise ArmFault(409, "SkuNotAvailable", DEFAULT_MESSAGES["SkuNotAvailable"].format(
-                size=size.name, location=location))
-        if existing is not None:
-            if existing["properties"].get("osProfile") != _strip_secrets(props.get("osProfile")):
-                raise ArmFault(409, "PropertyChangeNotAllowed", "Changing property 'osProfile' is not allowed.")
+            raise ArmFault(
+                409,
+                "SkuNotAvailable",
+                DEFAULT_MESSAGES["SkuNotAvailable"].format(size=size.name, location=location),
+            )
+        if existing is not None and existing["properties"].get("osProfile") != _strip_secrets(
+            props.get("osProfile")
+        ):
+            raise ArmFault(409, "PropertyChangeNotAllowed", "Changing property 'osProfile' is not allowed.")
         self._fault("PUT", T_VM, rec, size=size.name, location=location)
         self._quota_check(size, location, props.get("priority") == "Spot", rid.lower())
         res = self._base(rid, name, T_VM, location, body)
@@ -664,16 +801,23 @@ class Emulator:
             cascade[nic["id"].lower()] = option
             for pip in pips:
                 cascade[pip["id"].lower()] = pip.pop("_deleteOption")
-            nic_refs.append({"id": nic["id"], "properties": {"primary": cfg["properties"].get("primary", True),
-                                                            "deleteOption": option}})
+            nic_refs.append(
+                {
+                    "id": nic["id"],
+                    "properties": {"primary": cfg["properties"].get("primary", True), "deleteOption": option},
+                }
+            )
         for ref in props["networkProfile"].get("networkInterfaces") or []:
-            nic = self.store.resources.get(str(ref.get("id", "")).lower())
-            if nic is None:
-                raise ArmFault(400, "InvalidResourceReference", f"Resource {ref.get('id')} referenced by "
-                               f"resource {rid} was not found.")
-            nic["properties"]["virtualMachine"] = {"id": rid}
+            attached = self.store.resources.get(str(ref.get("id", "")).lower())
+            if attached is None:
+                raise ArmFault(
+                    400,
+                    "InvalidResourceReference",
+                    f"Resource {ref.get('id')} referenced by resource {rid} was not found.",
+                )
+            attached["properties"]["virtualMachine"] = {"id": rid}
             nic_refs.append(ref)
-            cascade[nic["id"].lower()] = (ref.get("properties") or {}).get("deleteOption", "Detach")
+            cascade[attached["id"].lower()] = (ref.get("properties") or {}).get("deleteOption", "Detach")
         out["networkProfile"]["networkInterfaces"] = nic_refs
         os_disk = out["storageProfile"]["osDisk"]
         disk_name = os_disk.get("name") or f"{name}_OsDisk_1_{uuid.uuid4().hex}"
@@ -682,8 +826,11 @@ class Emulator:
         os_disk.setdefault("managedDisk", {})["id"] = disk_id
         if existing is None:
             disk = self._base(disk_id, disk_name, T_DISK, location, body)
-            disk["properties"] = {"diskSizeGB": os_disk.get("diskSizeGB", 30), "osType": "Linux",
-                                  "diskState": "Attached"}
+            disk["properties"] = {
+                "diskSizeGB": os_disk.get("diskSizeGB", 30),
+                "osType": "Linux",
+                "diskState": "Attached",
+            }
             disk["managedBy"] = rid
             children.append(disk)
         cascade[disk_id.lower()] = os_disk.get("deleteOption", "Detach")
@@ -693,8 +840,16 @@ class Emulator:
         seconds = self.profile.create_seconds(T_VM) if existing is None else 2.0 * self.profile.scale
         return res, children, seconds
 
-    def _inline_nic(self, sub: str, rg: str, vm_id: str, location: str, cfg: dict[str, Any],
-                    body: dict[str, Any], update: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _inline_nic(
+        self,
+        sub: str,
+        rg: str,
+        vm_id: str,
+        location: str,
+        cfg: dict[str, Any],
+        body: dict[str, Any],
+        update: bool,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         nic_name = cfg["name"]
         nic_id = self._rid(sub, rg, T_NIC, nic_name)
         nic = self._base(nic_id, nic_name, T_NIC, location, body)
@@ -703,12 +858,20 @@ class Emulator:
         if nsg_ref:
             nsg = self.store.resources.get(nsg_ref.lower())
             if nsg is None or nsg["properties"].get("provisioningState") != "Succeeded":
-                raise ArmFault(400, "InvalidResourceReference", f"Resource {nsg_ref} referenced by resource "
-                               f"{vm_id} was not found. Please make sure that the referenced resource exists, "
-                               "and that both resources are in the same region.")
+                raise ArmFault(
+                    400,
+                    "InvalidResourceReference",
+                    f"Resource {nsg_ref} referenced by resource "
+                    f"{vm_id} was not found. Please make sure that the referenced resource exists, "
+                    "and that both resources are in the same region.",
+                )
             if nsg["location"] != location:
-                raise ArmFault(400, "InvalidResourceReference", f"Resource {nsg_ref} is in {nsg['location']}, "
-                               f"not {location}; both resources must be in the same region.")
+                raise ArmFault(
+                    400,
+                    "InvalidResourceReference",
+                    f"Resource {nsg_ref} is in {nsg['location']}, "
+                    f"not {location}; both resources must be in the same region.",
+                )
         pips = []
         ipconfigs = []
         existing_nic = self.store.resources.get(nic_id.lower())
@@ -717,22 +880,41 @@ class Emulator:
             subnet_id = iprops["subnet"]["id"]
             vnet_id, _, subnet_name = subnet_id.rpartition("/subnets/")
             vnet = self.store.resources.get(vnet_id.lower())
-            if vnet is None or self._find_subnet(vnet, subnet_name) is None or \
-                    vnet["properties"].get("provisioningState") != "Succeeded":
-                raise ArmFault(400, "InvalidResourceReference", f"Resource {subnet_id} referenced by resource "
-                               f"{vm_id} was not found. Please make sure that the referenced resource exists, "
-                               "and that both resources are in the same region.")
+            if (
+                vnet is None
+                or self._find_subnet(vnet, subnet_name) is None
+                or vnet["properties"].get("provisioningState") != "Succeeded"
+            ):
+                raise ArmFault(
+                    400,
+                    "InvalidResourceReference",
+                    f"Resource {subnet_id} referenced by resource "
+                    f"{vm_id} was not found. Please make sure that the referenced resource exists, "
+                    "and that both resources are in the same region.",
+                )
             if vnet["location"] != location:
-                raise ArmFault(400, "InvalidResourceReference", f"Subnet {subnet_id} is in {vnet['location']}, "
-                               f"not {location}; the VM and its network must be in the same region.")
-            entry: dict[str, Any] = {"name": ipc["name"], "id": f"{nic_id}/ipConfigurations/{ipc['name']}",
-                                     "properties": {"subnet": {"id": subnet_id},
-                                                    "privateIPAllocationMethod": "Dynamic",
-                                                    "primary": iprops.get("primary", True)}}
+                raise ArmFault(
+                    400,
+                    "InvalidResourceReference",
+                    f"Subnet {subnet_id} is in {vnet['location']}, "
+                    f"not {location}; the VM and its network must be in the same region.",
+                )
+            entry: dict[str, Any] = {
+                "name": ipc["name"],
+                "id": f"{nic_id}/ipConfigurations/{ipc['name']}",
+                "properties": {
+                    "subnet": {"id": subnet_id},
+                    "privateIPAllocationMethod": "Dynamic",
+                    "primary": iprops.get("primary", True),
+                },
+            }
             if existing_nic is not None:
                 old = {c["name"]: c for c in existing_nic["properties"]["ipConfigurations"]}
-                entry["properties"]["privateIPAddress"] = old.get(ipc["name"], {}).get("properties", {}).get(
-                    "privateIPAddress", self._private_ip(vnet))
+                entry["properties"]["privateIPAddress"] = (
+                    old.get(ipc["name"], {})
+                    .get("properties", {})
+                    .get("privateIPAddress", self._private_ip(vnet))
+                )
             else:
                 entry["properties"]["privateIPAddress"] = self._private_ip(vnet)
             pcfg = iprops.get("publicIPAddressConfiguration")
@@ -751,9 +933,12 @@ class Emulator:
                 pips.append(pip)
                 entry["properties"]["publicIPAddress"] = {"id": pip_id}
             ipconfigs.append(entry)
-        nic["properties"] = {"ipConfigurations": ipconfigs, "virtualMachine": {"id": vm_id},
-                             "enableAcceleratedNetworking": bool(cprops.get("enableAcceleratedNetworking")),
-                             "primary": cprops.get("primary", True)}
+        nic["properties"] = {
+            "ipConfigurations": ipconfigs,
+            "virtualMachine": {"id": vm_id},
+            "enableAcceleratedNetworking": bool(cprops.get("enableAcceleratedNetworking")),
+            "primary": cprops.get("primary", True),
+        }
         if nsg_ref:
             nic["properties"]["networkSecurityGroup"] = {"id": nsg_ref}
         return nic, pips
@@ -763,7 +948,8 @@ class Emulator:
         net = ipaddress.ip_network(subnet)
         used = {
             ipc["properties"].get("privateIPAddress")
-            for r in self.store.resources.values() if r["type"] == T_NIC
+            for r in self.store.resources.values()
+            if r["type"] == T_NIC
             for ipc in r["properties"].get("ipConfigurations", [])
         }
         for host in list(net.hosts())[3:]:  # Azure reserves the first addresses of every subnet
@@ -801,6 +987,9 @@ def _parse_tag_filter(expr: str | None) -> tuple[str | None, str | None]:
         return None, None
     m = _TAG_FILTER.match(expr)
     if not m:
-        raise ArmFault(400, "InvalidFilterInQueryString", f"Invalid $filter '{expr}': use tagName eq 'x' "
-                       "[and tagValue eq 'y'].")
+        raise ArmFault(
+            400,
+            "InvalidFilterInQueryString",
+            f"Invalid $filter '{expr}': use tagName eq 'x' [and tagValue eq 'y'].",
+        )
     return m.group(1), m.group(2)

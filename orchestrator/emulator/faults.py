@@ -79,9 +79,7 @@ class Fault:
             return False
         if self.method and self.method.upper() != method.upper():
             return False
-        if self.resource_type and (resource_type or "").lower() != self.resource_type.lower():
-            return False
-        return True
+        return not self.resource_type or (resource_type or "").lower() == self.resource_type.lower()
 
 
 class FaultInjector:

@@ -25,16 +25,28 @@ class _EmulatorAdapter(BaseAdapter):
         super().__init__()
         self.emulator = emulator
 
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
         body = request.body
         if isinstance(body, str):
             body = body.encode()
         elif body is not None and not isinstance(body, bytes):
             body = b"".join(body)  # type: ignore[arg-type]
         result = self.emulator.handle(request.method or "GET", request.url or "", dict(request.headers), body)
-        raw = HTTPResponse(body=_Body(result.body), headers=result.headers, status=result.status,
-                           preload_content=False, decode_content=False)
+        raw = HTTPResponse(
+            body=_Body(result.body),  # type: ignore[arg-type]
+            headers=result.headers,
+            status=result.status,
+            preload_content=False,
+            decode_content=False,
+        )
         response = requests.Response()
         response.status_code = result.status
         response.headers = CaseInsensitiveDict(result.headers)

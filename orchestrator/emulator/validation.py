@@ -31,9 +31,21 @@ def invalid(message: str, code: str = "InvalidParameter", status: int = 400) -> 
 _NAME_RULES: dict[str, tuple[int, int, re.Pattern[str]]] = {
     "Microsoft.Resources/resourceGroups": (1, 90, re.compile(r"^[-\w._()]*[-\w_()]$")),
     "Microsoft.Network/virtualNetworks": (2, 64, re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*[A-Za-z0-9_]$")),
-    "Microsoft.Network/networkSecurityGroups": (1, 80, re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")),
-    "Microsoft.Network/publicIPAddresses": (1, 80, re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")),
-    "Microsoft.Network/networkInterfaces": (1, 80, re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")),
+    "Microsoft.Network/networkSecurityGroups": (
+        1,
+        80,
+        re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$"),
+    ),
+    "Microsoft.Network/publicIPAddresses": (
+        1,
+        80,
+        re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$"),
+    ),
+    "Microsoft.Network/networkInterfaces": (
+        1,
+        80,
+        re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$"),
+    ),
     "Microsoft.Compute/virtualMachines": (1, 64, re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")),
     "Microsoft.Compute/disks": (1, 80, re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")),
 }
@@ -50,7 +62,9 @@ SERVICE_TAGS = {"*", "Internet", "VirtualNetwork", "AzureLoadBalancer"}
 def check_name(resource_type: str, name: str) -> None:
     lo, hi, pattern = _NAME_RULES.get(resource_type, (1, 80, re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")))
     if not (lo <= len(name) <= hi) or not pattern.match(name):
-        code = "InvalidResourceGroupName" if resource_type.endswith("resourceGroups") else "InvalidResourceName"
+        code = (
+            "InvalidResourceGroupName" if resource_type.endswith("resourceGroups") else "InvalidResourceName"
+        )
         raise invalid(f"Resource name {name} is invalid. The name can be up to {hi} characters long.", code)
 
 
@@ -68,7 +82,9 @@ def require(obj: Any, path: str, kind: type | tuple[type, ...] = object) -> Any:
 
 def check_common(body: Any, resource_type: str) -> str:
     if not isinstance(body, dict):
-        raise invalid("The request content was invalid and could not be deserialized.", "InvalidRequestContent")
+        raise invalid(
+            "The request content was invalid and could not be deserialized.", "InvalidRequestContent"
+        )
     location = require(body, "location", str)
     normal = location.lower().replace(" ", "")
     if normal not in catalog.REGIONS:
@@ -82,14 +98,16 @@ def check_common(body: Any, resource_type: str) -> str:
     for k, v in tags.items():
         if not isinstance(v, str) or len(k) > 512 or len(v) > 256 or re.search(r"[<>%&\\?/]", k):
             raise invalid(f"The tag '{k}' has an invalid name or value.", "InvalidTagNameCharacters")
-    return normal
+    return str(normal)
 
 
 def _cidr(value: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(value, strict=True)
     except (ValueError, TypeError):
-        raise invalid(f"Value '{value}' for '{path}' is not a valid CIDR.", "InvalidAddressPrefixFormat") from None
+        raise invalid(
+            f"Value '{value}' for '{path}' is not a valid CIDR.", "InvalidAddressPrefixFormat"
+        ) from None
 
 
 def check_vnet(body: dict[str, Any]) -> None:
@@ -122,14 +140,19 @@ def check_nsg(body: dict[str, Any]) -> None:
         p = require(rule, "properties", dict)
         prio = require(p, "priority", int)
         if not 100 <= prio <= 4096:
-            raise invalid(f"Security rule {name} has invalid priority {prio}. Value provided: {prio}. "
-                          "Allowed range 100-4096.", "SecurityRuleInvalidPriority")
+            raise invalid(
+                f"Security rule {name} has invalid priority {prio}. Value provided: {prio}. "
+                "Allowed range 100-4096.",
+                "SecurityRuleInvalidPriority",
+            )
         direction = require(p, "direction", str)
         if direction not in {"Inbound", "Outbound"}:
             raise invalid(f"securityRules[{i}].direction must be Inbound or Outbound.")
         if (direction, prio) in taken:
-            raise invalid(f"Security rule {name} conflicts with another rule of priority {prio} in the same "
-                          "direction.", "SecurityRuleConflict")
+            raise invalid(
+                f"Security rule {name} conflicts with another rule of priority {prio} in the same direction.",
+                "SecurityRuleConflict",
+            )
         taken.add((direction, prio))
         if require(p, "access", str) not in {"Allow", "Deny"}:
             raise invalid(f"securityRules[{i}].access must be Allow or Deny.")
@@ -138,8 +161,10 @@ def check_nsg(body: dict[str, Any]) -> None:
         for side in ("source", "destination"):
             single, many = p.get(f"{side}AddressPrefix"), p.get(f"{side}AddressPrefixes")
             if not single and not many:
-                raise invalid(f"Security rule {name} needs {side}AddressPrefix or {side}AddressPrefixes.",
-                              "SecurityRuleParameterContainsUnsupportedValue")
+                raise invalid(
+                    f"Security rule {name} needs {side}AddressPrefix or {side}AddressPrefixes.",
+                    "SecurityRuleParameterContainsUnsupportedValue",
+                )
             for value in [single] if single else many:
                 if value not in SERVICE_TAGS:
                     _cidr(value if "/" in value else f"{value}/32", f"securityRules[{i}].{side}AddressPrefix")
@@ -152,8 +177,10 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
     size_name = require(props, "hardwareProfile.vmSize", str)
     size = catalog.VM_SIZES.get(size_name)
     if size is None:
-        raise invalid(f"The value {size_name} provided for the VM size is not valid. The valid sizes in the "
-                      f"current region are: {', '.join(catalog.VM_SIZES)}.")
+        raise invalid(
+            f"The value {size_name} provided for the VM size is not valid. The valid sizes in the "
+            f"current region are: {', '.join(catalog.VM_SIZES)}."
+        )
     image = require(props, "storageProfile.imageReference", dict)
     for key in ("publisher", "offer", "sku", "version"):
         if not isinstance(image.get(key), str) or not image[key]:
@@ -163,7 +190,9 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
         raise invalid("osDisk.createOption must be FromImage for a VM created from an image.")
     disk_gb = os_disk.get("diskSizeGB")
     if disk_gb is not None and (not isinstance(disk_gb, int) or not 30 <= disk_gb <= 4095):
-        raise invalid(f"The specified disk size {disk_gb} GB is invalid. Allowed: 30-4095.", "InvalidParameter")
+        raise invalid(
+            f"The specified disk size {disk_gb} GB is invalid. Allowed: 30-4095.", "InvalidParameter"
+        )
     if os_disk.get("deleteOption", "Detach") not in {"Delete", "Detach"}:
         raise invalid("osDisk.deleteOption must be Delete or Detach.")
     os_profile = require(props, "osProfile", dict)
@@ -177,8 +206,11 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
     keys = ((linux.get("ssh") or {}).get("publicKeys")) or []
     if linux.get("disablePasswordAuthentication") is True:
         if not keys:
-            raise invalid("Authentication using either SSH or by user name and password must be enabled in "
-                          "Linux profile.", "InvalidParameter")
+            raise invalid(
+                "Authentication using either SSH or by user name and password must be enabled in "
+                "Linux profile.",
+                "InvalidParameter",
+            )
         if os_profile.get("adminPassword"):
             raise invalid("Password cannot be set when password authentication is disabled.")
     elif not os_profile.get("adminPassword"):
@@ -191,20 +223,26 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
     custom = os_profile.get("customData")
     if custom is not None:
         if not isinstance(custom, str) or len(custom) > 87380:
-            raise invalid("Custom data in OSProfile must be in Base64 encoding and with a maximum length of "
-                          "87380 characters.")
+            raise invalid(
+                "Custom data in OSProfile must be in Base64 encoding and with a maximum length of "
+                "87380 characters."
+            )
         try:
             base64.b64decode(custom, validate=True)
         except (binascii.Error, ValueError):
-            raise invalid("Custom data in OSProfile must be in Base64 encoding and with a maximum length of "
-                          "87380 characters.") from None
+            raise invalid(
+                "Custom data in OSProfile must be in Base64 encoding and with a maximum length of "
+                "87380 characters."
+            ) from None
     zones = body.get("zones")
     if zones is not None:
         if not isinstance(zones, list) or len(zones) != 1 or zones[0] not in {"1", "2", "3"}:
             raise invalid("The value of parameter zones is invalid.")
         if not catalog.region_has_zones(location):
-            raise invalid(f"The zone(s) '{zones[0]}' for resource is not supported in location '{location}'.",
-                          "ZonesNotSupported")
+            raise invalid(
+                f"The zone(s) '{zones[0]}' for resource is not supported in location '{location}'.",
+                "ZonesNotSupported",
+            )
     priority = props.get("priority", "Regular")
     if priority not in {"Regular", "Spot", "Low"}:
         raise invalid("The value of parameter priority is invalid.")
