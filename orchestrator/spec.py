@@ -16,7 +16,16 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator import catalog
 from orchestrator.errors import UserInputError
@@ -180,6 +189,35 @@ class Condition(BaseModel):
         return f"{self.op} {self.threshold:g}"
 
 
+def _env_name(k: str) -> str:
+    if not ENV_NAME_RE.match(k):
+        raise ValueError(f"'{k}' is not a valid environment variable name")
+    if k.startswith("ORCH_"):
+        raise ValueError(f"'{k}': names starting with ORCH_ are set by orchestrator")
+    return k
+
+
+def _env_value(val: Any) -> Any:
+    if isinstance(val, bool) or not isinstance(val, str | int | float):
+        raise ValueError("an env value must be a string or a number")
+    return str(val)
+
+
+def _condition(cond: Any) -> Any:
+    if isinstance(cond, Condition):
+        return cond
+    if isinstance(cond, int | float) and not isinstance(cond, bool):
+        cond = f">= {cond}"
+    m = CONDITION_RE.match(cond) if isinstance(cond, str) else None
+    if not m:
+        raise ValueError("write a condition like '>= 0.99' (operators: >= <= > < == !=)")
+    return Condition(op=m.group(1), threshold=float(m.group(2)))  # type: ignore[arg-type]
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -210,9 +248,10 @@ class Resources(_Strict):
         if v.lower() in by_lower:
             raise ValueError(f"unknown VM size '{v}'; did you mean '{by_lower[v.lower()]}'? (case matters)")
         close = difflib.get_close_matches(v, catalog.VM_SIZES, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        if close:
+            raise ValueError(f"unknown VM size '{v}'. Did you mean {' or '.join(close)}?")
         gpus = ", ".join(k for k, s in catalog.VM_SIZES.items() if s.is_gpu)
-        raise ValueError(f"unknown VM size '{v}'.{hint} Known GPU sizes: {gpus}")
+        raise ValueError(f"unknown VM size '{v}'. Known GPU sizes: {gpus}")
 
     @field_validator("region")
     @classmethod
@@ -284,13 +323,13 @@ class JobSpec(_Strict):
     nodes: Annotated[int, Field(ge=1, le=16)] = 1
     setup: list[str] = Field(default_factory=list)
     run: str
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[EnvName, EnvValue] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
     artifacts: list[str] = Field(default_factory=list)
     max_duration: int = 4 * 3600
     budget_usd: Annotated[float, Field(gt=0, le=100_000)] | None = None
     ssh: Ssh = Field(default_factory=Ssh)
-    expect: dict[str, Condition] = Field(default_factory=dict)
+    expect: dict[str, Annotated[Condition, BeforeValidator(_condition)]] = Field(default_factory=dict)
 
     # Where the spec came from; filled by load_spec, not by the user.
     source: str = Field(default="", exclude=True)
@@ -317,22 +356,6 @@ class JobSpec(_Strict):
         if not v.strip():
             raise ValueError("run must be a command, e.g. `python train.py`")
         return v
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _env(cls, v: Any) -> Any:
-        if not isinstance(v, Mapping):
-            return v
-        out = {}
-        for k, val in v.items():
-            if not isinstance(k, str) or not ENV_NAME_RE.match(k):
-                raise ValueError(f"'{k}' is not a valid environment variable name")
-            if k.startswith("ORCH_"):
-                raise ValueError(f"'{k}': names starting with ORCH_ are set by orchestrator")
-            if isinstance(val, bool) or not isinstance(val, str | int | float):
-                raise ValueError(f"env.{k} must be a string or a number")
-            out[k] = str(val)
-        return out
 
     @field_validator("secrets")
     @classmethod
@@ -364,21 +387,6 @@ class JobSpec(_Strict):
     @classmethod
     def _budget(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @field_validator("expect", mode="before")
-    @classmethod
-    def _expect(cls, v: Any) -> Any:
-        if not isinstance(v, Mapping):
-            return v
-        out = {}
-        for metric, cond in v.items():
-            if isinstance(cond, int | float) and not isinstance(cond, bool):
-                cond = f">= {cond}"
-            m = CONDITION_RE.match(cond) if isinstance(cond, str) else None
-            if not m:
-                raise ValueError(f"expect.{metric}: write a condition like '>= 0.99' (ops: >= <= > < == !=)")
-            out[metric] = Condition(op=m.group(1), threshold=float(m.group(2)))  # type: ignore[arg-type]
-        return out
 
     @property
     def workdir_path(self) -> Path:
@@ -439,6 +447,8 @@ def _message(err: Mapping[str, Any]) -> str:
 def _field_name(loc: tuple[Any, ...]) -> str:
     parts = []
     for p in loc:
+        if p == "[key]":
+            continue
         if isinstance(p, int):
             parts.append(f"[{p}]")
         elif p in {"function-after[_fits(), Resources]"}:
@@ -446,6 +456,12 @@ def _field_name(loc: tuple[Any, ...]) -> str:
         else:
             parts.append(("." if parts else "") + str(p))
     return "".join(parts)
+
+
+def _line_key(p: SpecProblem) -> tuple[int, str]:
+    """Flags first, then by line."""
+    head, _, line = p.where.rpartition(":")
+    return (int(line), head) if line.isdigit() else (0, p.where)
 
 
 def load_spec(path: str | Path, overrides: Overrides | None = None) -> JobSpec:
@@ -474,8 +490,9 @@ def load_spec(path: str | Path, overrides: Overrides | None = None) -> JobSpec:
         problems = []
         for err in e.errors():
             loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
-            problems.append(SpecProblem(_where(doc, flags, filename, loc), _field_name(loc), _message(err)))
-        raise SpecError(problems) from None
+            where = _where(doc, flags, filename, loc)
+            problems.append(SpecProblem(where, _field_name(loc), _message(err)))
+        raise SpecError(sorted(problems, key=_line_key)) from None
     _check_files(spec, doc, filename)
     return spec
 

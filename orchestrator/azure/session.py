@@ -46,7 +46,14 @@ class AzureSession:
             return self._clients[name]
 
     def _build(self, name: str) -> Any:
-        kwargs: dict[str, Any] = {"retry_total": 8, "retry_backoff_factor": 0.5, "retry_backoff_max": 60}
+        # azure-core retries 429/5xx and honours Retry-After; its default of 3 status retries gives up
+        # too early in a throttling storm for an unattended nightly job.
+        kwargs: dict[str, Any] = {
+            "retry_total": 10,
+            "retry_status": 10,
+            "retry_backoff_factor": 0.8,
+            "retry_backoff_max": 60,
+        }
         if self.transport is not None:
             kwargs["transport"] = self.transport
         if name == "resource":

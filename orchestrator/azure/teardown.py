@@ -25,8 +25,11 @@ def delete_group(session: AzureSession, group: str, *, wait: bool = True) -> boo
     from orchestrator.azure.errors import error_code_and_message
 
     try:
+        # Without wait, no poller thread: the 202 is all we need, and nothing polls in the background.
         poller = session.resources.resource_groups.begin_delete(
-            group, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete")
+            group,
+            force_deletion_types=FORCE_DELETE_TYPES,
+            polling=session.polling("group-delete") if wait else False,
         )
         if wait:
             poller.result()
@@ -132,7 +135,9 @@ def gc(
         try:
             pollers.append(
                 session.resources.resource_groups.begin_delete(
-                    g.name, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete")
+                    g.name,
+                    force_deletion_types=FORCE_DELETE_TYPES,
+                    polling=session.polling("group-delete") if wait else False,
                 )
             )
         except HttpResponseError as e:

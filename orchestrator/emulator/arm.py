@@ -85,6 +85,7 @@ class LoggedRequest:
     request_id: str
     body: Any = None
     error_code: str | None = None
+    query: dict[str, str] = field(default_factory=dict)
 
     @property
     def action(self) -> str:
@@ -183,6 +184,7 @@ class Emulator:
                 None,
                 None,
                 request_id,
+                query=query,
             )
             try:
                 parsed = self._parse_body(body) if method in {"PUT", "PATCH", "POST"} else None

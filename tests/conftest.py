@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.azure.session import AzureSession, emulator_session
+from orchestrator.clock import VirtualClock
+from orchestrator.emulator import Emulator
+from orchestrator.plan import ResourcePlan, build_plan
+from orchestrator.spec import JobSpec
+
+SUB = "22222222-2222-2222-2222-222222222222"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk2Q0t9dTestKeyForTheEmulatorOnly0000000000000 test"
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(NOW.timestamp())
+
+
+@pytest.fixture
+def emu(clock: VirtualClock) -> Emulator:
+    return Emulator("instant", clock=clock)
+
+
+@pytest.fixture
+def session(emu: Emulator) -> AzureSession:
+    return emulator_session(emu, subscription=SUB)
+
+
+def make_spec(**fields: Any) -> JobSpec:
+    data: dict[str, Any] = {"name": "demo", "run": "python train.py"}
+    data.update(fields)
+    return JobSpec.model_validate(data)
+
+
+def make_plan(spec: JobSpec | None = None, run_id: str = "demo-abc123", **kw: Any) -> ResourcePlan:
+    return build_plan(spec or make_spec(), run_id, subscription_id=SUB, owner="tester", now=NOW,
+                      ssh_public_key=KEY, **kw)
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a job.yaml (and a train.py) into a fresh folder; returns the job.yaml path."""
+
+    def write(text: str) -> Path:
+        (tmp_path / "train.py").write_text("print('hi')\n")
+        path = tmp_path / "job.yaml"
+        path.write_text(text)
+        return path
+
+    return write

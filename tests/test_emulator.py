@@ -1,0 +1,209 @@
+"""The emulator speaks ARM's wire protocol: LROs, errors, validation, ids, persistence, threads."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from orchestrator.azure.session import emulator_session
+from orchestrator.clock import VirtualClock
+from orchestrator.emulator import Emulator, Fault, Store
+from orchestrator.emulator.arm import HOST
+from tests.conftest import NOW, SUB, make_plan, make_spec
+
+AUTH = {"Authorization": "Bearer t"}
+RG = f"{HOST}/subscriptions/{SUB}/resourcegroups/orch-demo-abc123"
+NET = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Network"
+VM_URL = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Compute/virtualMachines"
+
+
+def call(emu: Emulator, method: str, url: str, body: Any = None, api: str | None = "2025-01-01",
+         headers: dict[str, str] | None = None) -> Any:
+    if api:
+        url += ("&" if "?" in url else "?") + f"api-version={api}"
+    data = json.dumps(body).encode() if body is not None else None
+    return emu.handle(method, url, headers if headers is not None else AUTH, data)
+
+
+def put_network(emu: Emulator) -> None:
+    plan = make_plan()
+    assert call(emu, "PUT", RG, {"location": "eastus", "tags": plan.tags}).status == 201
+    rg, vnet, nsg, _ = plan.resources
+    assert call(emu, "PUT", f"{NET}/virtualNetworks/{vnet.name}", vnet.body).status == 201
+    assert call(emu, "PUT", f"{NET}/networkSecurityGroups/{nsg.name}", nsg.body).status == 201
+
+
+@pytest.fixture
+def slow() -> tuple[Emulator, VirtualClock]:
+    clock = VirtualClock(NOW.timestamp())
+    return Emulator("azure-like", clock=clock), clock
+
+
+def test_vm_put_is_an_lro_with_azure_asyncoperation(slow: tuple[Emulator, VirtualClock]) -> None:
+    emu, clock = slow
+    put_network(emu)
+    clock.advance(10)
+    vm = make_plan().resources[3]
+    r = call(emu, "PUT", f"{VM_URL}/{vm.name}", vm.body)
+    assert r.status == 201
+    assert r.json()["properties"]["provisioningState"] == "Creating"
+    op_url = r.headers["Azure-AsyncOperation"]
+    assert op_url.startswith(f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/operations/")
+    status = emu.handle("GET", op_url, AUTH, None).json()
+    assert status["status"] == "InProgress"
+    clock.advance(119)
+    assert emu.handle("GET", op_url, AUTH, None).json()["status"] == "InProgress"
+    clock.advance(2)
+    done = emu.handle("GET", op_url, AUTH, None).json()
+    assert done["status"] == "Succeeded" and "endTime" in done
+    got = call(emu, "GET", f"{VM_URL}/{vm.name}").json()
+    assert got["properties"]["provisioningState"] == "Succeeded"
+    assert "customData" not in got["properties"]["osProfile"]
+    nic_ref = got["properties"]["networkProfile"]["networkInterfaces"][0]
+    assert nic_ref["properties"]["deleteOption"] == "Delete"
+
+
+def test_group_delete_is_202_with_location_polled_until_200(slow: tuple[Emulator, VirtualClock]) -> None:
+    emu, clock = slow
+    put_network(emu)
+    r = call(emu, "DELETE", RG + "?forceDeletionTypes=Microsoft.Compute/virtualMachines")
+    assert r.status == 202 and "Location" in r.headers and r.headers["Retry-After"]
+    assert emu.handle("GET", r.headers["Location"], AUTH, None).status == 202
+    # Creating into a group that is being deleted is refused the way ARM refuses it.
+    again = call(emu, "PUT", RG, {"location": "eastus"})
+    assert (again.status, again.json()["error"]["code"]) == (409, "ResourceGroupBeingDeleted")
+    clock.advance(91)
+    assert emu.handle("GET", r.headers["Location"], AUTH, None).status == 200
+    assert emu.live_resources() == []
+
+
+def test_errors_have_arm_shape_request_ids_and_retry_after(emu: Emulator) -> None:
+    emu.inject(Fault("TooManyRequests", status=429, retry_after=3))
+    r = call(emu, "PUT", RG, {"location": "eastus"}, headers={**AUTH, "x-ms-client-request-id": "abc"})
+    assert r.status == 429
+    assert r.headers["Retry-After"] == "3"
+    assert r.json()["error"]["code"] == "TooManyRequests"
+    assert r.headers["x-ms-request-id"] and r.headers["x-ms-correlation-request-id"] == "abc"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "code"),
+    [
+        (lambda b: b.pop("location"), 400, "InvalidParameter"),
+        (lambda b: b.update(location="atlantis"), 400, "LocationNotAvailableForResourceType"),
+        (lambda b: b["properties"]["hardwareProfile"].pop("vmSize"), 400, "InvalidParameter"),
+        (lambda b: b["properties"]["hardwareProfile"].update(vmSize="Standard_Nope"), 400, "InvalidParameter"),
+        (lambda b: b["properties"]["hardwareProfile"].update(vmSize="Standard_ND96isr_H100_v5") or
+         b.update(location="westeurope"), 409, "SkuNotAvailable"),
+        (lambda b: b["properties"]["osProfile"]["linuxConfiguration"]["ssh"].update(publicKeys=[]), 400,
+         "InvalidParameter"),
+        (lambda b: b["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0].update(
+            keyData="not a key"), 400, "InvalidParameter"),
+        (lambda b: b["properties"]["osProfile"].update(adminUsername="admin"), 400, "InvalidParameter"),
+        (lambda b: b["properties"]["osProfile"].update(customData="***not base64***"), 400, "InvalidParameter"),
+        (lambda b: b["properties"]["networkProfile"].pop("networkApiVersion"), 400, "InvalidParameter"),
+        (lambda b: b["properties"]["networkProfile"]["networkInterfaceConfigurations"][0]["properties"][
+            "ipConfigurations"][0]["properties"]["subnet"].update(id="/subscriptions/x/nope/subnets/y"), 400,
+         "InvalidResourceReference"),
+        (lambda b: b["properties"]["storageProfile"]["osDisk"].update(diskSizeGB=5), 400, "InvalidParameter"),
+        (lambda b: b.update(zones=["7"]), 400, "InvalidParameter"),
+        (lambda b: b["properties"].update(priority="Spot"), 400, "InvalidParameter"),
+        (lambda b: b.update(tags={"a/b": "x"}), 400, "InvalidTagNameCharacters"),
+    ],
+)
+def test_vm_bodies_are_validated_as_arm_would(emu: Emulator, mutate: Any, status: int, code: str) -> None:
+    put_network(emu)
+    vm = make_plan().resources[3]
+    body = json.loads(json.dumps(vm.body))
+    mutate(body)
+    r = call(emu, "PUT", f"{VM_URL}/{vm.name}", body)
+    assert (r.status, r.json()["error"]["code"]) == (status, code)
+    assert not any(x["type"].endswith("virtualMachines") for x in emu.live_resources())
+
+
+def test_network_bodies_are_validated(emu: Emulator) -> None:
+    call(emu, "PUT", RG, {"location": "eastus"})
+    bad_subnet = {"location": "eastus", "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
+                  "subnets": [{"name": "s", "properties": {"addressPrefix": "192.168.0.0/24"}}]}}
+    r = call(emu, "PUT", f"{NET}/virtualNetworks/v1", bad_subnet)
+    assert r.json()["error"]["code"] == "NetcfgSubnetRangeOutsideVnet"
+    rule = {"name": "r", "properties": {"priority": 5, "direction": "Inbound", "access": "Allow", "protocol": "Tcp",
+                                        "sourceAddressPrefix": "*", "destinationAddressPrefix": "*",
+                                        "sourcePortRange": "*", "destinationPortRange": "22"}}
+    r = call(emu, "PUT", f"{NET}/networkSecurityGroups/n1", {"location": "eastus",
+                                                            "properties": {"securityRules": [rule]}})
+    assert r.json()["error"]["code"] == "SecurityRuleInvalidPriority"
+    r = call(emu, "PUT", f"{NET}/virtualNetworks/-bad-", bad_subnet)
+    assert r.json()["error"]["code"] == "InvalidResourceName"
+    r = call(emu, "PUT", f"{NET}/virtualNetworks/v2", {"location": "eastus"})
+    assert (r.status, r.json()["error"]["code"]) == (400, "InvalidParameter")
+
+
+def test_protocol_errors(emu: Emulator) -> None:
+    assert call(emu, "PUT", RG, {"location": "eastus"}, api=None).json()["error"]["code"] == \
+        "MissingApiVersionParameter"
+    r = call(emu, "PUT", RG, {"location": "eastus"}, headers={})
+    assert (r.status, r.json()["error"]["code"]) == (401, "AuthenticationFailed")
+    r = emu.handle("PUT", RG + "?api-version=1", AUTH, b"{not json")
+    assert r.json()["error"]["code"] == "InvalidRequestContent"
+    assert call(emu, "PUT", f"{NET}/virtualNetworks/v", {"location": "eastus"}).json()["error"]["code"] == \
+        "ResourceGroupNotFound"
+    assert emu.live_resources() == []
+
+
+def test_vm_delete_cascades_by_delete_option_and_in_use_nsg_is_protected(emu: Emulator) -> None:
+    session = emulator_session(emu, subscription=SUB)
+    from orchestrator.azure.provision import Provisioner
+
+    plan = make_plan(make_spec(nodes=2))
+    Provisioner(session).provision(plan)
+    nsg = plan.resources[2]
+    r = call(emu, "DELETE", f"{NET}/networkSecurityGroups/{nsg.name}")
+    assert r.json()["error"]["code"] == "InUseNetworkSecurityGroupCannotBeDeleted"
+    session.compute.virtual_machines.begin_delete(plan.resource_group, "demo-abc123-0").result()
+    names = {x["name"] for x in emu.live_resources()}
+    assert not names & {"demo-abc123-0", "demo-abc123-0-nic", "demo-abc123-0-pip", "demo-abc123-0-osdisk"}
+    assert {"demo-abc123-1", "demo-abc123-1-nic", "demo-abc123-1-pip", "demo-abc123-nsg"} <= names
+
+
+def test_list_by_tag_filter(emu: Emulator) -> None:
+    call(emu, "PUT", RG, {"location": "eastus", "tags": {"orchestrator-run": "demo-abc123"}})
+    call(emu, "PUT", RG.replace("orch-demo-abc123", "other"), {"location": "eastus", "tags": {"team": "x"}})
+    url = f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=tagName eq 'orchestrator-run' and tagValue eq " \
+          "'demo-abc123'"
+    assert [g["name"] for g in call(emu, "GET", url).json()["value"]] == ["orch-demo-abc123"]
+    bad = call(emu, "GET", f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=name eq 'x'")
+    assert bad.json()["error"]["code"] == "InvalidFilterInQueryString"
+
+
+def test_store_round_trips_through_json(slow: tuple[Emulator, VirtualClock]) -> None:
+    emu, clock = slow
+    put_network(emu)
+    restored = Emulator("azure-like", clock=clock, store=Store.from_json(emu.store.to_json()))
+    clock.advance(30)
+    states = {r["name"]: r["properties"].get("provisioningState") for r in restored.live_resources()}
+    assert states == {"orch-demo-abc123": "Succeeded", "demo-abc123-vnet": "Succeeded",
+                      "demo-abc123-nsg": "Succeeded"}
+
+
+def test_concurrent_sdk_calls_are_safe(emu: Emulator) -> None:
+    session = emulator_session(emu, subscription=SUB)
+    errors: list[BaseException] = []
+
+    def create(i: int) -> None:
+        try:
+            session.resources.resource_groups.create_or_update(f"g{i}", {"location": "eastus"})
+        except BaseException as e:  # collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(emu.live_resources()) == 24
+    assert sorted(r.seq for r in emu.requests()) == list(range(1, 25))

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from orchestrator.emulator.validation import check_name
+from orchestrator.plan import (
+    T_NSG,
+    T_RG,
+    T_VM,
+    T_VNET,
+    TAG_EXPIRES,
+    TAG_OWNER,
+    TAG_RUN,
+    new_run_id,
+)
+from tests.conftest import KEY, SUB, make_plan, make_spec
+
+
+def test_stages_follow_the_dependency_chain() -> None:
+    plan = make_plan(make_spec(nodes=3))
+    stages = plan.stages
+    assert [[r.type for r in s] for s in stages] == [[T_RG], [T_VNET, T_NSG], [T_VM, T_VM, T_VM]]
+    vnet, nsg = stages[1]
+    for vm in stages[2]:
+        assert set(vm.depends_on) == {vnet.id, nsg.id}
+    assert vnet.depends_on == nsg.depends_on == (stages[0][0].id,)
+
+
+def test_every_resource_is_tagged_with_run_owner_and_expiry() -> None:
+    plan = make_plan(make_spec(max_duration="2h"))
+    for r in plan.resources:
+        assert r.body["tags"][TAG_RUN] == "demo-abc123"
+        assert r.body["tags"][TAG_OWNER] == "tester"
+        # 12:00 + 2 h + 30 min grace
+        assert r.body["tags"][TAG_EXPIRES] == "2026-03-01T14:30:00Z"
+
+
+def test_vm_carries_nic_and_public_ip_inline_and_deletes_them_with_itself() -> None:
+    vm = make_plan().stages[2][0]
+    props = vm.body["properties"]
+    assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+    nic = props["networkProfile"]["networkInterfaceConfigurations"][0]
+    assert nic["properties"]["deleteOption"] == "Delete"
+    assert nic["properties"]["networkSecurityGroup"]["id"].endswith("/networkSecurityGroups/demo-abc123-nsg")
+    ipc = nic["properties"]["ipConfigurations"][0]["properties"]
+    assert ipc["subnet"]["id"].endswith("/virtualNetworks/demo-abc123-vnet/subnets/nodes")
+    assert ipc["publicIPAddressConfiguration"]["properties"]["deleteOption"] == "Delete"
+    assert props["networkProfile"]["networkApiVersion"]
+    linux = props["osProfile"]["linuxConfiguration"]
+    assert linux["disablePasswordAuthentication"] is True
+    assert linux["ssh"]["publicKeys"][0]["keyData"] == KEY
+    assert "adminPassword" not in props["osProfile"]
+
+
+def test_gpu_sizes_get_the_driver_image_and_cpu_sizes_plain_ubuntu() -> None:
+    gpu = make_plan(make_spec(resources={"vm_size": "Standard_NC4as_T4_v3"})).stages[2][0]
+    cpu = make_plan(make_spec(resources={"vm_size": "Standard_D4s_v5"})).stages[2][0]
+    assert gpu.body["properties"]["storageProfile"]["imageReference"]["offer"] == "ubuntu-hpc"
+    assert cpu.body["properties"]["storageProfile"]["imageReference"]["offer"] == "ubuntu-24_04-lts"
+
+
+def test_zone_and_spot_reach_the_vm_body() -> None:
+    spec = make_spec(resources={"zone": 3, "spot": True})
+    vm = make_plan(spec).stages[2][0]
+    assert vm.body["zones"] == ["3"]
+    assert vm.body["properties"]["priority"] == "Spot"
+    assert vm.body["properties"]["evictionPolicy"] == "Delete"
+    assert any("spot" in w for w in make_plan(spec).warnings)
+
+
+def test_nsg_opens_ssh_only_to_the_given_cidrs_and_the_vnet() -> None:
+    nsg = make_plan(make_spec(ssh={"allowed_cidrs": ["203.0.113.7"]})).stages[1][1]
+    rules = {r["name"]: r["properties"] for r in nsg.body["properties"]["securityRules"]}
+    assert rules["ssh-in"]["sourceAddressPrefixes"] == ["203.0.113.7/32"]
+    assert rules["ssh-in"]["destinationPortRange"] == "22"
+    assert rules["intra-vnet-in"]["sourceAddressPrefix"] == "VirtualNetwork"
+    assert rules["deny-all-in"]["access"] == "Deny"
+    assert not make_plan(make_spec(ssh={"allowed_cidrs": ["203.0.113.7"]})).warnings
+    assert any("open to the whole Internet" in w for w in make_plan().warnings)
+
+
+@pytest.mark.parametrize("name", ["a" * 40, "x1", "mnist-cnn", "ab-" + "c" * 37])
+def test_names_are_valid_for_every_resource_type(name: str) -> None:
+    run_id = new_run_id(name)
+    assert re.fullmatch(r"[a-z][a-z0-9-]+-[0-9a-f]{6}", run_id)
+    plan = make_plan(make_spec(name=name, nodes=16), run_id=run_id)
+    for r in plan.resources:
+        check_name(r.type, r.name)  # raises as ARM would
+    for node in plan.nodes:
+        check_name("Microsoft.Network/networkInterfaces", node.nic_name)
+        check_name("Microsoft.Network/publicIPAddresses", node.public_ip_name)
+        check_name("Microsoft.Compute/disks", node.os_disk_name)
+
+
+def test_ids_use_the_subscription_and_group() -> None:
+    plan = make_plan()
+    assert plan.resources[0].id == f"/subscriptions/{SUB}/resourceGroups/orch-demo-abc123"
+    assert all(r.id.startswith(plan.resources[0].id) for r in plan.resources)
+
+
+def test_bad_run_id_is_refused() -> None:
+    with pytest.raises(ValueError):
+        make_plan(run_id="Bad_Run")
+
+
+def test_critical_path_and_cost() -> None:
+    plan = make_plan(make_spec(nodes=2))
+    assert plan.critical_path_seconds() == pytest.approx(1 + 7 + 120)
+    assert plan.hourly_usd == pytest.approx(2 * (0.526 + 0.005))

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import Overrides, SpecError, load_spec, parse_duration
+
+GOOD = """\
+name: mnist-cnn
+resources:
+  vm_size: Standard_NC4as_T4_v3
+  region: westeurope
+  zone: 2
+  disk_gb: 100
+nodes: 2
+setup: pip install -r requirements.txt
+run: python train.py --epochs 3
+env:
+  EPOCHS: 3
+  MODE: fast
+secrets: [WANDB_API_KEY]
+artifacts: [outputs, logs/train.log]
+max_duration: 1h30m
+budget_usd: 25
+ssh:
+  user: trainer
+  allowed_cidrs: [203.0.113.7, 198.51.100.0/24]
+expect:
+  test_accuracy: ">= 0.99"
+  loss: 0.5
+"""
+
+
+def error_of(job_dir: Callable[[str], Path], text: str, overrides: Overrides | None = None) -> str:
+    path = job_dir(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path, overrides)
+    return str(e.value)
+
+
+def test_a_full_job_file_loads_with_defaults_and_types(job_dir: Callable[[str], Path]) -> None:
+    spec = load_spec(job_dir(GOOD))
+    assert spec.name == "mnist-cnn"
+    assert spec.resources.zone == "2"
+    assert spec.resources.image == "auto" and spec.resources.spot is False
+    assert spec.setup == ["pip install -r requirements.txt"]
+    assert spec.env == {"EPOCHS": "3", "MODE": "fast"}
+    assert spec.max_duration == 5400
+    assert spec.budget_usd == 25.0
+    assert spec.ssh.allowed_cidrs == ["203.0.113.7/32", "198.51.100.0/24"]
+    assert str(spec.expect["test_accuracy"]) == ">= 0.99"
+    assert spec.expect["loss"].holds(0.7) and not spec.expect["loss"].holds(0.4)
+    assert spec.workdir_path == Path(spec.base_dir)
+
+
+def test_minimal_job_gets_the_documented_defaults(job_dir: Callable[[str], Path]) -> None:
+    spec = load_spec(job_dir("name: tiny\nrun: python train.py\n"))
+    assert spec.nodes == 1
+    assert spec.resources.vm_size == "Standard_NC4as_T4_v3"
+    assert spec.resources.region == "eastus"
+    assert spec.ssh.user == "azureuser"
+    assert spec.max_duration == 4 * 3600
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "says"),
+    [
+        ("name: a\nrun: [unclosed\n", "job.yaml:3", "not valid YAML"),
+        ("name: demo\nrun: x\nname: again\n", "job.yaml:3", "duplicate key 'name' (first at line 1)"),
+        ("name: demo\nrun: x\nresources:\n  vm_sise: Standard_NC4as_T4_v3\n", "job.yaml:4", "unknown key"),
+        ("name: demo\nrun: x\nnodes: three\n", "job.yaml:3", "wrong type"),
+        ("name: demo\nrun: x\nnodes: 40\n", "job.yaml:3", "less than or equal to 16"),
+        ("name: demo\nrun: x\nresources:\n  disk_gb: 10\n", "job.yaml:4", "greater than or equal to 30"),
+        ("name: Demo_Job\nrun: x\n", "job.yaml:1", "not a valid job name"),
+        ("name: demo\nrun: x\nssh:\n  user: root\n", "job.yaml:4", "Azure does not allow 'root'"),
+        ("name: demo\nrun: x\nresources:\n  vm_size: Standard_NC4as_T4\n", "job.yaml:4", "Did you mean"),
+        ("name: demo\nrun: x\nresources:\n  vm_size: standard_nc4as_t4_v3\n", "job.yaml:4", "case matters"),
+        ("name: demo\nrun: x\nresources:\n  region: westeurop\n", "job.yaml:4", "Did you mean westeurope"),
+        ("name: demo\nrun: x\nresources:\n  vm_size: Standard_ND96isr_H100_v5\n  region: japaneast\n",
+         "job.yaml:3", "not offered in japaneast"),
+        ("name: demo\nrun: x\nresources:\n  zone: 4\n", "job.yaml:4", "zone must be 1, 2 or 3"),
+        ("name: demo\nrun: x\nartifacts: [../secrets]\n", "job.yaml:3", "relative path inside"),
+        ("name: demo\nrun: x\nartifacts: [/etc/passwd]\n", "job.yaml:3", "relative path inside"),
+        ("name: demo\nrun: x\nworkdir: missing\n", "job.yaml:3", "no folder"),
+        ("name: demo\nrun: x\nmax_duration: forever\n", "job.yaml:3", "not a duration"),
+        ("name: demo\nrun: x\nssh:\n  allowed_cidrs: [my-laptop]\n", "job.yaml:4", "not an IP address"),
+        ("name: demo\nrun: x\nssh:\n  private_key: nope/id_rsa\n", "job.yaml:4", "no such file"),
+        ("name: demo\nrun: x\nexpect:\n  acc: about 0.9\n", "job.yaml:4", "write a condition"),
+        ("name: demo\nrun: x\nenv:\n  ORCH_RUN_ID: x\n", "job.yaml:4", "set by orchestrator"),
+        ("name: demo\n", "job.yaml:1", "run: required key is missing"),
+        ("- just\n- a list\n", "job.yaml:1", "must be a mapping"),
+        ("", "job.yaml:1", "empty"),
+    ],
+)
+def test_bad_input_names_file_line_and_what_is_allowed(
+    job_dir: Callable[[str], Path], text: str, where: str, says: str
+) -> None:
+    message = error_of(job_dir, text)
+    assert where in message
+    assert says in message
+    assert "Traceback" not in message
+
+
+def test_binary_junk_and_non_utf8_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"name: demo\nrun: x\n\x00\x01\x02garbage")
+    with pytest.raises(SpecError, match=r"job.yaml:3: .*binary data"):
+        load_spec(path)
+    path.write_bytes(b"name: demo\nrun: \xff\xfe\n")
+    with pytest.raises(SpecError, match=r"job.yaml:2: .*not UTF-8"):
+        load_spec(path)
+
+
+def test_an_alias_bomb_is_refused_quickly(job_dir: Callable[[str], Path]) -> None:
+    lines = ["name: demo", "run: x", 'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 10):
+        refs = ",".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    start = time.perf_counter()
+    message = error_of(job_dir, "\n".join(lines) + "\n")
+    assert "too many values" in message
+    assert time.perf_counter() - start < 5  # generous: the real figure is milliseconds
+
+
+def test_anchors_and_merge_keys_still_work(job_dir: Callable[[str], Path]) -> None:
+    text = "name: demo\nrun: x\nbase: &base {EPOCHS: '1'}\n"
+    assert "unknown key" in error_of(job_dir, text)  # `base` itself is not a field...
+    text = "name: demo\nrun: x\nenv:\n  <<: {EPOCHS: '1'}\n  LR: '0.1'\n"
+    assert load_spec(job_dir(text)).env == {"EPOCHS": "1", "LR": "0.1"}
+
+
+def test_several_problems_are_listed_each_with_its_line(job_dir: Callable[[str], Path]) -> None:
+    message = error_of(job_dir, "name: demo\nrun: x\nnodes: 0\nresources:\n  disk_gb: 5\n  colour: red\n")
+    assert "job.yaml:3: nodes:" in message
+    assert "job.yaml:5: resources.disk_gb:" in message
+    assert "job.yaml:6: resources.colour: unknown key" in message
+
+
+def test_command_line_overrides_win_and_are_blamed_by_flag(job_dir: Callable[[str], Path]) -> None:
+    path = job_dir("name: demo\nrun: x\nresources:\n  region: eastus\n")
+    spec = load_spec(path, Overrides(region="westeurope", vm_size="Standard_NC6s_v3", spot=True, nodes=3))
+    assert (spec.resources.region, spec.resources.vm_size, spec.resources.spot, spec.nodes) == (
+        "westeurope", "Standard_NC6s_v3", True, 3)
+    message = error_of(job_dir, "name: demo\nrun: x\n", Overrides(region="mars-central"))
+    assert message.startswith("--region: resources.region: unknown region 'mars-central'")
+
+
+def test_missing_file_and_folder_give_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "job.yaml").write_text("name: demo\nrun: x\n")
+    with pytest.raises(SpecError, match="did you mean"):
+        load_spec(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90m", 5400), ("2h", 7200), ("1h30m", 5400), (600, 600),
+                                               ("1d", 86400)])
+def test_durations(text: str | int, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["10s", "8d", True, "soon", 3.5])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
