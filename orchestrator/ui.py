@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -123,8 +124,13 @@ class ProgressPrinter:
     def __init__(self, as_json: bool = False) -> None:
         self.as_json = as_json
         self.t0 = time.monotonic()
+        self._lock = threading.Lock()  # events arrive from the provisioner's threads
 
     def event(self, e: ResourceEvent) -> None:
+        with self._lock:
+            self._event(e)
+
+    def _event(self, e: ResourceEvent) -> None:
         if self.as_json:
             print(
                 json.dumps(

@@ -40,8 +40,9 @@ def make_spec(**fields: Any) -> JobSpec:
 
 
 def make_plan(spec: JobSpec | None = None, run_id: str = "demo-abc123", **kw: Any) -> ResourcePlan:
-    return build_plan(spec or make_spec(), run_id, subscription_id=SUB, owner="tester", now=NOW,
-                      ssh_public_key=KEY, **kw)
+    return build_plan(
+        spec or make_spec(), run_id, subscription_id=SUB, owner="tester", now=NOW, ssh_public_key=KEY, **kw
+    )
 
 
 @pytest.fixture

@@ -17,11 +17,19 @@ from tests.conftest import NOW, SUB, make_plan, make_spec
 AUTH = {"Authorization": "Bearer t"}
 RG = f"{HOST}/subscriptions/{SUB}/resourcegroups/orch-demo-abc123"
 NET = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Network"
-VM_URL = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Compute/virtualMachines"
+VM_URL = (
+    f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Compute/virtualMachines"
+)
 
 
-def call(emu: Emulator, method: str, url: str, body: Any = None, api: str | None = "2025-01-01",
-         headers: dict[str, str] | None = None) -> Any:
+def call(
+    emu: Emulator,
+    method: str,
+    url: str,
+    body: Any = None,
+    api: str | None = "2025-01-01",
+    headers: dict[str, str] | None = None,
+) -> Any:
     if api:
         url += ("&" if "?" in url else "?") + f"api-version={api}"
     data = json.dumps(body).encode() if body is not None else None
@@ -31,7 +39,7 @@ def call(emu: Emulator, method: str, url: str, body: Any = None, api: str | None
 def put_network(emu: Emulator) -> None:
     plan = make_plan()
     assert call(emu, "PUT", RG, {"location": "eastus", "tags": plan.tags}).status == 201
-    rg, vnet, nsg, _ = plan.resources
+    _, vnet, nsg, _ = plan.resources
     assert call(emu, "PUT", f"{NET}/virtualNetworks/{vnet.name}", vnet.body).status == 201
     assert call(emu, "PUT", f"{NET}/networkSecurityGroups/{nsg.name}", nsg.body).status == 201
 
@@ -51,7 +59,9 @@ def test_vm_put_is_an_lro_with_azure_asyncoperation(slow: tuple[Emulator, Virtua
     assert r.status == 201
     assert r.json()["properties"]["provisioningState"] == "Creating"
     op_url = r.headers["Azure-AsyncOperation"]
-    assert op_url.startswith(f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/operations/")
+    assert op_url.startswith(
+        f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/operations/"
+    )
     status = emu.handle("GET", op_url, AUTH, None).json()
     assert status["status"] == "InProgress"
     clock.advance(119)
@@ -95,19 +105,45 @@ def test_errors_have_arm_shape_request_ids_and_retry_after(emu: Emulator) -> Non
         (lambda b: b.pop("location"), 400, "InvalidParameter"),
         (lambda b: b.update(location="atlantis"), 400, "LocationNotAvailableForResourceType"),
         (lambda b: b["properties"]["hardwareProfile"].pop("vmSize"), 400, "InvalidParameter"),
-        (lambda b: b["properties"]["hardwareProfile"].update(vmSize="Standard_Nope"), 400, "InvalidParameter"),
-        (lambda b: b["properties"]["hardwareProfile"].update(vmSize="Standard_ND96isr_H100_v5") or
-         b.update(location="westeurope"), 409, "SkuNotAvailable"),
-        (lambda b: b["properties"]["osProfile"]["linuxConfiguration"]["ssh"].update(publicKeys=[]), 400,
-         "InvalidParameter"),
-        (lambda b: b["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0].update(
-            keyData="not a key"), 400, "InvalidParameter"),
+        (
+            lambda b: b["properties"]["hardwareProfile"].update(vmSize="Standard_Nope"),
+            400,
+            "InvalidParameter",
+        ),
+        (
+            lambda b: (
+                b["properties"]["hardwareProfile"].update(vmSize="Standard_ND96isr_H100_v5")
+                or b.update(location="westeurope")
+            ),
+            409,
+            "SkuNotAvailable",
+        ),
+        (
+            lambda b: b["properties"]["osProfile"]["linuxConfiguration"]["ssh"].update(publicKeys=[]),
+            400,
+            "InvalidParameter",
+        ),
+        (
+            lambda b: b["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0].update(
+                keyData="not a key"
+            ),
+            400,
+            "InvalidParameter",
+        ),
         (lambda b: b["properties"]["osProfile"].update(adminUsername="admin"), 400, "InvalidParameter"),
-        (lambda b: b["properties"]["osProfile"].update(customData="***not base64***"), 400, "InvalidParameter"),
+        (
+            lambda b: b["properties"]["osProfile"].update(customData="***not base64***"),
+            400,
+            "InvalidParameter",
+        ),
         (lambda b: b["properties"]["networkProfile"].pop("networkApiVersion"), 400, "InvalidParameter"),
-        (lambda b: b["properties"]["networkProfile"]["networkInterfaceConfigurations"][0]["properties"][
-            "ipConfigurations"][0]["properties"]["subnet"].update(id="/subscriptions/x/nope/subnets/y"), 400,
-         "InvalidResourceReference"),
+        (
+            lambda b: b["properties"]["networkProfile"]["networkInterfaceConfigurations"][0]["properties"][
+                "ipConfigurations"
+            ][0]["properties"]["subnet"].update(id="/subscriptions/x/nope/subnets/y"),
+            400,
+            "InvalidResourceReference",
+        ),
         (lambda b: b["properties"]["storageProfile"]["osDisk"].update(diskSizeGB=5), 400, "InvalidParameter"),
         (lambda b: b.update(zones=["7"]), 400, "InvalidParameter"),
         (lambda b: b["properties"].update(priority="Spot"), 400, "InvalidParameter"),
@@ -126,15 +162,34 @@ def test_vm_bodies_are_validated_as_arm_would(emu: Emulator, mutate: Any, status
 
 def test_network_bodies_are_validated(emu: Emulator) -> None:
     call(emu, "PUT", RG, {"location": "eastus"})
-    bad_subnet = {"location": "eastus", "properties": {"addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
-                  "subnets": [{"name": "s", "properties": {"addressPrefix": "192.168.0.0/24"}}]}}
+    bad_subnet = {
+        "location": "eastus",
+        "properties": {
+            "addressSpace": {"addressPrefixes": ["10.0.0.0/16"]},
+            "subnets": [{"name": "s", "properties": {"addressPrefix": "192.168.0.0/24"}}],
+        },
+    }
     r = call(emu, "PUT", f"{NET}/virtualNetworks/v1", bad_subnet)
     assert r.json()["error"]["code"] == "NetcfgSubnetRangeOutsideVnet"
-    rule = {"name": "r", "properties": {"priority": 5, "direction": "Inbound", "access": "Allow", "protocol": "Tcp",
-                                        "sourceAddressPrefix": "*", "destinationAddressPrefix": "*",
-                                        "sourcePortRange": "*", "destinationPortRange": "22"}}
-    r = call(emu, "PUT", f"{NET}/networkSecurityGroups/n1", {"location": "eastus",
-                                                            "properties": {"securityRules": [rule]}})
+    rule = {
+        "name": "r",
+        "properties": {
+            "priority": 5,
+            "direction": "Inbound",
+            "access": "Allow",
+            "protocol": "Tcp",
+            "sourceAddressPrefix": "*",
+            "destinationAddressPrefix": "*",
+            "sourcePortRange": "*",
+            "destinationPortRange": "22",
+        },
+    }
+    r = call(
+        emu,
+        "PUT",
+        f"{NET}/networkSecurityGroups/n1",
+        {"location": "eastus", "properties": {"securityRules": [rule]}},
+    )
     assert r.json()["error"]["code"] == "SecurityRuleInvalidPriority"
     r = call(emu, "PUT", f"{NET}/virtualNetworks/-bad-", bad_subnet)
     assert r.json()["error"]["code"] == "InvalidResourceName"
@@ -143,14 +198,18 @@ def test_network_bodies_are_validated(emu: Emulator) -> None:
 
 
 def test_protocol_errors(emu: Emulator) -> None:
-    assert call(emu, "PUT", RG, {"location": "eastus"}, api=None).json()["error"]["code"] == \
-        "MissingApiVersionParameter"
+    assert (
+        call(emu, "PUT", RG, {"location": "eastus"}, api=None).json()["error"]["code"]
+        == "MissingApiVersionParameter"
+    )
     r = call(emu, "PUT", RG, {"location": "eastus"}, headers={})
     assert (r.status, r.json()["error"]["code"]) == (401, "AuthenticationFailed")
     r = emu.handle("PUT", RG + "?api-version=1", AUTH, b"{not json")
     assert r.json()["error"]["code"] == "InvalidRequestContent"
-    assert call(emu, "PUT", f"{NET}/virtualNetworks/v", {"location": "eastus"}).json()["error"]["code"] == \
-        "ResourceGroupNotFound"
+    assert (
+        call(emu, "PUT", f"{NET}/virtualNetworks/v", {"location": "eastus"}).json()["error"]["code"]
+        == "ResourceGroupNotFound"
+    )
     assert emu.live_resources() == []
 
 
@@ -172,8 +231,10 @@ def test_vm_delete_cascades_by_delete_option_and_in_use_nsg_is_protected(emu: Em
 def test_list_by_tag_filter(emu: Emulator) -> None:
     call(emu, "PUT", RG, {"location": "eastus", "tags": {"orchestrator-run": "demo-abc123"}})
     call(emu, "PUT", RG.replace("orch-demo-abc123", "other"), {"location": "eastus", "tags": {"team": "x"}})
-    url = f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=tagName eq 'orchestrator-run' and tagValue eq " \
-          "'demo-abc123'"
+    url = (
+        f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=tagName eq 'orchestrator-run' and tagValue eq "
+        "'demo-abc123'"
+    )
     assert [g["name"] for g in call(emu, "GET", url).json()["value"]] == ["orch-demo-abc123"]
     bad = call(emu, "GET", f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=name eq 'x'")
     assert bad.json()["error"]["code"] == "InvalidFilterInQueryString"
@@ -185,8 +246,11 @@ def test_store_round_trips_through_json(slow: tuple[Emulator, VirtualClock]) -> 
     restored = Emulator("azure-like", clock=clock, store=Store.from_json(emu.store.to_json()))
     clock.advance(30)
     states = {r["name"]: r["properties"].get("provisioningState") for r in restored.live_resources()}
-    assert states == {"orch-demo-abc123": "Succeeded", "demo-abc123-vnet": "Succeeded",
-                      "demo-abc123-nsg": "Succeeded"}
+    assert states == {
+        "orch-demo-abc123": "Succeeded",
+        "demo-abc123-vnet": "Succeeded",
+        "demo-abc123-nsg": "Succeeded",
+    }
 
 
 def test_concurrent_sdk_calls_are_safe(emu: Emulator) -> None:
@@ -207,3 +271,15 @@ def test_concurrent_sdk_calls_are_safe(emu: Emulator) -> None:
     assert not errors
     assert len(emu.live_resources()) == 24
     assert sorted(r.seq for r in emu.requests()) == list(range(1, 25))
+
+
+def test_a_vm_cannot_reference_a_vnet_that_is_still_being_written(
+    slow: tuple[Emulator, VirtualClock],
+) -> None:
+    emu, clock = slow
+    put_network(emu)  # the VNet takes 7 s on this profile
+    vm = make_plan().resources[3]
+    r = call(emu, "PUT", f"{VM_URL}/{vm.name}", vm.body)
+    assert (r.status, r.json()["error"]["code"]) == (400, "ReferencedResourceNotProvisioned")
+    clock.advance(8)
+    assert call(emu, "PUT", f"{VM_URL}/{vm.name}", vm.body).status == 201

@@ -15,7 +15,7 @@ from orchestrator.azure.errors import (
     SkuNotAvailableError,
     ThrottledError,
 )
-from orchestrator.azure.provision import ProvisionFailed, Provisioner, ResourceEvent
+from orchestrator.azure.provision import Provisioner, ProvisionFailed, ResourceEvent
 from orchestrator.azure.session import AzureSession, emulator_session
 from orchestrator.azure.teardown import delete_group, gc, group_exists, list_run_groups
 from orchestrator.clock import ScaledClock, VirtualClock
@@ -33,14 +33,18 @@ def provision(session: AzureSession, **spec_fields: object):  # type: ignore[no-
 def test_happy_path_creates_everything_and_reports_addresses(
     emu: Emulator, session: AzureSession, nodes: int
 ) -> None:
-    plan, result = provision(session, nodes=nodes)
+    _, result = provision(session, nodes=nodes)
     live = {(r["type"], r["name"]) for r in emu.live_resources()}
     assert ("Microsoft.Resources/resourceGroups", "orch-demo-abc123") in live
     assert ("Microsoft.Network/virtualNetworks", "demo-abc123-vnet") in live
     assert ("Microsoft.Network/networkSecurityGroups", "demo-abc123-nsg") in live
     for n in range(nodes):
-        for rtype, name in [("virtualMachines", f"demo-abc123-{n}"), ("networkInterfaces", f"demo-abc123-{n}-nic"),
-                            ("publicIPAddresses", f"demo-abc123-{n}-pip"), ("disks", f"demo-abc123-{n}-osdisk")]:
+        for rtype, name in [
+            ("virtualMachines", f"demo-abc123-{n}"),
+            ("networkInterfaces", f"demo-abc123-{n}-nic"),
+            ("publicIPAddresses", f"demo-abc123-{n}-pip"),
+            ("disks", f"demo-abc123-{n}-osdisk"),
+        ]:
             assert any(t.endswith(rtype) and nm == name for t, nm in live)
     assert len(live) == 3 + 4 * nodes
     assert [n.rank for n in result.nodes] == list(range(nodes))
@@ -51,8 +55,13 @@ def test_happy_path_creates_everything_and_reports_addresses(
     # Only the VM PUTs carry bodies for NICs and IPs: the provisioner never creates them itself.
     writes = [r for r in emu.requests() if r.method == "PUT"]
     assert sorted(r.resource_type or "" for r in writes) == sorted(
-        ["Microsoft.Resources/resourceGroups", "Microsoft.Network/virtualNetworks",
-         "Microsoft.Network/networkSecurityGroups"] + ["Microsoft.Compute/virtualMachines"] * nodes)
+        [
+            "Microsoft.Resources/resourceGroups",
+            "Microsoft.Network/virtualNetworks",
+            "Microsoft.Network/networkSecurityGroups",
+        ]
+        + ["Microsoft.Compute/virtualMachines"] * nodes
+    )
 
 
 def test_resources_wait_only_for_their_dependencies() -> None:
@@ -76,7 +85,9 @@ def test_events_report_each_resource(session: AzureSession) -> None:
     assert [e.status for e in events].count("creating") == 4
 
 
-def fail_and_check_clean(emu: Emulator, session: AzureSession, fault: Fault, **spec_fields: object) -> ProvisionFailed:
+def fail_and_check_clean(
+    emu: Emulator, session: AzureSession, fault: Fault, **spec_fields: object
+) -> ProvisionFailed:
     emu.inject(fault)
     with pytest.raises(ProvisionFailed) as info:
         provision(session, **spec_fields)
@@ -88,7 +99,9 @@ def fail_and_check_clean(emu: Emulator, session: AzureSession, fault: Fault, **s
 
 
 def test_sku_not_available(emu: Emulator, session: AzureSession) -> None:
-    err = fail_and_check_clean(emu, session, Fault("SkuNotAvailable", resource_type="Microsoft.Compute/virtualMachines"))
+    err = fail_and_check_clean(
+        emu, session, Fault("SkuNotAvailable", resource_type="Microsoft.Compute/virtualMachines")
+    )
     assert isinstance(err.cause, SkuNotAvailableError)
     assert "Standard_NC4as_T4_v3 is not available in eastus" in str(err)
     assert "--region" in str(err)
@@ -100,7 +113,12 @@ def test_quota_message_names_family_and_numbers(emu: Emulator, session: AzureSes
     cause = err.cause
     assert isinstance(cause, QuotaExceededError)
     assert (cause.family, cause.region, cause.limit, cause.usage, cause.required) == (
-        "standardNCASv3_T4Family", "eastus", 8, 8, 4)
+        "standardNCASv3_T4Family",
+        "eastus",
+        8,
+        8,
+        4,
+    )
     assert "limit 8, in use 8, this run needs 4 more" in str(err)
 
 
@@ -110,9 +128,15 @@ def test_spot_quota_is_its_own_family(emu: Emulator, session: AzureSession) -> N
     assert isinstance(err.cause, QuotaExceededError) and err.cause.family == "lowPriorityCores"
 
 
-@pytest.mark.parametrize("code", ["AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"])
-def test_capacity_failures_arrive_as_failed_lros_and_clean_up(emu: Emulator, session: AzureSession, code: str) -> None:
-    err = fail_and_check_clean(emu, session, Fault(code, phase="lro", resource_type="Microsoft.Compute/virtualMachines"))
+@pytest.mark.parametrize(
+    "code", ["AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"]
+)
+def test_capacity_failures_arrive_as_failed_lros_and_clean_up(
+    emu: Emulator, session: AzureSession, code: str
+) -> None:
+    err = fail_and_check_clean(
+        emu, session, Fault(code, phase="lro", resource_type="Microsoft.Compute/virtualMachines")
+    )
     assert isinstance(err.cause, CapacityError)
     assert code in str(err)
     if code == "ZonalAllocationFailed":
@@ -120,9 +144,16 @@ def test_capacity_failures_arrive_as_failed_lros_and_clean_up(emu: Emulator, ses
 
 
 def test_invalid_parameter(emu: Emulator, session: AzureSession) -> None:
-    err = fail_and_check_clean(emu, session, Fault("InvalidParameter", status=400,
-                                                   resource_type="Microsoft.Network/virtualNetworks",
-                                                   message="The value of parameter addressPrefix is invalid."))
+    err = fail_and_check_clean(
+        emu,
+        session,
+        Fault(
+            "InvalidParameter",
+            status=400,
+            resource_type="Microsoft.Network/virtualNetworks",
+            message="The value of parameter addressPrefix is invalid.",
+        ),
+    )
     assert isinstance(err.cause, InvalidRequestError)
     assert "addressPrefix is invalid" in str(err)
 
@@ -157,7 +188,9 @@ def test_a_rejected_token_reads_as_a_login_problem(clock: VirtualClock) -> None:
     assert "az login" in str(info.value)
 
 
-def test_429_storms_are_retried_with_retry_after(emu: Emulator, session: AzureSession, clock: VirtualClock) -> None:
+def test_429_storms_are_retried_with_retry_after(
+    emu: Emulator, session: AzureSession, clock: VirtualClock
+) -> None:
     emu.inject(Fault("TooManyRequests", status=429, count=5, retry_after=7))
     start = clock.now()
     provision(session)
@@ -167,15 +200,24 @@ def test_429_storms_are_retried_with_retry_after(emu: Emulator, session: AzureSe
 
 
 def test_endless_throttling_ends_in_a_clear_error(emu: Emulator, session: AzureSession) -> None:
-    emu.inject(Fault("TooManyRequests", status=429, count=None, retry_after=1,
-                     resource_type="Microsoft.Network/virtualNetworks"))
+    emu.inject(
+        Fault(
+            "TooManyRequests",
+            status=429,
+            count=None,
+            retry_after=1,
+            resource_type="Microsoft.Network/virtualNetworks",
+        )
+    )
     with pytest.raises(ProvisionFailed) as info:
         provision(session)
     assert isinstance(info.value.cause, ThrottledError)
     assert emu.live_resources() == []
 
 
-def test_a_failed_vm_lro_in_a_three_node_run_removes_the_other_nodes_too(emu: Emulator, session: AzureSession) -> None:
+def test_a_failed_vm_lro_in_a_three_node_run_removes_the_other_nodes_too(
+    emu: Emulator, session: AzureSession
+) -> None:
     emu.inject(Fault("AllocationFailed", phase="lro", resource_type="Microsoft.Compute/virtualMachines"))
     with pytest.raises(ProvisionFailed):
         provision(session, nodes=3)
@@ -194,11 +236,13 @@ def test_group_delete_forces_vm_deletion(emu: Emulator, session: AzureSession) -
 
 
 def test_reprovisioning_the_same_run_is_idempotent(emu: Emulator, session: AzureSession) -> None:
-    plan, first = provision(session, nodes=2)
+    _, first = provision(session, nodes=2)
     before = sorted(r["id"] for r in emu.live_resources())
     _, second = provision(session, nodes=2)
     assert sorted(r["id"] for r in emu.live_resources()) == before
-    assert [(n.public_ip, n.private_ip) for n in second.nodes] == [(n.public_ip, n.private_ip) for n in first.nodes]
+    assert [(n.public_ip, n.private_ip) for n in second.nodes] == [
+        (n.public_ip, n.private_ip) for n in first.nodes
+    ]
 
 
 def test_gc_by_run_id_and_by_expiry(clock: VirtualClock) -> None:

@@ -79,8 +79,11 @@ def test_minimal_job_gets_the_documented_defaults(job_dir: Callable[[str], Path]
         ("name: demo\nrun: x\nresources:\n  vm_size: Standard_NC4as_T4\n", "job.yaml:4", "Did you mean"),
         ("name: demo\nrun: x\nresources:\n  vm_size: standard_nc4as_t4_v3\n", "job.yaml:4", "case matters"),
         ("name: demo\nrun: x\nresources:\n  region: westeurop\n", "job.yaml:4", "Did you mean westeurope"),
-        ("name: demo\nrun: x\nresources:\n  vm_size: Standard_ND96isr_H100_v5\n  region: japaneast\n",
-         "job.yaml:3", "not offered in japaneast"),
+        (
+            "name: demo\nrun: x\nresources:\n  vm_size: Standard_ND96isr_H100_v5\n  region: japaneast\n",
+            "job.yaml:3",
+            "not offered in japaneast",
+        ),
         ("name: demo\nrun: x\nresources:\n  zone: 4\n", "job.yaml:4", "zone must be 1, 2 or 3"),
         ("name: demo\nrun: x\nartifacts: [../secrets]\n", "job.yaml:3", "relative path inside"),
         ("name: demo\nrun: x\nartifacts: [/etc/passwd]\n", "job.yaml:3", "relative path inside"),
@@ -143,7 +146,11 @@ def test_command_line_overrides_win_and_are_blamed_by_flag(job_dir: Callable[[st
     path = job_dir("name: demo\nrun: x\nresources:\n  region: eastus\n")
     spec = load_spec(path, Overrides(region="westeurope", vm_size="Standard_NC6s_v3", spot=True, nodes=3))
     assert (spec.resources.region, spec.resources.vm_size, spec.resources.spot, spec.nodes) == (
-        "westeurope", "Standard_NC6s_v3", True, 3)
+        "westeurope",
+        "Standard_NC6s_v3",
+        True,
+        3,
+    )
     message = error_of(job_dir, "name: demo\nrun: x\n", Overrides(region="mars-central"))
     assert message.startswith("--region: resources.region: unknown region 'mars-central'")
 
@@ -156,8 +163,9 @@ def test_missing_file_and_folder_give_one_line(tmp_path: Path) -> None:
         load_spec(tmp_path)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90m", 5400), ("2h", 7200), ("1h30m", 5400), (600, 600),
-                                               ("1d", 86400)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90m", 5400), ("2h", 7200), ("1h30m", 5400), (600, 600), ("1d", 86400)]
+)
 def test_durations(text: str | int, seconds: int) -> None:
     assert parse_duration(text) == seconds
 

@@ -87,6 +87,7 @@ INVALID_CODES = {
     "BadRequest",
     "InvalidAddressPrefixFormat",
     "NetcfgSubnetRangeOutsideVnet",
+    "ReferencedResourceNotProvisioned",
     "SecurityRuleConflict",
     "ZonesNotSupported",
 }

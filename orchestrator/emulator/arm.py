@@ -581,7 +581,13 @@ class Emulator:
                     "AnotherOperationInProgress",
                     f"Operation on '{name}' is not allowed: another operation is in progress.",
                 )
-            writer = {T_VNET: self._put_vnet, T_NSG: self._put_nsg, T_VM: self._put_vm}.get(rtype)
+            writer = {
+                T_VNET: self._put_vnet,
+                T_NSG: self._put_nsg,
+                T_VM: self._put_vm,
+                T_PIP: self._put_pip,
+                T_NIC: self._put_nic,
+            }.get(rtype)
             if writer is None:
                 raise ArmFault(
                     405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the emulator."
@@ -796,7 +802,9 @@ class Emulator:
         cascade: dict[str, str] = {}
         nic_refs = []
         for cfg in props["networkProfile"].get("networkInterfaceConfigurations") or []:
-            nic, pips = self._inline_nic(sub, rg, rid, location, cfg, body, existing is not None)
+            nic_id = self._rid(sub, rg, T_NIC, cfg["name"])
+            nic, pips = self._nic(nic_id, cfg["name"], location, cfg.get("properties", {}), body, rid)
+            nic["properties"]["virtualMachine"] = {"id": rid}
             children.append(nic)
             children.extend(pips)
             option = cfg.get("properties", {}).get("deleteOption", "Detach")
@@ -810,13 +818,7 @@ class Emulator:
                 }
             )
         for ref in props["networkProfile"].get("networkInterfaces") or []:
-            attached = self.store.resources.get(str(ref.get("id", "")).lower())
-            if attached is None:
-                raise ArmFault(
-                    400,
-                    "InvalidResourceReference",
-                    f"Resource {ref.get('id')} referenced by resource {rid} was not found.",
-                )
+            attached = self._referenced(str(ref.get("id", "")), rid, location)
             attached["properties"]["virtualMachine"] = {"id": rid}
             nic_refs.append(ref)
             cascade[attached["id"].lower()] = (ref.get("properties") or {}).get("deleteOption", "Detach")
@@ -842,108 +844,136 @@ class Emulator:
         seconds = self.profile.create_seconds(T_VM) if existing is None else 2.0 * self.profile.scale
         return res, children, seconds
 
-    def _inline_nic(
+    def _referenced(self, ref_id: str, by: str, location: str) -> dict[str, Any]:
+        """A resource another one points at: it must exist, be provisioned, and share the region."""
+        target = self.store.resources.get(ref_id.lower())
+        state = (target or {}).get("properties", {}).get("provisioningState")
+        if target is not None and state != "Succeeded":
+            # The network RP refuses references to resources that are still being written: this is
+            # why the VMs must wait for the VNet and NSG operations to finish.
+            raise ArmFault(
+                400,
+                "ReferencedResourceNotProvisioned",
+                f"Cannot proceed with operation because resource {ref_id} used by resource {by} is not in "
+                f"Succeeded state. Resource is in {state} state.",
+            )
+        if target is None:
+            raise ArmFault(
+                400,
+                "InvalidResourceReference",
+                f"Resource {ref_id} referenced by resource {by} was not found. Please make sure that the "
+                "referenced resource exists, and that both resources are in the same region.",
+            )
+        if target["location"] != location:
+            raise ArmFault(
+                400,
+                "InvalidResourceReference",
+                f"Resource {ref_id} is in {target['location']}, not {location}; referenced resources must "
+                "be in the same region.",
+            )
+        return target
+
+    def _nic(
         self,
-        sub: str,
-        rg: str,
-        vm_id: str,
+        nic_id: str,
+        nic_name: str,
         location: str,
-        cfg: dict[str, Any],
+        props: dict[str, Any],
         body: dict[str, Any],
-        update: bool,
+        owner: str,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        nic_name = cfg["name"]
-        nic_id = self._rid(sub, rg, T_NIC, nic_name)
+        """A NIC record (and, for inline VM configurations, its new public IPs) from NIC properties."""
         nic = self._base(nic_id, nic_name, T_NIC, location, body)
-        cprops = cfg.get("properties", {})
-        nsg_ref = (cprops.get("networkSecurityGroup") or {}).get("id")
+        nsg_ref = (props.get("networkSecurityGroup") or {}).get("id")
         if nsg_ref:
-            nsg = self.store.resources.get(nsg_ref.lower())
-            if nsg is None or nsg["properties"].get("provisioningState") != "Succeeded":
-                raise ArmFault(
-                    400,
-                    "InvalidResourceReference",
-                    f"Resource {nsg_ref} referenced by resource "
-                    f"{vm_id} was not found. Please make sure that the referenced resource exists, "
-                    "and that both resources are in the same region.",
-                )
-            if nsg["location"] != location:
-                raise ArmFault(
-                    400,
-                    "InvalidResourceReference",
-                    f"Resource {nsg_ref} is in {nsg['location']}, "
-                    f"not {location}; both resources must be in the same region.",
-                )
+            self._referenced(nsg_ref, owner, location)
         pips = []
         ipconfigs = []
         existing_nic = self.store.resources.get(nic_id.lower())
-        for ipc in cprops["ipConfigurations"]:
+        old = {c["name"]: c for c in (existing_nic or {}).get("properties", {}).get("ipConfigurations", [])}
+        for ipc in props["ipConfigurations"]:
             iprops = ipc["properties"]
             subnet_id = iprops["subnet"]["id"]
             vnet_id, _, subnet_name = subnet_id.rpartition("/subnets/")
-            vnet = self.store.resources.get(vnet_id.lower())
-            if (
-                vnet is None
-                or self._find_subnet(vnet, subnet_name) is None
-                or vnet["properties"].get("provisioningState") != "Succeeded"
-            ):
-                raise ArmFault(
-                    400,
-                    "InvalidResourceReference",
-                    f"Resource {subnet_id} referenced by resource "
-                    f"{vm_id} was not found. Please make sure that the referenced resource exists, "
-                    "and that both resources are in the same region.",
-                )
-            if vnet["location"] != location:
-                raise ArmFault(
-                    400,
-                    "InvalidResourceReference",
-                    f"Subnet {subnet_id} is in {vnet['location']}, "
-                    f"not {location}; the VM and its network must be in the same region.",
-                )
+            vnet = self._referenced(vnet_id, owner, location)
+            if self._find_subnet(vnet, subnet_name) is None:
+                raise ArmFault(400, "InvalidResourceReference", f"Subnet {subnet_id} referenced by {owner} "
+                               "was not found.")  # fmt: skip
+            private = old.get(ipc["name"], {}).get("properties", {}).get("privateIPAddress")
             entry: dict[str, Any] = {
                 "name": ipc["name"],
                 "id": f"{nic_id}/ipConfigurations/{ipc['name']}",
                 "properties": {
                     "subnet": {"id": subnet_id},
                     "privateIPAllocationMethod": "Dynamic",
+                    "privateIPAddress": private or self._private_ip(vnet),
                     "primary": iprops.get("primary", True),
                 },
             }
-            if existing_nic is not None:
-                old = {c["name"]: c for c in existing_nic["properties"]["ipConfigurations"]}
-                entry["properties"]["privateIPAddress"] = (
-                    old.get(ipc["name"], {})
-                    .get("properties", {})
-                    .get("privateIPAddress", self._private_ip(vnet))
-                )
-            else:
-                entry["properties"]["privateIPAddress"] = self._private_ip(vnet)
             pcfg = iprops.get("publicIPAddressConfiguration")
+            pref = (iprops.get("publicIPAddress") or {}).get("id")
             if pcfg:
-                pip_id = self._rid(sub, rg, T_PIP, pcfg["name"])
-                old_pip = self.store.resources.get(pip_id.lower())
-                pip = self._base(pip_id, pcfg["name"], T_PIP, location, body)
-                pip["sku"] = pcfg.get("sku") or {"name": "Standard", "tier": "Regional"}
-                pip_props = pcfg.get("properties") or {}
-                pip["properties"] = {
-                    "publicIPAllocationMethod": pip_props.get("publicIPAllocationMethod", "Static"),
-                    "ipAddress": old_pip["properties"]["ipAddress"] if old_pip else self._public_ip(),
-                    "ipConfiguration": {"id": entry["id"]},
-                }
-                pip["_deleteOption"] = pip_props.get("deleteOption", "Detach")
+                rg_prefix = nic_id.rsplit("/providers/", 1)[0]
+                pip_id = f"{rg_prefix}/providers/{T_PIP}/{pcfg['name']}"
+                pip = self._pip(pip_id, pcfg["name"], location, pcfg, body)
+                pip["properties"]["ipConfiguration"] = {"id": entry["id"]}
+                pip["_deleteOption"] = (pcfg.get("properties") or {}).get("deleteOption", "Detach")
                 pips.append(pip)
                 entry["properties"]["publicIPAddress"] = {"id": pip_id}
+            elif pref:
+                target = self._referenced(pref, owner, location)
+                target["properties"]["ipConfiguration"] = {"id": entry["id"]}
+                entry["properties"]["publicIPAddress"] = {"id": pref}
             ipconfigs.append(entry)
         nic["properties"] = {
             "ipConfigurations": ipconfigs,
-            "virtualMachine": {"id": vm_id},
-            "enableAcceleratedNetworking": bool(cprops.get("enableAcceleratedNetworking")),
-            "primary": cprops.get("primary", True),
+            "enableAcceleratedNetworking": bool(props.get("enableAcceleratedNetworking")),
+            "primary": props.get("primary", True),
         }
         if nsg_ref:
             nic["properties"]["networkSecurityGroup"] = {"id": nsg_ref}
         return nic, pips
+
+    def _pip(
+        self, pip_id: str, name: str, location: str, cfg: dict[str, Any], body: dict[str, Any]
+    ) -> dict[str, Any]:
+        old = self.store.resources.get(pip_id.lower())
+        pip = self._base(pip_id, name, T_PIP, location, body)
+        pip["sku"] = cfg.get("sku") or {"name": "Standard", "tier": "Regional"}
+        method = (cfg.get("properties") or {}).get("publicIPAllocationMethod", "Static")
+        if method not in {"Static", "Dynamic"}:
+            raise v.invalid("publicIPAllocationMethod must be Static or Dynamic.")
+        if pip["sku"].get("name") == "Standard" and method != "Static":
+            raise v.invalid("Standard sku publicIp must have AllocationMethod set to Static.",
+                            "StandardSkuPublicIPAddressesMustBeStatic")  # fmt: skip
+        pip["properties"] = {
+            "publicIPAllocationMethod": method,
+            "ipAddress": old["properties"]["ipAddress"] if old else self._public_ip(),
+        }
+        return pip
+
+    def _put_pip(
+        self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
+        existing: dict[str, Any] | None, rec: LoggedRequest,
+    ) -> tuple[dict[str, Any], list[Any], float]:  # fmt: skip
+        self._fault("PUT", T_PIP, rec, location=location)
+        return self._pip(rid, name, location, body, body), [], self.profile.create_seconds(T_PIP)
+
+    def _put_nic(
+        self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
+        existing: dict[str, Any] | None, rec: LoggedRequest,
+    ) -> tuple[dict[str, Any], list[Any], float]:  # fmt: skip
+        ipcs = v.require(body, "properties.ipConfigurations", list)
+        if not ipcs:
+            raise v.invalid("A network interface needs at least one ipConfiguration.")
+        for ipc in ipcs:
+            v.require(ipc, "name", str)
+            v.require(ipc, "properties.subnet.id", str)
+        self._fault("PUT", T_NIC, rec, location=location)
+        nic, _ = self._nic(rid, name, location, body["properties"], body, rid)
+        if existing is not None and existing["properties"].get("virtualMachine"):
+            nic["properties"]["virtualMachine"] = existing["properties"]["virtualMachine"]
+        return nic, [], self.profile.create_seconds(T_NIC)
 
     def _private_ip(self, vnet: dict[str, Any]) -> str:
         subnet = vnet["properties"]["subnets"][0]["properties"]["addressPrefix"]

@@ -1,0 +1,148 @@
+"""The CLI as a user runs it: separate processes, real exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
+    full_env["PATH"] = str(Path(sys.executable).parent) + ":/usr/bin:/bin"  # no az CLI
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_help_imports_no_sdk() -> None:
+    code = (
+        "import sys; from orchestrator.cli import main; "
+        "sys.argv=['orchestrator','--help']; rc = main(); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('azure','fabric','paramiko','invoke','rich',"
+        "'pydantic')]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]"), out.stdout
+    assert "Exit codes" in out.stdout
+
+
+def test_dry_run_shows_stages_requests_time_and_cost() -> None:
+    r = cli("run", str(SMOKE), "--dry-run", "--nodes", "2")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "nothing is created" in out
+    for text in (
+        "resourceGroups",
+        "virtualNetworks",
+        "networkSecurityGroups",
+        "virtualMachines",
+        "Standard_NC4as_T4_v3",
+        "10.42.0.0/16",
+        "port 22",
+        "orchestrator-expires=",
+        "PUT",
+        "DELETE",
+        "Estimate",
+        "/hour",
+    ):
+        assert text in out, text
+    assert out.count("virtualMachines/smoke-") >= 2
+
+
+def test_dry_run_json_is_one_document() -> None:
+    r = cli("--json", "provision", str(SMOKE), "--dry-run", "--region", "westeurope")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["region"] == "westeurope"
+    assert [len(s) for s in doc["stages"]] == [1, 2, 1]
+    assert doc["estimate"]["usd_per_hour"] > 0
+    assert doc["requests"][0]["method"] == "PUT"
+    vm = doc["stages"][2][0]["body"]
+    assert vm["properties"]["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
+
+
+def test_bad_job_is_exit_2_with_one_paragraph(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("name: demo\nrun: x\nresources:\n  vm_size: Standard_NC4as_T4\n")
+    r = cli("run", str(job), "--dry-run")
+    assert r.returncode == 2
+    assert f"{job}:4: resources.vm_size: unknown VM size" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_bad_flag_is_exit_2() -> None:
+    r = cli("run", str(SMOKE), "--nodes", "99", "--dry-run")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+
+
+def test_no_credentials_gives_a_clear_message(tmp_path: Path) -> None:
+    r = cli("--state-dir", str(tmp_path), "provision", str(SMOKE), env={"HOME": str(tmp_path)})
+    assert r.returncode == 3
+    assert "No Azure subscription found" in r.stderr and "--dry-run" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_local_target_provision_and_down_across_processes(tmp_path: Path) -> None:
+    state = ["--target", "local", "--state-dir", str(tmp_path)]
+    r = cli(*state, "--json", "provision", str(SMOKE), "--nodes", "2")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    done = events[-1]
+    assert done["event"] == "provisioned" and len(done["nodes"]) == 2
+    run_id = done["run_id"]
+    key = tmp_path / "runs" / run_id / "id_ed25519"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (
+        json.loads((tmp_path / "runs" / run_id / "run.json").read_text())["resource_group"]
+        == f"orch-{run_id}"
+    )
+
+    listed = cli(*state, "--json", "gc", "--all", "--dry-run")
+    assert [g["run_id"] for g in json.loads(listed.stdout)["groups"]] == [run_id]
+
+    r = cli(*state, "down", run_id)
+    assert r.returncode == 0, r.stderr
+    assert "nothing of it is left" in r.stdout
+    store = json.loads((tmp_path / "emulator" / "store.json").read_text())
+    assert store["groups"] == {} and store["resources"] == {}
+    again = cli(*state, "down", run_id)
+    assert again.returncode == 0 and "Nothing to delete" in again.stdout
+
+
+def test_gc_removes_what_a_crashed_run_left(tmp_path: Path) -> None:
+    state = ["--target", "local", "--state-dir", str(tmp_path)]
+    assert cli(*state, "provision", str(SMOKE)).returncode == 0
+    # Not expired yet: plain gc keeps it, --all takes it.
+    assert "Nothing to collect" in cli(*state, "gc").stdout
+    r = cli(*state, "gc", "--all")
+    assert r.returncode == 0 and "Deleted orch-smoke-" in r.stdout
+    assert json.loads((tmp_path / "emulator" / "store.json").read_text())["resources"] == {}
+
+
+@pytest.mark.parametrize("bad", ["Bad_Run", "x"])
+def test_down_with_a_malformed_run_id(tmp_path: Path, bad: str) -> None:
+    r = cli("--target", "local", "--state-dir", str(tmp_path), "down", bad)
+    assert r.returncode == 2 and "is not a run id" in r.stderr
+
+
+def test_run_without_dry_run_says_what_to_do(tmp_path: Path) -> None:
+    r = cli("--target", "local", "--state-dir", str(tmp_path), "run", str(SMOKE))
+    assert r.returncode == 1 and "--dry-run" in r.stderr
