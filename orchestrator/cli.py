@@ -41,6 +41,12 @@ class Ctx:
 
 
 def _overrides(f: Any) -> Any:
+    f = click.option(
+        "--ssh-cidr",
+        "ssh_cidrs",
+        multiple=True,
+        help="Allow SSH only from this address or CIDR (repeatable; overrides ssh.allowed_cidrs).",
+    )(f)
     f = click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`).")(f)
     f = click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot).")(f)
     f = click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size).")(f)
@@ -49,10 +55,19 @@ def _overrides(f: Any) -> Any:
     return f
 
 
-def _load(job: str, region: str | None, vm_size: str | None, spot: bool | None, nodes: int | None) -> JobSpec:
+def _load(
+    job: str,
+    region: str | None,
+    vm_size: str | None,
+    spot: bool | None,
+    nodes: int | None,
+    ssh_cidrs: tuple[str, ...],
+) -> JobSpec:
     from orchestrator.spec import Overrides, load_spec
 
-    return load_spec(job, Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes))
+    return load_spec(
+        job, Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs)
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -112,9 +127,10 @@ def run(
     vm_size: str | None,
     spot: bool | None,
     nodes: int | None,
+    ssh_cidrs: tuple[str, ...],
 ) -> None:
     """Provision, train, collect artifacts and tear down (with --dry-run: show the plan)."""
-    spec = _load(job, region, vm_size, spot, nodes)
+    spec = _load(job, region, vm_size, spot, nodes, ssh_cidrs)
     if obj.dry_run or dry_run_here:
         _dry_run(obj, spec)
         return
@@ -136,9 +152,10 @@ def provision(
     vm_size: str | None,
     spot: bool | None,
     nodes: int | None,
+    ssh_cidrs: tuple[str, ...],
 ) -> None:
     """Create the run's resource group, network and VM(s), and print how to reach them."""
-    spec = _load(job, region, vm_size, spot, nodes)
+    spec = _load(job, region, vm_size, spot, nodes, ssh_cidrs)
     if obj.dry_run or dry_run_here:
         _dry_run(obj, spec)
         return
@@ -198,9 +215,8 @@ def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, dry_run_here: bool
         )
         return
     if not groups:
-        click.echo(
-            "Nothing to collect: no " + ("matching" if run_id else "expired") + " orchestrator resources."
-        )
+        which = "matching " if run_id else "" if include_unexpired else "expired "
+        click.echo(f"Nothing to collect: no {which}orchestrator resources.")
         return
     verb = "Would delete" if dry else "Deleted"
     for g in groups:

@@ -406,9 +406,15 @@ class Overrides:
     vm_size: str | None = None
     spot: bool | None = None
     nodes: int | None = None
+    ssh_cidrs: tuple[str, ...] = ()
 
     def apply(self, data: dict[str, Any]) -> dict[Loc, str]:
         applied: dict[Loc, str] = {}
+        if self.ssh_cidrs:
+            ssh = data.setdefault("ssh", {})
+            if isinstance(ssh, dict):
+                ssh["allowed_cidrs"] = list(self.ssh_cidrs)
+                applied[("ssh", "allowed_cidrs")] = "--ssh-cidr"
         res = data.setdefault("resources", {})
         if not isinstance(res, dict):
             return applied
