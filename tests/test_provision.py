@@ -143,6 +143,30 @@ def test_capacity_failures_arrive_as_failed_lros_and_clean_up(
         assert "zone" in str(err)
 
 
+def test_quota_exceeded_code_is_a_quota_error(emu: Emulator, session: AzureSession) -> None:
+    err = fail_and_check_clean(
+        emu,
+        session,
+        Fault(
+            "QuotaExceeded",
+            message="Public IP quota exceeded.",
+            resource_type="Microsoft.Compute/virtualMachines",
+        ),
+    )
+    assert isinstance(err.cause, QuotaExceededError)
+    assert "Public IP quota exceeded" in str(err)
+
+
+def test_cleanup_failure_says_what_to_run(emu: Emulator, session: AzureSession) -> None:
+    emu.inject(Fault("AllocationFailed", phase="lro", resource_type="Microsoft.Compute/virtualMachines"))
+    emu.inject(Fault("InternalServerError", status=500, method="DELETE", count=None))
+    with pytest.raises(ProvisionFailed) as info:
+        provision(session)
+    assert not info.value.cleaned
+    assert "orchestrator down demo-abc123" in str(info.value)
+    assert isinstance(info.value.cause, CapacityError)
+
+
 def test_invalid_parameter(emu: Emulator, session: AzureSession) -> None:
     err = fail_and_check_clean(
         emu,
@@ -178,6 +202,8 @@ def test_auth_errors(emu: Emulator, session: AzureSession, code: str) -> None:
         provision(session)
     assert isinstance(info.value.cause, AuthError)
     assert ("az login" in str(info.value)) or ("role" in str(info.value))
+    assert "Nothing was created" in str(info.value)
+    assert [r.method for r in emu.requests()] == ["PUT"]  # no pointless cleanup call
 
 
 def test_a_rejected_token_reads_as_a_login_problem(clock: VirtualClock) -> None:

@@ -46,20 +46,26 @@ class ProvisionResult:
 
 
 class ProvisionFailed(CloudError):
-    """The typed cloud error, plus whether cleanup removed everything."""
+    """The typed cloud error, and what became of the resources created before it."""
 
-    def __init__(self, cause: CloudError, cleaned: bool, cleanup_error: str = "") -> None:
+    def __init__(self, cause: CloudError, run_id: str, cleanup: str, cleanup_error: str = "") -> None:
         message = str(cause)
-        if cleaned:
+        if cleanup == "deleted":
             message += "\nEverything created for this run has been deleted."
+        elif cleanup == "nothing":
+            message += "\nNothing was created."
         else:
             message += (
-                f"\nCleanup of the resource group failed too ({cleanup_error}); run "
-                "`orchestrator down RUN` or `orchestrator gc` to remove it."
+                f"\nDeleting what was created failed too ({cleanup_error}); run `orchestrator down {run_id}` "
+                "(or `orchestrator gc`) to remove it."
             )
         super().__init__(message, code=cause.code, resource=cause.resource)
         self.cause = cause
-        self.cleaned = cleaned
+        self.cleanup = cleanup
+
+    @property
+    def cleaned(self) -> bool:
+        return self.cleanup != "failed"
 
 
 EventSink = Callable[[ResourceEvent], None]
@@ -79,7 +85,8 @@ class Provisioner:
 
         def run_one(r: PlannedResource, deps: list[Future[None]]) -> None:
             for d in deps:
-                d.result()  # re-raises a dependency's failure: this resource is never started
+                if d.exception() is not None:  # waits; a failed dependency means this never starts
+                    raise _Cancelled()
             if self._cancel.is_set():
                 self.on_event(ResourceEvent(r, "skipped", clock.now() - t0))
                 raise _Cancelled()
@@ -124,8 +131,13 @@ class Provisioner:
                 raise first_error
             if cloud is None:
                 cloud = _classify(first_error, first_resource, plan.region)
+            if first_resource is not None and first_resource.type == T_RG:
+                # The group write itself failed: this call created nothing, so there is nothing to undo.
+                raise ProvisionFailed(cloud, plan.run_id, "nothing") from first_error
             cleaned, why = self._cleanup(plan)
-            raise ProvisionFailed(cloud, cleaned, why) from first_error
+            raise ProvisionFailed(
+                cloud, plan.run_id, "deleted" if cleaned else "failed", why
+            ) from first_error
 
         nodes = self._addresses(plan)
         return ProvisionResult(plan, nodes, clock.now() - t0, timings)
