@@ -5,6 +5,7 @@ Heavy imports (pydantic, rich, the Azure SDK) happen inside the commands so that
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from dataclasses import dataclass
@@ -40,34 +41,53 @@ class Ctx:
         )
 
 
-def _overrides(f: Any) -> Any:
-    f = click.option(
-        "--ssh-cidr",
-        "ssh_cidrs",
-        multiple=True,
-        help="Allow SSH only from this address or CIDR (repeatable; overrides ssh.allowed_cidrs).",
-    )(f)
-    f = click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`).")(f)
-    f = click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot).")(f)
-    f = click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size).")(f)
-    f = click.option("--region", help="Azure region, e.g. eastus (overrides resources.region).")(f)
-    f = click.option("--dry-run", "dry_run_here", is_flag=True, help="Show the plan; create nothing.")(f)
-    return f
+def _job_command(f: Any) -> Any:
+    """JOB plus the override flags and --dry-run; the command receives the validated spec.
 
+    With --dry-run every job command shows the plan instead of acting.
+    """
 
-def _load(
-    job: str,
-    region: str | None,
-    vm_size: str | None,
-    spot: bool | None,
-    nodes: int | None,
-    ssh_cidrs: tuple[str, ...],
-) -> JobSpec:
-    from orchestrator.spec import Overrides, load_spec
+    @functools.wraps(f)
+    def command(
+        obj: Ctx,
+        job: str,
+        dry_run_here: bool,
+        region: str | None,
+        vm_size: str | None,
+        spot: bool | None,
+        nodes: int | None,
+        ssh_cidrs: tuple[str, ...],
+    ) -> None:
+        from orchestrator.spec import Overrides, load_spec
 
-    return load_spec(
-        job, Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs)
-    )
+        overrides = Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs)
+        spec = load_spec(job, overrides)
+        if obj.dry_run or dry_run_here:
+            from orchestrator import lifecycle
+            from orchestrator.ui import print_plan
+
+            print_plan(lifecycle.dry_run(spec), as_json=obj.as_json)
+            return
+        f(obj, spec)
+
+    options = [
+        click.argument("job", type=click.Path(dir_okay=True)),
+        click.option("--dry-run", "dry_run_here", is_flag=True, help="Show the plan; create nothing."),
+        click.option("--region", help="Azure region, e.g. eastus (overrides resources.region)."),
+        click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size)."),
+        click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot)."),
+        click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`)."),
+        click.option(
+            "--ssh-cidr",
+            "ssh_cidrs",
+            multiple=True,
+            help="Allow SSH only from this address or CIDR (repeatable; overrides ssh.allowed_cidrs).",
+        ),
+    ]
+    wrapped: Any = click.pass_obj(command)
+    for option in reversed(options):
+        wrapped = option(wrapped)
+    return wrapped
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,24 +136,9 @@ def cli(
 
 
 @cli.command()
-@click.argument("job", type=click.Path(dir_okay=True))
-@_overrides
-@click.pass_obj
-def run(
-    obj: Ctx,
-    job: str,
-    dry_run_here: bool,
-    region: str | None,
-    vm_size: str | None,
-    spot: bool | None,
-    nodes: int | None,
-    ssh_cidrs: tuple[str, ...],
-) -> None:
+@_job_command
+def run(obj: Ctx, spec: JobSpec) -> None:
     """Provision, train, collect artifacts and tear down (with --dry-run: show the plan)."""
-    spec = _load(job, region, vm_size, spot, nodes, ssh_cidrs)
-    if obj.dry_run or dry_run_here:
-        _dry_run(obj, spec)
-        return
     raise OrchestratorError(
         "`orchestrator run` without --dry-run needs the SSH job runner, which this version does not "
         "have yet. Use `orchestrator provision JOB` and `orchestrator down RUN` meanwhile, or add --dry-run."
@@ -141,24 +146,9 @@ def run(
 
 
 @cli.command()
-@click.argument("job", type=click.Path(dir_okay=True))
-@_overrides
-@click.pass_obj
-def provision(
-    obj: Ctx,
-    job: str,
-    dry_run_here: bool,
-    region: str | None,
-    vm_size: str | None,
-    spot: bool | None,
-    nodes: int | None,
-    ssh_cidrs: tuple[str, ...],
-) -> None:
+@_job_command
+def provision(obj: Ctx, spec: JobSpec) -> None:
     """Create the run's resource group, network and VM(s), and print how to reach them."""
-    spec = _load(job, region, vm_size, spot, nodes, ssh_cidrs)
-    if obj.dry_run or dry_run_here:
-        _dry_run(obj, spec)
-        return
     from orchestrator import lifecycle
     from orchestrator.ui import ProgressPrinter
 
@@ -222,13 +212,6 @@ def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, dry_run_here: bool
     for g in groups:
         expires = g.expires.strftime("%Y-%m-%d %H:%M UTC") if g.expires else "no expiry tag"
         click.echo(f"{verb} {g.name}  (run {g.run_id}, owner {g.owner}, expires {expires})")
-
-
-def _dry_run(obj: Ctx, spec: JobSpec) -> None:
-    from orchestrator import lifecycle
-    from orchestrator.ui import print_plan
-
-    print_plan(lifecycle.dry_run(spec), as_json=obj.as_json)
 
 
 def _say(obj: Ctx, payload: dict[str, Any], text: str) -> None:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from orchestrator import catalog
@@ -592,7 +592,7 @@ class Emulator:
                 raise ArmFault(
                     405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the emulator."
                 )
-            resource, children, seconds = writer(sub, rg, rid, name, location, body, existing, rec)
+            resource, children, seconds = writer(_Write(sub, rg, rid, name, location, body, existing, rec))
             lro = self.faults.take("PUT", rtype, "lro")
             error = None
             if lro is not None:
@@ -693,17 +693,8 @@ class Emulator:
             "properties": {},
         }
 
-    def _put_vnet(
-        self,
-        sub: str,
-        rg: str,
-        rid: str,
-        name: str,
-        location: str,
-        body: dict[str, Any],
-        existing: dict[str, Any] | None,
-        rec: LoggedRequest,
-    ) -> tuple[dict[str, Any], list[Any], float]:
+    def _put_vnet(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
+        rid, name, location, body, rec = w.rid, w.name, w.location, w.body, w.rec
         v.check_vnet(body)
         self._fault("PUT", T_VNET, rec, location=location)
         res = self._base(rid, name, T_VNET, location, body)
@@ -721,17 +712,8 @@ class Emulator:
         res["etag"] = f'W/"{uuid.uuid4()}"'
         return res, [], self.profile.create_seconds(T_VNET)
 
-    def _put_nsg(
-        self,
-        sub: str,
-        rg: str,
-        rid: str,
-        name: str,
-        location: str,
-        body: dict[str, Any],
-        existing: dict[str, Any] | None,
-        rec: LoggedRequest,
-    ) -> tuple[dict[str, Any], list[Any], float]:
+    def _put_nsg(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
+        rid, name, location, body, rec = w.rid, w.name, w.location, w.body, w.rec
         v.check_nsg(body)
         self._fault("PUT", T_NSG, rec, location=location)
         res = self._base(rid, name, T_NSG, location, body)
@@ -766,17 +748,8 @@ class Emulator:
             )
             raise ArmFault(409, "OperationNotAllowed", message)
 
-    def _put_vm(
-        self,
-        sub: str,
-        rg: str,
-        rid: str,
-        name: str,
-        location: str,
-        body: dict[str, Any],
-        existing: dict[str, Any] | None,
-        rec: LoggedRequest,
-    ) -> tuple[dict[str, Any], list[Any], float]:
+    def _put_vm(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
+        sub, rg, rid, name, location, body, existing, rec = w
         size = v.check_vm(body, location)
         props = body["properties"]
         if location not in size.regions:
@@ -952,17 +925,13 @@ class Emulator:
         }
         return pip
 
-    def _put_pip(
-        self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
-        existing: dict[str, Any] | None, rec: LoggedRequest,
-    ) -> tuple[dict[str, Any], list[Any], float]:  # fmt: skip
+    def _put_pip(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
+        rid, name, location, body, rec = w.rid, w.name, w.location, w.body, w.rec
         self._fault("PUT", T_PIP, rec, location=location)
         return self._pip(rid, name, location, body, body), [], self.profile.create_seconds(T_PIP)
 
-    def _put_nic(
-        self, sub: str, rg: str, rid: str, name: str, location: str, body: dict[str, Any],
-        existing: dict[str, Any] | None, rec: LoggedRequest,
-    ) -> tuple[dict[str, Any], list[Any], float]:  # fmt: skip
+    def _put_nic(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
+        rid, name, location, body, existing, rec = w.rid, w.name, w.location, w.body, w.existing, w.rec
         ipcs = v.require(body, "properties.ipConfigurations", list)
         if not ipcs:
             raise v.invalid("A network interface needs at least one ipConfiguration.")
@@ -993,6 +962,19 @@ class Emulator:
         self.store.ip_counter += 1
         n = self.store.ip_counter
         return f"20.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"  # looks like Azure; never dialled
+
+
+class _Write(NamedTuple):
+    """One PUT of a typed resource, as the writers receive it."""
+
+    sub: str
+    rg: str
+    rid: str
+    name: str
+    location: str
+    body: dict[str, Any]
+    existing: dict[str, Any] | None
+    rec: LoggedRequest
 
 
 class _Default(dict[str, Any]):

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-# Public reports (see DESIGN.md): resource group ~1 s; VNet 5-10 s; NSG ~3 s; public IP ~3 s;
-# NIC 2-5 s; GPU VM create 60-180 s; boot to SSH 30-90 s; VM delete ~30 s; group delete 1-10 min.
-_AZURE_CREATE = {
-    "Microsoft.Resources/resourceGroups": 1.0,
-    "Microsoft.Network/virtualNetworks": 7.0,
-    "Microsoft.Network/networkSecurityGroups": 3.0,
-    "Microsoft.Network/publicIPAddresses": 3.0,
-    "Microsoft.Network/networkInterfaces": 3.0,
-    "Microsoft.Compute/virtualMachines": 120.0,
-    "Microsoft.Compute/disks": 5.0,
-}
+from orchestrator import catalog
+
+# Creation times are the catalog's typical Azure figures (one source for the dry-run estimate and
+# the emulator); deletion times from the same public reports: VM delete ~30 s, group delete minutes.
+_AZURE_CREATE = {**catalog.TYPICAL_SECONDS, "Microsoft.Compute/disks": 5.0}
 _AZURE_DELETE = {
     "Microsoft.Network/virtualNetworks": 10.0,
     "Microsoft.Network/networkSecurityGroups": 5.0,
@@ -65,7 +59,7 @@ PROFILES: dict[str, LatencyProfile] = {
         delete=_AZURE_DELETE,
         group_delete=240.0,
         group_delete_forced=90.0,
-        boot_to_ssh=45.0,
+        boot_to_ssh=catalog.TYPICAL_BOOT_TO_SSH_SECONDS,
         request=0.15,
     ),
 }
