@@ -456,10 +456,8 @@ class Emulator:
     def _h_rg_op_result(
         self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
     ) -> EmuResponse:
-        rec.kind, rec.resource_type = "poll", T_RG
-        op = self.store.operations.get(g["op"])
-        if op is None:
-            raise ArmFault(404, "NotFound", "The operation was not found.")
+        op = self._operation(g["op"], rec)
+        rec.resource_type = T_RG
         if op["status"] == "InProgress":
             return EmuResponse(202, {"Location": f"{HOST}{rec.path}?{_q(query)}", "Retry-After": "15"})
         return EmuResponse(200, {})
@@ -631,13 +629,17 @@ class Emulator:
             headers["Location"] = f"{base}/operationresults/{op_id}?api-version={api}"
         return headers
 
+    def _operation(self, op_id: str, rec: LoggedRequest) -> dict[str, Any]:
+        rec.kind = "poll"
+        op = self.store.operations.get(op_id)
+        if op is None:
+            raise ArmFault(404, "NotFound", "The operation was not found.")
+        return op
+
     def _h_async_op(
         self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
     ) -> EmuResponse:
-        rec.kind = "poll"
-        op = self.store.operations.get(g["op"])
-        if op is None:
-            raise ArmFault(404, "NotFound", "The operation was not found.")
+        op = self._operation(g["op"], rec)
         rec.resource_id = op["resource"]
         payload: dict[str, Any] = {
             "name": g["op"],
@@ -653,10 +655,7 @@ class Emulator:
     def _h_op_result(
         self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
     ) -> EmuResponse:
-        rec.kind = "poll"
-        op = self.store.operations.get(g["op"])
-        if op is None:
-            raise ArmFault(404, "NotFound", "The operation was not found.")
+        op = self._operation(g["op"], rec)
         if op["status"] == "InProgress":
             return EmuResponse(202, {"Location": f"{HOST}{rec.path}?{_q(query)}"})
         return EmuResponse(204, {})
