@@ -131,7 +131,8 @@ def classify(exc: BaseException, *, resource: str = "", size: str = "", region: 
         if code in {"AuthorizationFailed", "LinkedAuthorizationFailed"}:
             return AuthError(
                 f"Azure refused{where}: your identity lacks a permission ({code}). {message}\n"
-                "Grant it the role in templates/azure-role.json (or Contributor) on the subscription.",
+                "Ask for the Contributor role on the subscription (or a custom role with the Resources, "
+                "Network and Compute read, write and delete actions this tool uses).",
                 code=code,
                 resource=resource,
             )

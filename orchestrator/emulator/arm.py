@@ -87,14 +87,6 @@ class LoggedRequest:
     error_code: str | None = None
     query: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def action(self) -> str:
-        """The RBAC action this request needs, e.g. Microsoft.Compute/virtualMachines/write."""
-        if self.kind in {"poll"} or self.resource_type is None:
-            return ""
-        verb = {"PUT": "write", "PATCH": "write", "DELETE": "delete"}.get(self.method, "read")
-        return f"{self.resource_type}/{verb}"
-
 
 @dataclass
 class Store:
