@@ -115,9 +115,7 @@ def sequential(polling_interval: float | None) -> Callable[[AzureSession, Resour
                 **body,
                 "properties": {
                     **body["properties"],
-                    "networkProfile": {
-                        "networkInterfaces": [{"id": nic["id"], "properties": {"primary": True}}]
-                    },
+                    "networkProfile": {"networkInterfaces": [{"id": nic["id"], "properties": {"primary": True}}]},
                 },
             }
             s.compute.virtual_machines.begin_create_or_update(rg, r.name, vm_body, **kw).result()
@@ -137,13 +135,8 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 3])
     args = ap.parse_args()
 
-    print(
-        f"azure-like profile, {args.speed:g}x time scale, median of {args.repeat}; seconds are Azure seconds"
-    )
-    print(
-        f"{'nodes':>5} {'method':<12} {'seconds':>8} {'x bound':>8} {'speedup':>8} "
-        f"{'requests':>9} {'polls':>6}"
-    )
+    print(f"azure-like profile, {args.speed:g}x time scale, median of {args.repeat}; seconds are Azure seconds")
+    print(f"{'nodes':>5} {'method':<12} {'seconds':>8} {'x bound':>8} {'speedup':>8} {'requests':>9} {'polls':>6}")
     wall0 = time.perf_counter()
     for nodes in args.nodes:
         plan = make_plan(nodes)

@@ -43,9 +43,7 @@ _T4 = frozenset(
         "japaneast", "australiaeast", "southeastasia", "canadacentral", "koreacentral", "centralindia",
     }
 )  # fmt: skip
-_V100 = frozenset(
-    {"eastus", "eastus2", "westus2", "southcentralus", "westeurope", "northeurope", "japaneast"}
-)
+_V100 = frozenset({"eastus", "eastus2", "westus2", "southcentralus", "westeurope", "northeurope", "japaneast"})
 _A100 = frozenset(
     {"eastus", "eastus2", "westus2", "westus3", "southcentralus", "westeurope", "swedencentral", "japaneast"}
 )
@@ -58,12 +56,8 @@ VM_SIZES: dict[str, VmSize] = {
     for s in (
         VmSize("Standard_NC4as_T4_v3", 4, 28, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 0.526, 0.2, _T4),
         VmSize("Standard_NC8as_T4_v3", 8, 56, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 0.752, 0.2, _T4),
-        VmSize(
-            "Standard_NC16as_T4_v3", 16, 110, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 1.204, 0.2, _T4
-        ),
-        VmSize(
-            "Standard_NC64as_T4_v3", 64, 440, 4, "Tesla T4 16GB", "standardNCASv3_T4Family", 4.352, 0.2, _T4
-        ),
+        VmSize("Standard_NC16as_T4_v3", 16, 110, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 1.204, 0.2, _T4),
+        VmSize("Standard_NC64as_T4_v3", 64, 440, 4, "Tesla T4 16GB", "standardNCASv3_T4Family", 4.352, 0.2, _T4),
         VmSize("Standard_NC6s_v3", 6, 112, 1, "Tesla V100 16GB", "standardNCSv3Family", 3.06, 0.25, _V100),
         VmSize("Standard_NC12s_v3", 12, 224, 2, "Tesla V100 16GB", "standardNCSv3Family", 6.12, 0.25, _V100),
         VmSize("Standard_NC24s_v3", 24, 448, 4, "Tesla V100 16GB", "standardNCSv3Family", 12.24, 0.25, _V100),
@@ -100,9 +94,7 @@ VM_SIZES: dict[str, VmSize] = {
             0.3,
             _A100,
         ),
-        VmSize(
-            "Standard_ND96asr_v4", 96, 900, 8, "A100 40GB", "standardNDASv4_A100Family", 27.197, 0.3, _A100
-        ),
+        VmSize("Standard_ND96asr_v4", 96, 900, 8, "A100 40GB", "standardNDASv4_A100Family", 27.197, 0.3, _A100),
         VmSize(
             "Standard_ND96isr_H100_v5",
             96,
@@ -114,12 +106,8 @@ VM_SIZES: dict[str, VmSize] = {
             0.35,
             _H100,
         ),
-        VmSize(
-            "Standard_NV36ads_A10_v5", 36, 440, 1, "A10 24GB", "StandardNVADSA10v5Family", 3.20, 0.25, _A10
-        ),
-        VmSize(
-            "Standard_B2s", 2, 4, 0, None, "standardBSFamily", 0.0416, 1.0, _ALL, accelerated_networking=False
-        ),
+        VmSize("Standard_NV36ads_A10_v5", 36, 440, 1, "A10 24GB", "StandardNVADSA10v5Family", 3.20, 0.25, _A10),
+        VmSize("Standard_B2s", 2, 4, 0, None, "standardBSFamily", 0.0416, 1.0, _ALL, accelerated_networking=False),
         VmSize("Standard_D2s_v5", 2, 8, 0, None, "standardDSv5Family", 0.096, 0.15, _ALL),
         VmSize("Standard_D4s_v5", 4, 16, 0, None, "standardDSv5Family", 0.192, 0.15, _ALL),
         VmSize("Standard_D8s_v5", 8, 32, 0, None, "standardDSv5Family", 0.384, 0.15, _ALL),

@@ -100,21 +100,15 @@ def _job_command(f: Any) -> Any:
     envvar="ORCH_TARGET",
     help="Real Azure, or the built-in emulator on this machine.",
 )
-@click.option(
-    "--dry-run", is_flag=True, help="Show what would be created, create nothing (no credentials needed)."
-)
-@click.option(
-    "--subscription", envvar="AZURE_SUBSCRIPTION_ID", help="Azure subscription id (default: az CLI's)."
-)
+@click.option("--dry-run", is_flag=True, help="Show what would be created, create nothing (no credentials needed).")
+@click.option("--subscription", envvar="AZURE_SUBSCRIPTION_ID", help="Azure subscription id (default: az CLI's).")
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False),
     envvar="ORCH_STATE_DIR",
     help="Where runs, keys and the local emulator live (default: $XDG_STATE_HOME/orchestrator).",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document or JSON lines)."
-)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one JSON document or JSON lines).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def cli(
@@ -168,9 +162,7 @@ def down(obj: Ctx, run_id: str) -> None:
     _say(
         obj,
         {"event": "down", "run": run_id, "deleted": existed},
-        f"Deleted {run_id}: nothing of it is left."
-        if existed
-        else f"Nothing to delete: {run_id} has no resources.",
+        f"Deleted {run_id}: nothing of it is left." if existed else f"Nothing to delete: {run_id} has no resources.",
     )
 
 

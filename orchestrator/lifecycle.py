@@ -240,6 +240,4 @@ def gc(
     from orchestrator.azure.teardown import gc as azure_gc
 
     with open_session(target) as session:
-        return azure_gc(
-            session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry_run
-        )
+        return azure_gc(session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry_run)

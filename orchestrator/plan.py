@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -129,9 +130,7 @@ def make_tags(spec: JobSpec, run_id: str, owner: str, now: datetime) -> dict[str
 
 
 def _nsg_rules(sources: list[str]) -> list[dict[str, Any]]:
-    ssh_source: dict[str, Any] = (
-        {"sourceAddressPrefixes": sources} if sources else {"sourceAddressPrefix": "Internet"}
-    )
+    ssh_source: dict[str, Any] = {"sourceAddressPrefixes": sources} if sources else {"sourceAddressPrefix": "Internet"}
     return [
         {
             "name": "ssh-in",
@@ -186,8 +185,9 @@ def build_plan(
     owner: str,
     now: datetime,
     ssh_public_key: str,
-    custom_data: str | None = None,
+    custom_data: Mapping[int, str] | None = None,
 ) -> ResourcePlan:
+    """`custom_data` maps a node's rank to its base64 cloud-init (each VM has its own host key)."""
     if not RUN_ID_RE.match(run_id):
         raise ValueError(f"run id {run_id!r} is not valid in Azure resource names")
     res = spec.resources
@@ -240,7 +240,7 @@ def build_plan(
                 T_VM,
                 vm_name,
                 _rid(sub, rg, T_VM, vm_name),
-                _vm_body(spec, node, tags, image, subnet_id, nsg_id, ssh_public_key, custom_data),
+                _vm_body(spec, node, tags, image, subnet_id, nsg_id, ssh_public_key, (custom_data or {}).get(rank)),
                 (vnet.id, nsg.id),
                 2,
             )
@@ -280,9 +280,7 @@ def _vm_body(
         "linuxConfiguration": {
             "disablePasswordAuthentication": True,
             "provisionVMAgent": True,
-            "ssh": {
-                "publicKeys": [{"path": f"/home/{user}/.ssh/authorized_keys", "keyData": ssh_public_key}]
-            },
+            "ssh": {"publicKeys": [{"path": f"/home/{user}/.ssh/authorized_keys", "keyData": ssh_public_key}]},
         },
     }
     if custom_data is not None:

@@ -296,9 +296,7 @@ class Ssh(_Strict):
     @classmethod
     def _user(cls, v: str) -> str:
         if not LINUX_USER_RE.match(v):
-            raise ValueError(
-                "ssh.user must be 1-32 lowercase letters, digits, '_' or '-', not starting with a digit"
-            )
+            raise ValueError("ssh.user must be 1-32 lowercase letters, digits, '_' or '-', not starting with a digit")
         if v in RESERVED_USERS:
             raise ValueError(f"Azure does not allow '{v}' as the admin user; pick another (e.g. azureuser)")
         return v
@@ -373,9 +371,7 @@ class JobSpec(_Strict):
         for p in [v] if isinstance(v, str) else v:
             pure = PurePosixPath(p)
             if pure.is_absolute() or ".." in pure.parts:
-                raise ValueError(
-                    f"'{p}' must be a relative path inside the job's folder (no '/' start, no '..')"
-                )
+                raise ValueError(f"'{p}' must be a relative path inside the job's folder (no '/' start, no '..')")
         return v
 
     @field_validator("max_duration", mode="before")
@@ -485,9 +481,7 @@ def load_spec(path: str | Path, overrides: Overrides | None = None) -> JobSpec:
         raise SpecError([SpecProblem(filename, "", f"cannot read: {e.strerror}")]) from None
     doc = load_yaml_with_lines(raw, filename)
     if not isinstance(doc.data, dict):
-        raise SpecError(
-            [SpecProblem(f"{filename}:1", "", "a job file must be a mapping of keys (name, run, ...)")]
-        )
+        raise SpecError([SpecProblem(f"{filename}:1", "", "a job file must be a mapping of keys (name, run, ...)")])
     flags = (overrides or Overrides()).apply(doc.data)
     base_dir = str(p.resolve().parent)
     try:
@@ -508,9 +502,7 @@ def _check_files(spec: JobSpec, doc: LinedDocument, filename: str) -> None:
     base = Path(spec.base_dir)
     workdir = spec.workdir_path
     if not workdir.is_dir():
-        problems.append(
-            SpecProblem(f"{filename}:{doc.line_of(('workdir',))}", "workdir", f"no folder {workdir}")
-        )
+        problems.append(SpecProblem(f"{filename}:{doc.line_of(('workdir',))}", "workdir", f"no folder {workdir}"))
     elif not workdir.is_relative_to(base.resolve()):
         where = f"{filename}:{doc.line_of(('workdir',))}"
         problems.append(SpecProblem(where, "workdir", "resolves outside the job's folder (a symlink?)"))

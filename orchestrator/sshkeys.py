@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import UserInputError
@@ -42,8 +43,33 @@ def public_key_of(private: Path) -> str:
             f"{private}: cannot read this SSH private key ({e}). Use an unencrypted key, or put its public "
             f"half next to it as {pub.name}."
         ) from None
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        .decode()
-    )
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """A VM's SSH host key, made here so the VM can be verified from its first connection."""
+
+    private_openssh: str  # goes to the VM inside its cloud-init
+    public: str  # "ssh-ed25519 AAAA..." (no comment): what the client pins
+
+
+def generate_host_key(path: Path | None = None) -> HostKey:
+    """A new ed25519 host key; with `path`, kept there (0600) and reused on later calls."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    if path is not None and path.exists():
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        pem = path.read_text()
+    else:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ).decode()
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(pem)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return HostKey(pem, public.decode())

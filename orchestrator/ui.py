@@ -31,9 +31,7 @@ def describe(r: PlannedResource) -> str:
     if r.short_type == "resourceGroups":
         return f"location {r.body['location']}"
     if r.short_type == "virtualNetworks":
-        subnets = ", ".join(
-            f"{s['name']} {s['properties']['addressPrefix']}" for s in props.get("subnets", [])
-        )
+        subnets = ", ".join(f"{s['name']} {s['properties']['addressPrefix']}" for s in props.get("subnets", []))
         return f"address space {', '.join(props['addressSpace']['addressPrefixes'])}; subnet {subnets}"
     if r.short_type == "networkSecurityGroups":
         parts = []
@@ -61,8 +59,7 @@ def describe(r: PlannedResource) -> str:
         lines = [
             f"{size_name} ({gpu}{spec})" + (", " + ", ".join(extra) if extra else ""),
             f"image {img['publisher']}:{img['offer']}:{img['sku']}:{img['version']}",
-            f"OS disk {disk.get('diskSizeGB')} GB {disk['managedDisk']['storageAccountType']}, "
-            "deleted with the VM",
+            f"OS disk {disk.get('diskSizeGB')} GB {disk['managedDisk']['storageAccountType']}, deleted with the VM",
             f"NIC {nic['name']} + public IP {pip['name']}, created inline, deleted with the VM",
             f"SSH key only (no password), user {props['osProfile']['adminUsername']}",
         ]
@@ -176,7 +173,5 @@ class ProgressPrinter:
             f"({plan.resource_group}) in {result.seconds:.1f} s:"
         )
         for n in result.nodes:
-            con.print(
-                f"  node {n.rank}: {n.vm_name}  ssh {plan.ssh_user}@{n.public_ip}  (private {n.private_ip})"
-            )
+            con.print(f"  node {n.rank}: {n.vm_name}  ssh {plan.ssh_user}@{n.public_ip}  (private {n.private_ip})")
         con.print(f"Delete everything with: orchestrator down {plan.run_id}")

@@ -14,9 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
 
 
-def cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
     full_env["PATH"] = str(Path(sys.executable).parent) + ":/usr/bin:/bin"  # no az CLI
     full_env.update(env or {})
@@ -110,10 +108,7 @@ def test_local_target_provision_and_down_across_processes(tmp_path: Path) -> Non
     run_id = done["run_id"]
     key = tmp_path / "runs" / run_id / "id_ed25519"
     assert key.stat().st_mode & 0o777 == 0o600
-    assert (
-        json.loads((tmp_path / "runs" / run_id / "run.json").read_text())["resource_group"]
-        == f"orch-{run_id}"
-    )
+    assert json.loads((tmp_path / "runs" / run_id / "run.json").read_text())["resource_group"] == f"orch-{run_id}"
 
     listed = cli(*state, "--json", "gc", "--all", "--dry-run")
     assert [g["run_id"] for g in json.loads(listed.stdout)["groups"]] == [run_id]

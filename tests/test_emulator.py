@@ -17,9 +17,7 @@ from tests.conftest import NOW, SUB, make_plan, make_spec
 AUTH = {"Authorization": "Bearer t"}
 RG = f"{HOST}/subscriptions/{SUB}/resourcegroups/orch-demo-abc123"
 NET = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Network"
-VM_URL = (
-    f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Compute/virtualMachines"
-)
+VM_URL = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Compute/virtualMachines"
 
 
 def call(
@@ -59,9 +57,7 @@ def test_vm_put_is_an_lro_with_azure_asyncoperation(slow: tuple[Emulator, Virtua
     assert r.status == 201
     assert r.json()["properties"]["provisioningState"] == "Creating"
     op_url = r.headers["Azure-AsyncOperation"]
-    assert op_url.startswith(
-        f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/operations/"
-    )
+    assert op_url.startswith(f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/operations/")
     status = emu.handle("GET", op_url, AUTH, None).json()
     assert status["status"] == "InProgress"
     clock.advance(119)
@@ -199,8 +195,7 @@ def test_network_bodies_are_validated(emu: Emulator) -> None:
 
 def test_protocol_errors(emu: Emulator) -> None:
     assert (
-        call(emu, "PUT", RG, {"location": "eastus"}, api=None).json()["error"]["code"]
-        == "MissingApiVersionParameter"
+        call(emu, "PUT", RG, {"location": "eastus"}, api=None).json()["error"]["code"] == "MissingApiVersionParameter"
     )
     r = call(emu, "PUT", RG, {"location": "eastus"}, headers={})
     assert (r.status, r.json()["error"]["code"]) == (401, "AuthenticationFailed")
@@ -232,8 +227,7 @@ def test_list_by_tag_filter(emu: Emulator) -> None:
     call(emu, "PUT", RG, {"location": "eastus", "tags": {"orchestrator-run": "demo-abc123"}})
     call(emu, "PUT", RG.replace("orch-demo-abc123", "other"), {"location": "eastus", "tags": {"team": "x"}})
     url = (
-        f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=tagName eq 'orchestrator-run' and tagValue eq "
-        "'demo-abc123'"
+        f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=tagName eq 'orchestrator-run' and tagValue eq 'demo-abc123'"
     )
     assert [g["name"] for g in call(emu, "GET", url).json()["value"]] == ["orch-demo-abc123"]
     bad = call(emu, "GET", f"{HOST}/subscriptions/{SUB}/resourcegroups?$filter=name eq 'x'")

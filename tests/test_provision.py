@@ -30,9 +30,7 @@ def provision(session: AzureSession, **spec_fields: object):  # type: ignore[no-
 
 
 @pytest.mark.parametrize("nodes", [1, 3])
-def test_happy_path_creates_everything_and_reports_addresses(
-    emu: Emulator, session: AzureSession, nodes: int
-) -> None:
+def test_happy_path_creates_everything_and_reports_addresses(emu: Emulator, session: AzureSession, nodes: int) -> None:
     _, result = provision(session, nodes=nodes)
     live = {(r["type"], r["name"]) for r in emu.live_resources()}
     assert ("Microsoft.Resources/resourceGroups", "orch-demo-abc123") in live
@@ -85,9 +83,7 @@ def test_events_report_each_resource(session: AzureSession) -> None:
     assert [e.status for e in events].count("creating") == 4
 
 
-def fail_and_check_clean(
-    emu: Emulator, session: AzureSession, fault: Fault, **spec_fields: object
-) -> ProvisionFailed:
+def fail_and_check_clean(emu: Emulator, session: AzureSession, fault: Fault, **spec_fields: object) -> ProvisionFailed:
     emu.inject(fault)
     with pytest.raises(ProvisionFailed) as info:
         provision(session, **spec_fields)
@@ -128,12 +124,8 @@ def test_spot_quota_is_its_own_family(emu: Emulator, session: AzureSession) -> N
     assert isinstance(err.cause, QuotaExceededError) and err.cause.family == "lowPriorityCores"
 
 
-@pytest.mark.parametrize(
-    "code", ["AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"]
-)
-def test_capacity_failures_arrive_as_failed_lros_and_clean_up(
-    emu: Emulator, session: AzureSession, code: str
-) -> None:
+@pytest.mark.parametrize("code", ["AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"])
+def test_capacity_failures_arrive_as_failed_lros_and_clean_up(emu: Emulator, session: AzureSession, code: str) -> None:
     err = fail_and_check_clean(
         emu, session, Fault(code, phase="lro", resource_type="Microsoft.Compute/virtualMachines")
     )
@@ -214,9 +206,7 @@ def test_a_rejected_token_reads_as_a_login_problem(clock: VirtualClock) -> None:
     assert "az login" in str(info.value)
 
 
-def test_429_storms_are_retried_with_retry_after(
-    emu: Emulator, session: AzureSession, clock: VirtualClock
-) -> None:
+def test_429_storms_are_retried_with_retry_after(emu: Emulator, session: AzureSession, clock: VirtualClock) -> None:
     emu.inject(Fault("TooManyRequests", status=429, count=5, retry_after=7))
     start = clock.now()
     provision(session)
@@ -241,9 +231,7 @@ def test_endless_throttling_ends_in_a_clear_error(emu: Emulator, session: AzureS
     assert emu.live_resources() == []
 
 
-def test_a_failed_vm_lro_in_a_three_node_run_removes_the_other_nodes_too(
-    emu: Emulator, session: AzureSession
-) -> None:
+def test_a_failed_vm_lro_in_a_three_node_run_removes_the_other_nodes_too(emu: Emulator, session: AzureSession) -> None:
     emu.inject(Fault("AllocationFailed", phase="lro", resource_type="Microsoft.Compute/virtualMachines"))
     with pytest.raises(ProvisionFailed):
         provision(session, nodes=3)
@@ -266,9 +254,7 @@ def test_reprovisioning_the_same_run_is_idempotent(emu: Emulator, session: Azure
     before = sorted(r["id"] for r in emu.live_resources())
     _, second = provision(session, nodes=2)
     assert sorted(r["id"] for r in emu.live_resources()) == before
-    assert [(n.public_ip, n.private_ip) for n in second.nodes] == [
-        (n.public_ip, n.private_ip) for n in first.nodes
-    ]
+    assert [(n.public_ip, n.private_ip) for n in second.nodes] == [(n.public_ip, n.private_ip) for n in first.nodes]
 
 
 def test_gc_by_run_id_and_by_expiry(clock: VirtualClock) -> None:

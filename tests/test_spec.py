@@ -163,9 +163,7 @@ def test_missing_file_and_folder_give_one_line(tmp_path: Path) -> None:
         load_spec(tmp_path)
 
 
-@pytest.mark.parametrize(
-    ("text", "seconds"), [("90m", 5400), ("2h", 7200), ("1h30m", 5400), (600, 600), ("1d", 86400)]
-)
+@pytest.mark.parametrize(("text", "seconds"), [("90m", 5400), ("2h", 7200), ("1h30m", 5400), (600, 600), ("1d", 86400)])
 def test_durations(text: str | int, seconds: int) -> None:
     assert parse_duration(text) == seconds
 

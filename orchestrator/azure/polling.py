@@ -40,15 +40,9 @@ class PollSchedule:
 # In Azure seconds; see catalog.TYPICAL_SECONDS for the durations they are shaped around.
 SCHEDULES: dict[str, PollSchedule] = {
     # A VM create is never done before ~40 s (allocation, disk from image, OS boot, agent ready).
-    "Microsoft.Compute/virtualMachines": PollSchedule(
-        first=30.0, growth=0.1, min_interval=2.0, max_interval=15.0
-    ),
-    "Microsoft.Network/virtualNetworks": PollSchedule(
-        first=2.0, growth=0.2, min_interval=1.0, max_interval=5.0
-    ),
-    "Microsoft.Network/networkSecurityGroups": PollSchedule(
-        first=2.0, growth=0.2, min_interval=1.0, max_interval=5.0
-    ),
+    "Microsoft.Compute/virtualMachines": PollSchedule(first=30.0, growth=0.1, min_interval=2.0, max_interval=15.0),
+    "Microsoft.Network/virtualNetworks": PollSchedule(first=2.0, growth=0.2, min_interval=1.0, max_interval=5.0),
+    "Microsoft.Network/networkSecurityGroups": PollSchedule(first=2.0, growth=0.2, min_interval=1.0, max_interval=5.0),
     "delete": PollSchedule(first=5.0, growth=0.2, min_interval=2.0, max_interval=30.0),
     "group-delete": PollSchedule(first=10.0, growth=0.2, min_interval=5.0, max_interval=30.0),
     "default": PollSchedule(first=1.0, growth=0.2, min_interval=1.0, max_interval=15.0),

@@ -135,9 +135,7 @@ class Provisioner:
                 # The group write itself failed: this call created nothing, so there is nothing to undo.
                 raise ProvisionFailed(cloud, plan.run_id, "nothing") from first_error
             cleaned, why = self._cleanup(plan)
-            raise ProvisionFailed(
-                cloud, plan.run_id, "deleted" if cleaned else "failed", why
-            ) from first_error
+            raise ProvisionFailed(cloud, plan.run_id, "deleted" if cleaned else "failed", why) from first_error
 
         nodes = self._addresses(plan)
         return ProvisionResult(plan, nodes, clock.now() - t0, timings)
@@ -154,17 +152,13 @@ class Provisioner:
         if r.type == T_RG:
             s.resources.resource_groups.create_or_update(r.name, r.body)
         elif r.type == T_VNET:
-            s.network.virtual_networks.begin_create_or_update(
-                rg, r.name, r.body, polling=s.polling(r.type)
-            ).result()
+            s.network.virtual_networks.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
         elif r.type == T_NSG:
             s.network.network_security_groups.begin_create_or_update(
                 rg, r.name, r.body, polling=s.polling(r.type)
             ).result()
         elif r.type == T_VM:
-            s.compute.virtual_machines.begin_create_or_update(
-                rg, r.name, r.body, polling=s.polling(r.type)
-            ).result()
+            s.compute.virtual_machines.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
         else:
             raise ValueError(f"the provisioner cannot create {r.type}")
 
@@ -183,9 +177,7 @@ class Provisioner:
             private = ""
             if configs:
                 private = (
-                    _get(configs[0], "properties", "privateIPAddress")
-                    or _get(configs[0], "private_ip_address")
-                    or ""
+                    _get(configs[0], "properties", "privateIPAddress") or _get(configs[0], "private_ip_address") or ""
                 )
             out.append(NodeAddress(node.rank, node.vm_name, str(public), str(private)))
         return out

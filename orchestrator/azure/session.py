@@ -80,6 +80,12 @@ class AzureSession:
     def network(self) -> Any:
         return self._client("network")
 
+    def ssh_endpoint(self, public_ip: str) -> tuple[str, int]:
+        """Where to dial a VM's SSH: on Azure always its public IP and port 22."""
+        if self.emulator is not None and self.emulator.ssh_resolver is not None:
+            return self.emulator.ssh_resolver(public_ip)
+        return public_ip, 22
+
     def polling(self, kind: str) -> Any:
         """A fresh poller strategy for one LRO of `kind` (an ARM type, 'delete' or 'group-delete')."""
         return make_polling(schedule_for(kind, self.poll_scale), self.clock)

@@ -82,9 +82,7 @@ def list_run_groups(session: AzureSession, run_id: str | None = None) -> list[Ru
         tags = dict(g.tags or {})
         props = g.properties
         state = (
-            props.get("provisioningState")
-            if isinstance(props, dict)
-            else getattr(props, "provisioning_state", "")
+            props.get("provisioningState") if isinstance(props, dict) else getattr(props, "provisioning_state", "")
         ) or ""
         out.append(
             RunGroup(

@@ -30,6 +30,7 @@ from orchestrator.clock import Clock, VirtualClock
 from orchestrator.emulator import validation as v
 from orchestrator.emulator.faults import DEFAULT_MESSAGES, Fault, FaultInjector
 from orchestrator.emulator.latency import LatencyProfile, get_profile
+from orchestrator.emulator.sshhost import CloudInitError, parse_cloud_init
 from orchestrator.emulator.validation import ArmFault
 
 HOST = "https://management.azure.com"
@@ -130,7 +131,9 @@ class Emulator:
         self.default_quota = quota_vcpus
         self.accept_token = accept_token
         self.log: list[LoggedRequest] = []
-        self.vm_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # Told "running" / "deleted" with the VM and its public IP; the SSH hosts subscribe here.
+        self.vm_listeners: list[Callable[[str, dict[str, Any], str | None], None]] = []
+        self.ssh_resolver: Callable[[str], tuple[str, int]] | None = None
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ public helpers for tests
@@ -209,9 +212,7 @@ class Emulator:
     def _authenticate(self, headers: dict[str, str]) -> None:
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
-            raise ArmFault(
-                401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing."
-            )
+            raise ArmFault(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing.")
         if self.accept_token is not None and not self.accept_token(auth[7:].strip()):
             raise ArmFault(401, "InvalidAuthenticationToken", "The access token is invalid.")
 
@@ -225,9 +226,7 @@ class Emulator:
 
     @staticmethod
     def _ok(status: int, payload: Any, headers: dict[str, str] | None = None) -> EmuResponse:
-        return EmuResponse(
-            status, headers or {}, json.dumps(payload).encode() if payload is not None else b""
-        )
+        return EmuResponse(status, headers or {}, json.dumps(payload).encode() if payload is not None else b"")
 
     def _fault(self, method: str, rtype: str | None, rec: LoggedRequest, **fmt: Any) -> None:
         f = self.faults.take(method, rtype, "sync")
@@ -241,18 +240,14 @@ class Emulator:
             f.retry_after if f.retry_after is not None else (1.0 if f.status == 429 else None),
         )
 
-    def _route(
-        self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest
-    ) -> EmuResponse:
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest) -> EmuResponse:
         route, m = "", None
         for route, pattern in _ROUTES:  # noqa: B007 - the matching route is used after the loop
             m = pattern.match(path)
             if m:
                 break
         else:
-            raise ArmFault(
-                404, "InvalidResourceType", f"The resource type could not be found for path {path}."
-            )
+            raise ArmFault(404, "InvalidResourceType", f"The resource type could not be found for path {path}.")
         if route not in {"async_op", "op_result", "rg_op_result"} and "api-version" not in query:
             raise ArmFault(
                 400,
@@ -281,8 +276,9 @@ class Emulator:
                     res["properties"]["provisioningState"] = state
             res = self.store.resources.get(rid)
             if res is not None and res["type"] == T_VM and state == "Succeeded":
+                ip = self._public_ip_of(res)
                 for listener in self.vm_listeners:
-                    listener("running", copy.deepcopy(res))
+                    listener("running", copy.deepcopy(res), ip)
         elif kind == "delete":
             self._remove_resource(rid)
         elif kind == "group-delete":
@@ -298,8 +294,9 @@ class Emulator:
         if res is None:
             return
         if res["type"] == T_VM:
+            ip = self._public_ip_of(res)
             for listener in self.vm_listeners:
-                listener("deleted", copy.deepcopy(res))
+                listener("deleted", copy.deepcopy(res), ip)
             for child, option in res.get("_cascade", {}).items():
                 if option == "Delete":
                     self._remove_resource(child)
@@ -430,9 +427,7 @@ class Emulator:
                     "forceDeletionTypes may only name "
                     "Microsoft.Compute/virtualMachines and Microsoft.Compute/virtualMachineScaleSets.",
                 )
-            has_vms = any(
-                r["type"] == T_VM for rid, r in self.store.resources.items() if rid.startswith(gid + "/")
-            )
+            has_vms = any(r["type"] == T_VM for rid, r in self.store.resources.items() if rid.startswith(gid + "/"))
             op_id = existing.get("_delete_op")
             if existing["properties"]["provisioningState"] != "Deleting" or op_id is None:
                 existing["properties"]["provisioningState"] = "Deleting"
@@ -547,9 +542,7 @@ class Emulator:
             self._check_not_in_use(existing)
             existing["properties"]["provisioningState"] = "Deleting"
             op_id = self._new_op("delete", key, self.profile.delete_seconds(rtype))
-            return EmuResponse(
-                202, self._op_headers(sub, rtype, existing["location"], op_id, query, result=True)
-            )
+            return EmuResponse(202, self._op_headers(sub, rtype, existing["location"], op_id, query, result=True))
         if method == "PUT":
             group = self._group(sub, rg)
             if group["properties"]["provisioningState"] == "Deleting":
@@ -579,9 +572,7 @@ class Emulator:
                 T_NIC: self._put_nic,
             }.get(rtype)
             if writer is None:
-                raise ArmFault(
-                    405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the emulator."
-                )
+                raise ArmFault(405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the emulator.")
             resource, children, seconds = writer(_Write(sub, rg, rid, name, location, body, existing, rec))
             lro = self.faults.take("PUT", rtype, "lro")
             error = None
@@ -592,8 +583,7 @@ class Emulator:
                 }
                 error = {
                     "code": lro.code,
-                    "message": lro.message
-                    or DEFAULT_MESSAGES.get(lro.code, lro.code).format_map(_Default(fmt)),
+                    "message": lro.message or DEFAULT_MESSAGES.get(lro.code, lro.code).format_map(_Default(fmt)),
                 }
             state = "Updating" if existing or rtype.startswith("Microsoft.Network") else "Creating"
             resource["properties"]["provisioningState"] = state
@@ -749,9 +739,7 @@ class Emulator:
                 "SkuNotAvailable",
                 DEFAULT_MESSAGES["SkuNotAvailable"].format(size=size.name, location=location),
             )
-        if existing is not None and existing["properties"].get("osProfile") != _strip_secrets(
-            props.get("osProfile")
-        ):
+        if existing is not None and existing["properties"].get("osProfile") != _strip_secrets(props.get("osProfile")):
             raise ArmFault(409, "PropertyChangeNotAllowed", "Changing property 'osProfile' is not allowed.")
         self._fault("PUT", T_VM, rec, size=size.name, location=location)
         self._quota_check(size, location, props.get("priority") == "Spot", rid.lower())
@@ -759,6 +747,15 @@ class Emulator:
         if body.get("zones"):
             res["zones"] = list(body["zones"])
         out = copy.deepcopy(props)
+        custom = props["osProfile"].get("customData")
+        if custom is not None:
+            try:
+                parse_cloud_init(custom)
+            except CloudInitError as e:
+                raise v.invalid(f"The custom data of VM {name} is not a valid cloud-init document: {e}.") from None
+            res["_customData"] = custom  # kept for the VM's boot, never returned (as ARM does)
+        elif existing is not None and existing.get("_customData"):
+            res["_customData"] = existing["_customData"]
         out["osProfile"] = _strip_secrets(out["osProfile"])
         out["vmId"] = existing["properties"]["vmId"] if existing else str(uuid.uuid4())
         out["timeCreated"] = existing["properties"]["timeCreated"] if existing else _now_iso(self.clock.now())
@@ -898,9 +895,7 @@ class Emulator:
             nic["properties"]["networkSecurityGroup"] = {"id": nsg_ref}
         return nic, pips
 
-    def _pip(
-        self, pip_id: str, name: str, location: str, cfg: dict[str, Any], body: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _pip(self, pip_id: str, name: str, location: str, cfg: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
         old = self.store.resources.get(pip_id.lower())
         pip = self._base(pip_id, name, T_PIP, location, body)
         pip["sku"] = cfg.get("sku") or {"name": "Standard", "tier": "Regional"}
@@ -934,6 +929,25 @@ class Emulator:
         if existing is not None and existing["properties"].get("virtualMachine"):
             nic["properties"]["virtualMachine"] = existing["properties"]["virtualMachine"]
         return nic, [], self.profile.create_seconds(T_NIC)
+
+    def _public_ip_of(self, vm: dict[str, Any]) -> str | None:
+        for ref in vm["properties"].get("networkProfile", {}).get("networkInterfaces", []):
+            nic = self.store.resources.get(ref["id"].lower())
+            for ipc in (nic or {}).get("properties", {}).get("ipConfigurations", []):
+                pip_ref = (ipc["properties"].get("publicIPAddress") or {}).get("id", "")
+                pip = self.store.resources.get(pip_ref.lower())
+                if pip is not None:
+                    return str(pip["properties"]["ipAddress"])
+        return None
+
+    def attach_hosts(self, hosts: Any) -> None:
+        """Serve SSH for every VM that becomes running (see sshhost.SshHosts)."""
+        self.vm_listeners.append(hosts.on_vm)
+        self.ssh_resolver = hosts.resolve
+        with self._lock:
+            for res in self.store.resources.values():  # VMs that were already running
+                if res["type"] == T_VM and res["properties"].get("provisioningState") == "Succeeded":
+                    hosts.on_vm("running", copy.deepcopy(res), self._public_ip_of(res))
 
     def _private_ip(self, vnet: dict[str, Any]) -> str:
         subnet = vnet["properties"]["subnets"][0]["properties"]["addressPrefix"]

@@ -62,9 +62,7 @@ SERVICE_TAGS = {"*", "Internet", "VirtualNetwork", "AzureLoadBalancer"}
 def check_name(resource_type: str, name: str) -> None:
     lo, hi, pattern = _NAME_RULES.get(resource_type, (1, 80, re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")))
     if not (lo <= len(name) <= hi) or not pattern.match(name):
-        code = (
-            "InvalidResourceGroupName" if resource_type.endswith("resourceGroups") else "InvalidResourceName"
-        )
+        code = "InvalidResourceGroupName" if resource_type.endswith("resourceGroups") else "InvalidResourceName"
         raise invalid(f"Resource name {name} is invalid. The name can be up to {hi} characters long.", code)
 
 
@@ -82,9 +80,7 @@ def require(obj: Any, path: str, kind: type | tuple[type, ...] = object) -> Any:
 
 def check_common(body: Any, resource_type: str) -> str:
     if not isinstance(body, dict):
-        raise invalid(
-            "The request content was invalid and could not be deserialized.", "InvalidRequestContent"
-        )
+        raise invalid("The request content was invalid and could not be deserialized.", "InvalidRequestContent")
     location = require(body, "location", str)
     normal = location.lower().replace(" ", "")
     if normal not in catalog.REGIONS:
@@ -105,9 +101,7 @@ def _cidr(value: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Networ
     try:
         return ipaddress.ip_network(value, strict=True)
     except (ValueError, TypeError):
-        raise invalid(
-            f"Value '{value}' for '{path}' is not a valid CIDR.", "InvalidAddressPrefixFormat"
-        ) from None
+        raise invalid(f"Value '{value}' for '{path}' is not a valid CIDR.", "InvalidAddressPrefixFormat") from None
 
 
 def check_vnet(body: dict[str, Any]) -> None:
@@ -141,8 +135,7 @@ def check_nsg(body: dict[str, Any]) -> None:
         prio = require(p, "priority", int)
         if not 100 <= prio <= 4096:
             raise invalid(
-                f"Security rule {name} has invalid priority {prio}. Value provided: {prio}. "
-                "Allowed range 100-4096.",
+                f"Security rule {name} has invalid priority {prio}. Value provided: {prio}. Allowed range 100-4096.",
                 "SecurityRuleInvalidPriority",
             )
         direction = require(p, "direction", str)
@@ -190,9 +183,7 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
         raise invalid("osDisk.createOption must be FromImage for a VM created from an image.")
     disk_gb = os_disk.get("diskSizeGB")
     if disk_gb is not None and (not isinstance(disk_gb, int) or not 30 <= disk_gb <= 4095):
-        raise invalid(
-            f"The specified disk size {disk_gb} GB is invalid. Allowed: 30-4095.", "InvalidParameter"
-        )
+        raise invalid(f"The specified disk size {disk_gb} GB is invalid. Allowed: 30-4095.", "InvalidParameter")
     if os_disk.get("deleteOption", "Detach") not in {"Delete", "Detach"}:
         raise invalid("osDisk.deleteOption must be Delete or Detach.")
     os_profile = require(props, "osProfile", dict)
@@ -207,8 +198,7 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
     if linux.get("disablePasswordAuthentication") is True:
         if not keys:
             raise invalid(
-                "Authentication using either SSH or by user name and password must be enabled in "
-                "Linux profile.",
+                "Authentication using either SSH or by user name and password must be enabled in Linux profile.",
                 "InvalidParameter",
             )
         if os_profile.get("adminPassword"):
@@ -224,15 +214,13 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
     if custom is not None:
         if not isinstance(custom, str) or len(custom) > 87380:
             raise invalid(
-                "Custom data in OSProfile must be in Base64 encoding and with a maximum length of "
-                "87380 characters."
+                "Custom data in OSProfile must be in Base64 encoding and with a maximum length of 87380 characters."
             )
         try:
             base64.b64decode(custom, validate=True)
         except (binascii.Error, ValueError):
             raise invalid(
-                "Custom data in OSProfile must be in Base64 encoding and with a maximum length of "
-                "87380 characters."
+                "Custom data in OSProfile must be in Base64 encoding and with a maximum length of 87380 characters."
             ) from None
     zones = body.get("zones")
     if zones is not None:
