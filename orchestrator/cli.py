@@ -132,11 +132,29 @@ def cli(
 @cli.command()
 @_job_command
 def run(obj: Ctx, spec: JobSpec) -> None:
-    """Provision, train, collect artifacts and tear down (with --dry-run: show the plan)."""
-    raise OrchestratorError(
-        "`orchestrator run` without --dry-run needs the SSH job runner, which this version does not "
-        "have yet. Use `orchestrator provision JOB` and `orchestrator down RUN` meanwhile, or add --dry-run."
-    )
+    """Provision, sync the code, set up, train with live logs, collect artifacts, tear down.
+
+    Teardown always runs, also when training fails or you press Ctrl-C.
+    """
+    from orchestrator import lifecycle
+    from orchestrator.errors import EXIT_JOB_FAILED
+    from orchestrator.ui import ProgressPrinter
+
+    printer = ProgressPrinter(obj.as_json)
+    outcome = lifecycle.run(spec, obj.target_obj(), on_event=printer.event, emit=printer.log, say=printer.say)
+    printer.finished(outcome)
+    if outcome.exit_code != 0:
+        raise JobFailed(
+            f"The job failed in {outcome.failed_phase} with exit code {outcome.exit_code}. "
+            f"Its log and artifacts are in {outcome.artifacts.parent if outcome.artifacts else 'the run folder'}.",
+            EXIT_JOB_FAILED,
+        )
+
+
+class JobFailed(OrchestratorError):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
 
 
 @cli.command()

@@ -179,30 +179,145 @@ def _record(target: Target, plan_run_id: str, spec: JobSpec, subscription: str) 
     return folder
 
 
-def provision(spec: JobSpec, target: Target, *, on_event: Any = None, run_id: str | None = None) -> Any:
-    from orchestrator.azure.provision import Provisioner
-    from orchestrator.sshkeys import generate_keypair, public_key_of
+@dataclass
+class RunKeys:
+    client_key: Path  # private key the runner logs in with
+    client_public: str
+    host_keys: dict[int, str]  # rank -> pinned public host key
+    custom_data: dict[int, str]  # rank -> base64 cloud-init carrying that host key
 
+
+def _keys(spec: JobSpec, run_id: str, folder: Path) -> RunKeys:
+    """The run's login key pair and one host key per VM, all made here and kept in the run folder."""
+    from orchestrator.bootstrap import as_custom_data, cloud_init
+    from orchestrator.sshkeys import generate_host_key, generate_keypair, public_key_of
+
+    if spec.ssh.private_key:
+        key = Path(spec.ssh.private_key).expanduser()
+        key = key if key.is_absolute() else Path(spec.base_dir) / key
+        public = public_key_of(key)
+    else:
+        key, public = generate_keypair(folder)
+    (folder / "hostkeys").mkdir(mode=0o700, exist_ok=True)
+    host_keys, custom = {}, {}
+    for rank in range(spec.nodes):
+        vm = f"{run_id}-{rank}"
+        hk = generate_host_key(folder / "hostkeys" / vm)
+        host_keys[rank] = hk.public
+        custom[rank] = as_custom_data(
+            cloud_init(
+                run_id=run_id, vm_name=vm, rank=rank, host_private_key=hk.private_openssh, host_public_key=hk.public
+            )
+        )
+    return RunKeys(key, public, host_keys, custom)
+
+
+def _provision(spec: JobSpec, target: Target, session: Any, run_id: str, on_event: Any) -> tuple[Any, RunKeys]:
+    from orchestrator.azure.provision import Provisioner
+
+    folder = _record(target, run_id, spec, session.subscription_id)
+    keys = _keys(spec, run_id, folder)
+    plan = build_plan(
+        spec,
+        run_id,
+        subscription_id=session.subscription_id,
+        owner=owner_name(),
+        now=datetime.now(UTC),
+        ssh_public_key=keys.client_public,
+        custom_data=keys.custom_data,
+    )
+    result = Provisioner(session, on_event=on_event).provision(plan)
+    nodes = [{**n.__dict__, "host_key": keys.host_keys[n.rank], "user": spec.ssh.user} for n in result.nodes]
+    (folder / "nodes.json").write_text(json.dumps(nodes, indent=2))
+    return result, keys
+
+
+def provision(spec: JobSpec, target: Target, *, on_event: Any = None, run_id: str | None = None) -> Any:
     run_id = run_id or new_run_id(spec.name)
     with open_session(target) as session:
-        folder = _record(target, run_id, spec, session.subscription_id)
-        if spec.ssh.private_key:
-            key = Path(spec.ssh.private_key).expanduser()
-            key = key if key.is_absolute() else Path(spec.base_dir) / key
-            public = public_key_of(key)
-        else:
-            _, public = generate_keypair(folder)
-        plan = build_plan(
-            spec,
-            run_id,
-            subscription_id=session.subscription_id,
-            owner=owner_name(),
-            now=datetime.now(UTC),
-            ssh_public_key=public,
-        )
-        result = Provisioner(session, on_event=on_event).provision(plan)
-        (folder / "nodes.json").write_text(json.dumps([n.__dict__ for n in result.nodes], indent=2))
+        result, _ = _provision(spec, target, session, run_id, on_event)
         return result
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    exit_code: int  # the job's (0 when it succeeded)
+    failed_phase: str | None
+    artifacts: Path | None
+    metrics: dict[str, Any]
+    seconds: float
+    torn_down: bool
+
+
+def run(
+    spec: JobSpec,
+    target: Target,
+    *,
+    on_event: Any = None,
+    emit: Any = print,
+    say: Any = print,
+    keep: bool = False,
+    run_id: str | None = None,
+    layout_base: str = "~/orch",
+) -> RunOutcome:
+    """Provision, sync, set up, train, collect, and always tear down (unless keep)."""
+    import time
+
+    from orchestrator.azure.teardown import delete_group
+    from orchestrator.remote.connect import Endpoint, Node
+    from orchestrator.remote.job import JobRunner, forwarded_secrets
+    from orchestrator.remote.layout import RemoteLayout
+
+    t0 = time.monotonic()
+    secrets = forwarded_secrets(spec)  # before anything is created: a missing secret costs nothing
+    run_id = run_id or new_run_id(spec.name)
+    folder = run_dir(target.state, run_id)
+    with open_session(target) as session:
+        nodes: list[Any] = []
+        torn_down = False
+        try:
+            result, keys = _provision(spec, target, session, run_id, on_event)
+            say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
+            for n in result.nodes:
+                host, port = session.ssh_endpoint(n.public_ip)
+                nodes.append(
+                    Node(
+                        Endpoint(n.vm_name, host, port, spec.ssh.user, keys.host_keys[n.rank], keys.client_key, n.rank)
+                    )
+                )
+            runner = JobRunner(
+                spec,
+                nodes,
+                RemoteLayout(run_id, layout_base),
+                folder,
+                master_addr=result.nodes[0].private_ip,
+                emit=emit,
+                say=say,
+                secrets=secrets,
+            )
+            runner.connect()
+            say("connected")
+            outcome = runner.execute(folder / "artifacts")
+        finally:
+            for node in nodes:
+                node.close()
+            if not keep:
+                say(f"tearing down {resource_group_name(run_id)}")
+                delete_group(session, resource_group_name(run_id), wait=True)
+                torn_down = True
+        return RunOutcome(
+            run_id,
+            outcome.exit_code,
+            outcome.failed_phase,
+            outcome.artifacts.destination if outcome.artifacts else None,
+            outcome.metrics,
+            time.monotonic() - t0,
+            torn_down,
+        )
 
 
 # --------------------------------------------------------------------------------------- down / gc

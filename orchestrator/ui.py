@@ -12,7 +12,7 @@ from orchestrator import catalog
 
 if TYPE_CHECKING:
     from orchestrator.azure.provision import ProvisionResult, ResourceEvent
-    from orchestrator.lifecycle import DryRunReport
+    from orchestrator.lifecycle import DryRunReport, RunOutcome
     from orchestrator.plan import PlannedResource
 
 
@@ -150,6 +150,48 @@ class ProgressPrinter:
             file=sys.stderr,
             flush=True,
         )
+
+    def say(self, text: str) -> None:
+        """The orchestrator's own progress, between the job's lines."""
+        with self._lock:
+            if self.as_json:
+                print(json.dumps({"event": "progress", "message": text}), flush=True)
+            else:
+                print(f"[{time.monotonic() - self.t0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def log(self, line: str) -> None:
+        """One line of the job's output (already masked and prefixed)."""
+        if self.as_json:
+            print(json.dumps({"event": "log", "line": line}), flush=True)
+        else:
+            print(line, flush=True)
+
+    def finished(self, outcome: RunOutcome) -> None:
+        if self.as_json:
+            print(
+                json.dumps(
+                    {
+                        "event": "finished",
+                        "run_id": outcome.run_id,
+                        "exit_code": outcome.exit_code,
+                        "failed_phase": outcome.failed_phase,
+                        "metrics": outcome.metrics,
+                        "artifacts": str(outcome.artifacts) if outcome.artifacts else None,
+                        "seconds": round(outcome.seconds, 2),
+                        "torn_down": outcome.torn_down,
+                    }
+                ),
+                flush=True,
+            )
+            return
+        status = "succeeded" if outcome.exit_code == 0 else f"failed ({outcome.failed_phase}, exit {outcome.exit_code})"
+        self.say(f"run {outcome.run_id} {status} in {outcome.seconds:.1f} s")
+        if outcome.metrics:
+            self.say("metrics: " + ", ".join(f"{k}={v}" for k, v in outcome.metrics.items()))
+        if outcome.artifacts:
+            self.say(f"artifacts: {outcome.artifacts}")
+        if outcome.torn_down:
+            self.say("all resources deleted")
 
     def provisioned(self, result: ProvisionResult) -> None:
         plan = result.plan

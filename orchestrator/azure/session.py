@@ -146,10 +146,18 @@ def emulator_session(
 def local_session(state: Path) -> Iterator[AzureSession]:
     """--target local: the emulator, its store kept in the state directory across processes."""
     from orchestrator.emulator.persist import persistent_emulator
+    from orchestrator.emulator.sshhost import SshHosts
 
     with persistent_emulator(state / "emulator" / "store.json") as emulator:
-        # Operations on the instant profile finish at once: poll without waiting.
-        yield emulator_session(emulator, subscription=LOCAL_SUBSCRIPTION, poll_scale=0.0)
+        # Each emulated VM's SSH server lives as long as this process; its sandbox (and any job
+        # running there) stays on disk, so the next command serves the same VM again.
+        hosts = SshHosts(state / "emulator" / "vms", emulator.clock, emulator.profile.boot_seconds)
+        emulator.attach_hosts(hosts)
+        try:
+            # Operations on the instant profile finish at once: poll without waiting.
+            yield emulator_session(emulator, subscription=LOCAL_SUBSCRIPTION, poll_scale=0.0)
+        finally:
+            hosts.close(kill=False)
 
 
 def dry_run_session(start: float) -> AzureSession:

@@ -128,7 +128,8 @@ class SshHosts:
             self._by_ip[public_ip] = host
         return host.port
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, kill: bool = True) -> None:
+        """Stop serving a VM; with kill (the VM was deleted) also end what it was running."""
         with self._lock:
             host = self._hosts.pop(name, None)
             if host is not None:
@@ -136,11 +137,14 @@ class SshHosts:
         if host is None:
             return
         asyncio.run_coroutine_threadsafe(self._close(host), self._loop).result(timeout=30)
-        _kill_detached(host.home)
+        if kill:
+            _kill_detached(host.home)
+            shutil.rmtree(host.home, ignore_errors=True)
 
-    def close(self) -> None:
+    def close(self, kill: bool = True) -> None:
+        """Stop all servers; kill=False leaves the VMs' jobs running for a later process to serve."""
         for name in list(self._hosts):
-            self.stop(name)
+            self.stop(name, kill=kill)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
@@ -276,7 +280,3 @@ def _kill_detached(home: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
         except (ValueError, OSError):
             continue
-
-
-def remove_homes(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,186 @@
+"""A job on a set of connected VMs: sync the code, run setup, run training, bring the outputs home.
+
+Every step runs on all nodes at once. Output streams live, prefixed by node when there are several.
+Artifacts are collected whether training succeeded or not: a failed run's logs and checkpoints
+are what the user needs most.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator.errors import UserInputError
+from orchestrator.remote import artifacts, run, sync
+from orchestrator.remote.connect import Node
+from orchestrator.remote.layout import RemoteLayout
+from orchestrator.spec import JobSpec
+
+T = TypeVar("T")
+Say = Callable[[str], None]
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    exit_codes: dict[int, int]  # rank -> exit code
+
+    @property
+    def exit_code(self) -> int:
+        """The first non-zero code by rank, or 0."""
+        return next((c for _, c in sorted(self.exit_codes.items()) if c != 0), 0)
+
+
+@dataclass
+class JobOutcome:
+    phases: list[PhaseResult] = field(default_factory=list)
+    sync: list[sync.SyncReport] = field(default_factory=list)
+    artifacts: artifacts.CollectReport | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return next((p.exit_code for p in self.phases if p.exit_code != 0), 0)
+
+    @property
+    def failed_phase(self) -> str | None:
+        return next((p.name for p in self.phases if p.exit_code != 0), None)
+
+
+def forwarded_secrets(spec: JobSpec, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    missing = [s for s in spec.secrets if s not in environ]
+    if missing:
+        raise UserInputError(
+            f"{spec.source}: secrets: {', '.join(missing)} not set in your environment; export "
+            f"{'it' if len(missing) == 1 else 'them'} (the values are forwarded to the VM, never logged) or "
+            "remove them from `secrets`."
+        )
+    return {s: environ[s] for s in spec.secrets}
+
+
+def on_all(nodes: list[Node], fn: Callable[[Node], T]) -> list[T]:
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        return list(pool.map(fn, nodes))
+
+
+class JobRunner:
+    def __init__(
+        self,
+        spec: JobSpec,
+        nodes: list[Node],
+        layout: RemoteLayout,
+        run_dir: Path,
+        *,
+        master_addr: str,
+        emit: Say,
+        say: Say,
+        secrets: Mapping[str, str],
+        upload_limit: int = sync.DEFAULT_LIMIT_BYTES,
+    ) -> None:
+        self.spec = spec
+        self.nodes = nodes
+        self.layout = layout
+        self.run_dir = run_dir
+        self.master_addr = master_addr
+        self.emit = emit  # job output lines
+        self.say = say  # orchestrator's own progress lines
+        self.secrets = dict(secrets)
+        self.upload_limit = upload_limit
+
+    def env(self, node: Node) -> dict[str, str]:
+        return run.job_env(
+            run_id=self.layout.run_id,
+            layout=self.layout,
+            rank=node.ep.rank,
+            num_nodes=len(self.nodes),
+            master_addr=self.master_addr,
+            user_env=self.spec.env,
+            secrets=self.secrets,
+        )
+
+    def connect(self) -> None:
+        on_all(self.nodes, lambda n: n.connection())
+
+    def upload(self) -> list[sync.SyncReport]:
+        cache_file = self.run_dir / "sync-cache.json"
+        cache = _load_cache(cache_file)
+
+        def one(node: Node) -> sync.SyncReport:
+            report, entries = sync.upload(
+                node, self.spec.workdir_path, self.layout, limit=self.upload_limit, cache=cache
+            )
+            if node.ep.rank == 0:
+                cache_file.write_text(json.dumps({k: v.__dict__ for k, v in entries.items()}))
+            return report
+
+        reports = on_all(self.nodes, one)
+        self.say(f"synced {reports[0].summary()}" + (f" to {len(reports)} nodes" if len(reports) > 1 else ""))
+        return reports
+
+    def phase(self, name: str, commands: list[str]) -> PhaseResult:
+        for node in self.nodes:
+            run.start_phase(node, self.layout, name, commands, self.env(node))
+        return self.follow(name)
+
+    def follow(self, name: str, offsets: Mapping[int, int] | None = None) -> PhaseResult:
+        multi = len(self.nodes) > 1
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+
+        def one(node: Node) -> tuple[int, int]:
+            sink = run.LogSink(
+                self.emit,
+                secrets=list(self.secrets.values()),
+                prefix=f"[{node.label}] " if multi else "",
+                raw=logs / f"{name}-{node.label}.log",
+            )
+            try:
+                result = run.follow(node, self.layout, name, sink, offset=(offsets or {}).get(node.ep.rank, 0))
+            finally:
+                sink.close()
+            return node.ep.rank, result.exit_code
+
+        return PhaseResult(name, dict(on_all(self.nodes, one)))
+
+    def collect(self, dest: Path) -> artifacts.CollectReport:
+        def one(node: Node) -> artifacts.CollectReport:
+            target = dest if node.ep.rank == 0 else dest / "nodes" / str(node.ep.rank)
+            return artifacts.collect(node, self.layout, target, self.spec.artifacts)
+
+        reports = on_all(self.nodes, one)
+        return reports[0]
+
+    def execute(self, artifacts_dir: Path) -> JobOutcome:
+        outcome = JobOutcome()
+        outcome.sync = self.upload()
+        try:
+            if self.spec.setup:
+                self.say("setup: " + " && ".join(self.spec.setup))
+                outcome.phases.append(self.phase("setup", self.spec.setup))
+            if outcome.exit_code == 0:
+                self.say(f"run: {self.spec.run}")
+                outcome.phases.append(self.phase("run", [self.spec.run]))
+        finally:
+            outcome.artifacts = self.collect(artifacts_dir)
+            metrics = artifacts_dir / "metrics.json"
+            if metrics.is_file():
+                try:
+                    outcome.metrics = json.loads(metrics.read_text())
+                except ValueError:
+                    outcome.error = "metrics.json is not valid JSON"
+        return outcome
+
+
+def _load_cache(path: Path) -> dict[str, sync.FileEntry]:
+    try:
+        raw = json.loads(path.read_text())
+        return {k: sync.FileEntry(**v) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError):
+        return {}
