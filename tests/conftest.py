@@ -13,6 +13,8 @@ from orchestrator.emulator import Emulator
 from orchestrator.plan import ResourcePlan, build_plan
 from orchestrator.spec import JobSpec
 
+pytest_plugins = ["tests.remote_fixtures"]
+
 SUB = "22222222-2222-2222-2222-222222222222"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk2Q0t9dTestKeyForTheEmulatorOnly0000000000000 test"
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -138,6 +138,52 @@ def test_down_with_a_malformed_run_id(tmp_path: Path, bad: str) -> None:
     assert r.returncode == 2 and "is not a run id" in r.stderr
 
 
-def test_run_without_dry_run_says_what_to_do(tmp_path: Path) -> None:
-    r = cli("--target", "local", "--state-dir", str(tmp_path), "run", str(SMOKE))
-    assert r.returncode == 1 and "--dry-run" in r.stderr
+def write_job(tmp_path: Path, script: str, extra: str = "") -> Path:
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "train.py").write_text(script)
+    (job / "job.yaml").write_text(f"name: clitest\nrun: python3 train.py\nsecrets: [API_TOKEN]\n{extra}")
+    return job / "job.yaml"
+
+
+def test_run_does_the_whole_cycle_and_leaves_nothing(tmp_path: Path) -> None:
+    script = (
+        "import json, os\nprint('token is', os.environ['API_TOKEN'])\nprint('lr', os.environ['LR'])\n"
+        "json.dump({'acc': 0.97}, open(os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'metrics.json'), 'w'))\n"
+    )
+    job = write_job(tmp_path, script, "env:\n  LR: '0.1'\nsetup: echo setting up\n")
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job), env={"API_TOKEN": "tok-123456"})
+    assert r.returncode == 0, r.stderr
+    assert "token is ****" in r.stdout and "lr 0.1" in r.stdout and "setting up" in r.stdout
+    assert "acc=0.97" in r.stderr and "all resources deleted" in r.stderr
+    store = json.loads((state / "emulator" / "store.json").read_text())
+    assert store["groups"] == {} and store["resources"] == {}
+    (run_folder,) = (state / "runs").iterdir()
+    assert json.loads((run_folder / "artifacts" / "metrics.json").read_text()) == {"acc": 0.97}
+    for path in [*state.rglob("*")]:
+        if path.is_file():
+            assert b"tok-123456" not in path.read_bytes(), f"secret written to {path}"
+
+
+def test_a_failing_job_exits_1_and_still_brings_its_outputs_home(tmp_path: Path) -> None:
+    script = (
+        "import os, sys\nopen(os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'partial.txt'), 'w').write('p')\n"
+        "print('boom', file=sys.stderr)\nsys.exit(4)\n"
+    )
+    job = write_job(tmp_path, script)
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job), env={"API_TOKEN": "x"})
+    assert r.returncode == 1
+    assert "failed in run with exit code 4" in r.stderr and "boom" in r.stdout
+    (run_folder,) = (state / "runs").iterdir()
+    assert (run_folder / "artifacts" / "partial.txt").read_text() == "p"
+    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+
+
+def test_a_missing_secret_is_bad_input_before_anything_is_created(tmp_path: Path) -> None:
+    job = write_job(tmp_path, "print(1)\n")
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job))
+    assert r.returncode == 2 and "API_TOKEN not set in your environment" in r.stderr
+    assert not (state / "emulator" / "store.json").exists()
