@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
-import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +19,7 @@ from orchestrator.plan import build_plan
 from orchestrator.remote.connect import ConnectOptions, Endpoint, Node
 from orchestrator.remote.layout import RemoteLayout
 from orchestrator.spec import JobSpec
-from orchestrator.sshkeys import generate_host_key, generate_keypair
+from tests.sshd import SshdUnavailable, run_sshd
 
 FAST = ConnectOptions(deadline_s=20, connect_timeout_s=5, first_backoff_s=0.05, max_backoff_s=0.5)
 
@@ -90,12 +84,6 @@ def vms2(tmp_path: Path) -> Iterator[EmulatedVms]:
     env.hosts.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Sshd:
     node: Node
@@ -106,42 +94,16 @@ class Sshd:
 
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    """OpenSSH's sshd on a free loopback port with its own config, host key and authorized key."""
-    binary = shutil.which("sshd") or "/usr/sbin/sshd"
-    if not os.path.exists(binary):
-        pytest.skip("OpenSSH sshd is not installed (.ci/run installs openssh-server)")
-    d = tmp_path / "sshd"
-    d.mkdir()
-    host = generate_host_key(d / "host_ed25519")
-    client_key, client_pub = generate_keypair(d, "client")
-    (d / "authorized_keys").write_text(client_pub + "\n")
-    os.chmod(d / "authorized_keys", 0o600)
-    Path("/run/sshd").mkdir(exist_ok=True) if os.geteuid() == 0 else None
-    port = free_port()
-    user = getpass.getuser()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_ed25519'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nAllowTcpForwarding no\n"
-        "X11Forwarding no\nPrintMotd no\nLogLevel ERROR\nMaxSessions 64\nMaxStartups 64\n"
-    )
-    proc = subprocess.Popen(
-        [binary, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            pytest.skip(f"sshd did not start here: {out[-300:]}")
-        time.sleep(0.05)
-    base = tmp_path / "remote"
-    node = Node(Endpoint("sshd", "127.0.0.1", port, user, host.public, client_key), FAST)
+    """OpenSSH's sshd on a free loopback port with its own config, keys and port."""
     try:
-        yield Sshd(node, RemoteLayout("job-bbbbbb", str(base)), base, host.public)
+        server = run_sshd(tmp_path / "sshd")
+        local = server.__enter__()
+    except SshdUnavailable as e:
+        pytest.skip(str(e))
+    base = tmp_path / "remote"
+    node = Node(Endpoint("sshd", "127.0.0.1", local.port, local.user, local.host_key.public, local.client_key), FAST)
+    try:
+        yield Sshd(node, RemoteLayout("job-bbbbbb", str(base)), base, local.host_key.public)
     finally:
         node.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.__exit__(None, None, None)

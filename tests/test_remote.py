@@ -104,13 +104,26 @@ def test_resync_sends_only_changes_and_removes_deleted_files(vms: EmulatedVms, t
     (root / "train.py").write_text("print('train v2')\n")
     (root / "src" / "model.py").unlink()
     (root / "src" / "new.py").write_text("new\n")
-    report, _ = sync.upload(vms.nodes[0], root, vms.layout, cache=entries)
+    report, _ = sync.upload(vms.nodes[0], root, vms.layout, previous=entries)
     assert (report.sent_files, report.deleted) == (2, 1)
     files = remote_files(vms.home(), vms.layout)
     assert files["train.py"] == b"print('train v2')\n" and "src/model.py" not in files and "src/new.py" in files
     again, _ = sync.upload(vms.nodes[0], root, vms.layout)
     assert (again.sent_files, again.deleted) == (0, 0)
     assert "up to date" in again.summary()
+
+
+def test_resync_trusts_its_last_state_only_while_the_vm_manifest_matches(vms: EmulatedVms, tmp_path: Path) -> None:
+    root = tmp_path / "work"
+    make_tree(root)
+    _, state = sync.upload(vms.nodes[0], root, vms.layout)
+    # Someone changes the VM behind our back: a file and the manifest are gone.
+    job = vms.home() / vms.layout.job_dir.removeprefix("~/")
+    (job / "train.py").unlink()
+    (job.parent / "sync-manifest.json").unlink()
+    report, _ = sync.upload(vms.nodes[0], root, vms.layout, previous=state)
+    assert report.sent_files == 6, "the stale guard refused our belief and everything was sent again"
+    assert (job / "train.py").exists()
 
 
 def test_large_files_go_in_parallel_ranges_and_arrive_intact(
@@ -386,7 +399,7 @@ def test_sshd_full_cycle_sync_train_follow_collect(sshd: Sshd, tmp_path: Path) -
     report, entries = sync.upload(sshd.node, root, sshd.layout)
     assert report.sent_files == 7
     (root / "train.py").write_text("changed\n")
-    again, _ = sync.upload(sshd.node, root, sshd.layout, cache=entries)
+    again, _ = sync.upload(sshd.node, root, sshd.layout, previous=entries)
     assert again.sent_files == 1
     env = run.job_env(
         run_id=sshd.layout.run_id,

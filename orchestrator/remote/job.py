@@ -109,15 +109,18 @@ class JobRunner:
         on_all(self.nodes, lambda n: n.connection())
 
     def upload(self) -> list[sync.SyncReport]:
-        cache_file = self.run_dir / "sync-cache.json"
-        cache = _load_cache(cache_file)
+        # The last sync's state, so a re-sync to a kept VM is one guarded command (see sync.upload).
+        state_file = self.run_dir / "sync-state.json"
+        previous = _load_state(state_file)
 
         def one(node: Node) -> sync.SyncReport:
-            report, entries = sync.upload(
-                node, self.spec.workdir_path, self.layout, limit=self.upload_limit, cache=cache
+            report, state = sync.upload(
+                node, self.spec.workdir_path, self.layout, limit=self.upload_limit, previous=previous
             )
             if node.ep.rank == 0:
-                cache_file.write_text(json.dumps({k: v.__dict__ for k, v in entries.items()}))
+                state_file.write_text(
+                    json.dumps({"zstd": state.zstd, "entries": {k: v.__dict__ for k, v in state.entries.items()}})
+                )
             return report
 
         reports = on_all(self.nodes, one)
@@ -178,9 +181,9 @@ class JobRunner:
         return outcome
 
 
-def _load_cache(path: Path) -> dict[str, sync.FileEntry]:
+def _load_state(path: Path) -> sync.SyncState | None:
     try:
         raw = json.loads(path.read_text())
-        return {k: sync.FileEntry(**v) for k, v in raw.items()}
-    except (OSError, ValueError, TypeError):
-        return {}
+        return sync.SyncState({k: sync.FileEntry(**v) for k, v in raw["entries"].items()}, bool(raw["zstd"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

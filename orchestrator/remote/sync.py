@@ -194,8 +194,19 @@ def _remote_state(node: Node, layout: RemoteLayout) -> tuple[dict[str, dict[str,
     return (manifest if isinstance(manifest, dict) else {}), first.strip() == "zstd"
 
 
-def _tar_stream(root: Path, paths: list[str], compress: bool, counter: list[int]) -> Iterator[bytes]:
-    """Yield a (zstd-compressed) tar of `paths` in chunks, without holding it all in memory."""
+def _tar_stream(
+    root: Path,
+    paths: list[str],
+    compress: bool,
+    counter: list[int],
+    *,
+    strip: str = "",
+    extra: dict[str, bytes] | None = None,
+) -> Iterator[bytes]:
+    """Yield a (zstd-compressed) tar of `paths` in chunks, without holding it all in memory.
+
+    Member names are `paths`; each file is read from `root / path` with `strip` removed. `extra`
+    members (name -> bytes) come last."""
     import zstandard
 
     buf = _ChunkBuffer()
@@ -203,12 +214,13 @@ def _tar_stream(root: Path, paths: list[str], compress: bool, counter: list[int]
     if compress:
         sink = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).stream_writer(buf, closefd=False)  # type: ignore[arg-type]
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        for rel in paths:
-            info = tar.gettarinfo(str(root / rel), arcname=rel)
+        for name in paths:
+            local = root / name.removeprefix(strip)
+            info = tar.gettarinfo(str(local), arcname=name)
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             if info.isreg():
-                with open(root / rel, "rb") as f:
+                with open(local, "rb") as f:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
@@ -216,6 +228,10 @@ def _tar_stream(root: Path, paths: list[str], compress: bool, counter: list[int]
                 data = buf.take()
                 counter[0] += len(data)
                 yield data
+        for extra_name, payload in (extra or {}).items():
+            info = tarfile.TarInfo(extra_name)
+            info.size, info.mode, info.mtime = len(payload), 0o600, int(time.time())
+            tar.addfile(info, io.BytesIO(payload))
     if compress:
         sink.close()
     data = buf.take()
@@ -269,29 +285,62 @@ def _file_ranges(path: Path, start: int, length: int, compress: bool, counter: l
             yield tail
 
 
+@dataclass
+class SyncState:
+    """What the VM holds after a sync: the files (also a hash cache for the next scan) and whether
+    it can decompress zstd. Passed back in, it lets a re-sync skip reading the VM's manifest."""
+
+    entries: dict[str, FileEntry]
+    zstd: bool
+
+    def manifest(self) -> bytes:
+        body = {e.path: {"size": e.size, "sha256": e.sha256, "mode": e.mode} for e in self.entries.values()}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.manifest()).hexdigest()
+
+
+class _StaleState(Exception):
+    """The VM's manifest is not the one we last wrote: read it instead of trusting ours."""
+
+
+EXIT_STALE = 65
+
+
 def upload(
     node: Node,
     root: Path,
     layout: RemoteLayout,
     *,
     limit: int = DEFAULT_LIMIT_BYTES,
-    cache: dict[str, FileEntry] | None = None,
+    previous: SyncState | None = None,
     retries: int = 3,
     progress: Callable[[int], None] | None = None,
-) -> tuple[SyncReport, dict[str, FileEntry]]:
-    """Bring the VM's copy of `root` up to date; retried over a new connection if it drops."""
+) -> tuple[SyncReport, SyncState]:
+    """Bring the VM's copy of `root` up to date; retried over a new connection if it drops.
+
+    With `previous` (the state this returned last time for the same VM) a re-sync is one command:
+    it sends the changes, guarded by the digest of the manifest we last wrote; if the VM's manifest
+    differs, the guard refuses and the VM's own manifest is read and used instead.
+    """
     t0 = time.monotonic()
-    entries = scan(root, cache)
+    entries = scan(root, previous.entries if previous else None)
     check_size(entries, limit)
     last: Exception | None = None
     for attempt in range(1, retries + 1):
         try:
-            report = _upload_once(node, root, layout, entries, progress)
+            try:
+                report, zstd = _upload_once(node, root, layout, entries, progress, previous)
+            except _StaleState:
+                previous = None
+                report, zstd = _upload_once(node, root, layout, entries, progress, None)
             report.attempts = attempt
             report.seconds = time.monotonic() - t0
-            return report, entries
+            return report, SyncState(entries, zstd)
         except ConnectionLost as e:
             last = e
+            previous = None  # after a cut, trust only what the VM says it has
             node.reconnect()
     raise SshError(f"Uploading the job folder to {node.ep.name} failed {retries} times: {last}")
 
@@ -302,8 +351,15 @@ def _upload_once(
     layout: RemoteLayout,
     entries: dict[str, FileEntry],
     progress: Callable[[int], None] | None,
-) -> SyncReport:
-    remote, has_zstd = _remote_state(node, layout)
+    previous: SyncState | None,
+) -> tuple[SyncReport, bool]:
+    if previous is not None:
+        remote: dict[str, dict[str, object]] = {
+            e.path: {"sha256": e.sha256, "mode": e.mode} for e in previous.entries.values()
+        }
+        has_zstd = previous.zstd
+    else:
+        remote, has_zstd = _remote_state(node, layout)
     send = [
         e
         for e in entries.values()
@@ -321,6 +377,7 @@ def _upload_once(
     )
     large = [e for e in send if e.size >= LARGE_FILE and not e.sha256.startswith("link:")]
     small = [e.path for e in send if e not in large]
+    new_manifest = SyncState(entries, has_zstd).manifest()
     counter = [0]
     lock = threading.Lock()
 
@@ -329,9 +386,41 @@ def _upload_once(
             if progress:
                 progress(n)
 
-    jobs: list[Callable[[], None]] = []
     unzstd = "zstd -dc | " if has_zstd else ""
-    job_dir = rq(layout.job_dir)
+    root_dir, job_dir = rq(layout.root), rq(layout.job_dir)
+    manifest_name = layout.manifest.rsplit("/", 1)[-1]
+    # Run last, after every byte landed: sizes and modes of large files, deletions, the manifest.
+    # A sync cut short before this point is redone in full next time.
+    finish = [f"cd {job_dir}"]
+    for e in large:
+        finish.append(f"truncate -s {e.size} {shlex.quote(e.path)} && chmod {e.mode:o} {shlex.quote(e.path)}")
+    if deleted:
+        finish.append("rm -f -- " + " ".join(shlex.quote(p) for p in deleted))
+    finish.append(f"mv ../{manifest_name}.new ../{manifest_name}")
+
+    if not large:
+        # One command does it all: guard, unpack (the new manifest rides in the same tar), finish.
+        guard = ""
+        if previous is not None:
+            guard = (
+                f'[ "$(sha256sum < {manifest_name} 2>/dev/null | cut -c1-64)" = "{previous.digest()}" ] '
+                f"|| exit {EXIT_STALE}; "
+            )
+        cmd = f"mkdir -p {job_dir} && cd {root_dir} && {guard}{unzstd}tar -x -f - --no-same-owner && " + " && ".join(
+            finish
+        )
+        members = [f"job/{p}" for p in small]
+        stream = _tar_stream(
+            root, members, has_zstd, counter, strip="job/", extra={f"{manifest_name}.new": new_manifest}
+        )
+        result = node.exec(cmd, _counted(stream, count))
+        if result.exit_code == EXIT_STALE:
+            raise _StaleState()
+        result.check("unpacking the job folder")
+        report.wire_bytes = counter[0]
+        return report, has_zstd
+
+    jobs: list[Callable[[], None]] = []
     if small:
 
         def send_small() -> None:
@@ -347,22 +436,12 @@ def _upload_once(
             jobs.append(
                 _range_job(node, root, e, start, min(CHUNK, e.size - start), has_zstd, job_dir, counter, lock, count)
             )
-    if jobs:
-        with ThreadPoolExecutor(max_workers=PARALLEL_CHANNELS) as pool:
-            for f in [pool.submit(j) for j in jobs]:
-                f.result()
-    # Last: sizes and modes of the large files, deletions, then the manifest (so a sync cut short
-    # before this point is redone in full next time).
-    finish = [f"cd {job_dir}"]
-    for e in large:
-        finish.append(f"truncate -s {e.size} {shlex.quote(e.path)} && chmod {e.mode:o} {shlex.quote(e.path)}")
-    if deleted:
-        finish.append("rm -f -- " + " ".join(shlex.quote(p) for p in deleted))
-    manifest = json.dumps({e.path: {"size": e.size, "sha256": e.sha256, "mode": e.mode} for e in entries.values()})
-    finish.append(f"cat > {rq(layout.manifest)}.tmp && mv {rq(layout.manifest)}.tmp {rq(layout.manifest)}")
-    node.exec(" && ".join(finish), manifest.encode()).check("finishing the upload")
+    with ThreadPoolExecutor(max_workers=PARALLEL_CHANNELS) as pool:
+        for f in [pool.submit(j) for j in jobs]:
+            f.result()
+    node.exec(f"cat > {rq(layout.manifest)}.new && " + " && ".join(finish), new_manifest).check("finishing the upload")
     report.wire_bytes = counter[0]
-    return report
+    return report, has_zstd
 
 
 def _range_job(
