@@ -26,14 +26,47 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.sshd and bench.tcpproxy
 
-from bench.tcpproxy import DelayProxy  # noqa: E402
-from orchestrator.remote import artifacts, run, sync  # noqa: E402
-from orchestrator.remote.connect import ConnectOptions, Endpoint, Node  # noqa: E402
-from orchestrator.remote.layout import RemoteLayout  # noqa: E402
-from tests.sshd import LocalSshd, SshdUnavailable, run_sshd  # noqa: E402
+from bench.tcpproxy import DelayProxy
+from orchestrator.remote import artifacts, run, sync
+from orchestrator.remote.connect import ConnectOptions, Endpoint, Node
+from orchestrator.remote.layout import RemoteLayout
+from tests.sshd import LocalSshd, SshdUnavailable, run_sshd
 
-WORDS = ("def class return import self model loss optimizer tensor batch epoch train eval data loader "
-         "config print range len float int str list dict none true false if else for while with as").split()
+WORDS = [
+    "def",
+    "class",
+    "return",
+    "import",
+    "self",
+    "model",
+    "loss",
+    "optimizer",
+    "tensor",
+    "batch",
+    "epoch",
+    "train",
+    "eval",
+    "data",
+    "loader",
+    "config",
+    "print",
+    "range",
+    "len",
+    "float",
+    "int",
+    "str",
+    "list",
+    "dict",
+    "none",
+    "true",
+    "false",
+    "if",
+    "else",
+    "for",
+    "while",
+    "with",
+    "as",
+]
 
 
 def make_tree(root: Path, files: int, total_mb: float, blob_mb: int) -> None:
@@ -53,10 +86,29 @@ def make_tree(root: Path, files: int, total_mb: float, blob_mb: int) -> None:
 
 
 def ssh_cmd(sshd: LocalSshd, port: int, control: Path) -> list[str]:
-    return ["ssh", "-p", str(port), "-i", str(sshd.client_key), "-o", f"UserKnownHostsFile={sshd.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=[127.0.0.1]:" + str(sshd.port),
-            "-o", "ControlMaster=auto", "-o", f"ControlPath={control}", "-o", "ControlPersist=120",
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"]
+    return [
+        "ssh",
+        "-p",
+        str(port),
+        "-i",
+        str(sshd.client_key),
+        "-o",
+        f"UserKnownHostsFile={sshd.known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "HostKeyAlias=[127.0.0.1]:" + str(sshd.port),
+        "-o",
+        "ControlMaster=auto",
+        "-o",
+        f"ControlPath={control}",
+        "-o",
+        "ControlPersist=120",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ]
 
 
 def timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -70,9 +122,13 @@ def fabric_connection(sshd: LocalSshd, port: int):  # type: ignore[no-untyped-de
     import paramiko
     from fabric import Config, Connection
 
-    conn = Connection("127.0.0.1", user=sshd.user, port=port, config=Config(lazy=True),
-                      connect_kwargs={"key_filename": str(sshd.client_key), "look_for_keys": False,
-                                      "allow_agent": False})
+    conn = Connection(
+        "127.0.0.1",
+        user=sshd.user,
+        port=port,
+        config=Config(lazy=True),
+        connect_kwargs={"key_filename": str(sshd.client_key), "look_for_keys": False, "allow_agent": False},
+    )
     conn.client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
     return conn
 
@@ -92,8 +148,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-sync-"))
     src = tmp / "src"
     make_tree(src, args.files, args.tree_mb, args.blob_mb)
-    print(f"tree: {args.files} files, {args.tree_mb:g} MB + one {args.blob_mb} MB binary; "
-          f"RTT {args.rtt_ms:g} ms via a delay proxy; window {args.window_mb} MB")
+    print(
+        f"tree: {args.files} files, {args.tree_mb:g} MB + one {args.blob_mb} MB binary; "
+        f"RTT {args.rtt_ms:g} ms via a delay proxy; window {args.window_mb} MB"
+    )
     try:
         with run_sshd(tmp / "sshd") as sshd, DelayProxy(sshd.port, args.rtt_ms / 2000) as proxy:
             results = measure(args, tmp, src, sshd, proxy.port)
@@ -115,14 +173,17 @@ def measure(args: argparse.Namespace, tmp: Path, src: Path, sshd: LocalSshd, por
 
     # --- first upload: ours (connection already open, as after wait-until-ready) vs rsync -az
     layout = RemoteLayout("bench-000001", str(tmp / "remote-ours"))
-    ours_first = timed(lambda: sync.upload(node, src, layout))
+    state: list[sync.SyncState] = []
+    ours_first = timed(lambda: state.append(sync.upload(node, src, layout)[1]))
     control = tmp / "cm.sock"
     ssh = ssh_cmd(sshd, port, control)
     rsync_dst = tmp / "remote-rsync"
     rsync = ["rsync", "-az", "-e", " ".join(ssh), f"{src}/", f"{sshd.user}@127.0.0.1:{rsync_dst}/"]
     rsync_first = timed(lambda: subprocess.run(rsync, check=True))
-    out.append(f"first upload        ours {ours_first:6.2f} s   rsync -az {rsync_first:6.2f} s   "
-               f"ratio {ours_first / rsync_first:.2f}   (target <= 0.6)")
+    out.append(
+        f"first upload        ours {ours_first:6.2f} s   rsync -az {rsync_first:6.2f} s   "
+        f"ratio {ours_first / rsync_first:.2f}   (target <= 0.6)"
+    )
 
     # --- re-sync after 10 files change, both over a reused connection
     changed = sorted(src.rglob("*.py"))[:10]
@@ -130,7 +191,8 @@ def measure(args: argparse.Namespace, tmp: Path, src: Path, sshd: LocalSshd, por
     for round_ in range(3):
         for p in changed:
             p.write_text(p.read_text() + f"\n# change {round_}\n")
-        ours_re.append(timed(lambda: sync.upload(node, src, layout)))
+        # As the runner does: the state of the last sync to this VM comes back in.
+        ours_re.append(timed(lambda: state.append(sync.upload(node, src, layout, previous=state[-1])[1])))
         rsync_re.append(timed(lambda: subprocess.run(rsync, check=True)))
     o, r = statistics.median(ours_re), statistics.median(rsync_re)
     out.append(f"re-sync 10 files    ours {o:6.2f} s   rsync -az {r:6.2f} s   ratio {o / r:.2f}   (target <= 1.0)")
@@ -156,9 +218,11 @@ def measure(args: argparse.Namespace, tmp: Path, src: Path, sshd: LocalSshd, por
 
     per_file = timed(put_sample) / len(sample)
     fabric_all = per_file * len(files)
-    out.append(f"2,000 small files   ours {ours_small:6.2f} s   Fabric put {fabric_all:7.1f} s "
-               f"({per_file * 1000:.0f} ms/file x {len(files)}, sampled)   speedup {fabric_all / ours_small:.0f}x "
-               "(target >= 100x)")
+    out.append(
+        f"2,000 small files   ours {ours_small:6.2f} s   Fabric put {fabric_all:7.1f} s "
+        f"({per_file * 1000:.0f} ms/file x {len(files)}, sampled)   speedup {fabric_all / ours_small:.0f}x "
+        "(target >= 100x)"
+    )
 
     # --- 200 MB artifact download: ours vs Fabric get with defaults
     out_dir = tmp / "remote-ours" / "bench-000001" / "outputs"
@@ -167,8 +231,10 @@ def measure(args: argparse.Namespace, tmp: Path, src: Path, sshd: LocalSshd, por
     ours_dl = timed(lambda: artifacts.collect(node, layout, tmp / "artifacts"))
     fabric_dl = timed(lambda: conn.get(str(out_dir / "model.bin"), str(tmp / "fabric-model.bin")))
     assert (tmp / "artifacts" / "model.bin").read_bytes() == (tmp / "fabric-model.bin").read_bytes()
-    out.append(f"{args.blob_mb} MB download     ours {ours_dl:6.2f} s   Fabric get {fabric_dl:6.2f} s   "
-               f"ratio {ours_dl / fabric_dl:.2f}   (target <= 0.5)")
+    out.append(
+        f"{args.blob_mb} MB download     ours {ours_dl:6.2f} s   Fabric get {fabric_dl:6.2f} s   "
+        f"ratio {ours_dl / fabric_dl:.2f}   (target <= 0.5)"
+    )
     conn.close()
     node.close()
 
@@ -176,18 +242,22 @@ def measure(args: argparse.Namespace, tmp: Path, src: Path, sshd: LocalSshd, por
     direct = Node(Endpoint("bench", "127.0.0.1", sshd.port, sshd.user, sshd.host_key.public, sshd.client_key))
     job = tmp / "latency"
     job.mkdir()
-    (job / "job.py").write_text("import time\nfor i in range(20):\n    print(repr(time.time()), flush=True)\n"
-                                "    time.sleep(0.1)\n")
+    (job / "job.py").write_text(
+        "import time\nfor i in range(20):\n    print(repr(time.time()), flush=True)\n    time.sleep(0.1)\n"
+    )
     lay = RemoteLayout("bench-000003", str(tmp / "remote-latency"))
     sync.upload(direct, job, lay)
-    env = run.job_env(run_id=lay.run_id, layout=lay, rank=0, num_nodes=1, master_addr="127.0.0.1", user_env={},
-                      secrets={})
+    env = run.job_env(
+        run_id=lay.run_id, layout=lay, rank=0, num_nodes=1, master_addr="127.0.0.1", user_env={}, secrets={}
+    )
     delays: list[float] = []
     run.start_phase(direct, lay, "run", ["python3 job.py"], env)
     run.follow(direct, lay, "run", run.LogSink(lambda line: delays.append(time.time() - float(line))))
     direct.close()
-    out.append(f"log line latency    median {statistics.median(delays) * 1000:.0f} ms, "
-               f"max {max(delays) * 1000:.0f} ms over {len(delays)} lines   (target <= 500 ms)")
+    out.append(
+        f"log line latency    median {statistics.median(delays) * 1000:.0f} ms, "
+        f"max {max(delays) * 1000:.0f} ms over {len(delays)} lines   (target <= 500 ms)"
+    )
     return out
 
 

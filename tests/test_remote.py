@@ -337,11 +337,12 @@ def test_an_escaping_symlink_in_outputs_refuses_the_whole_collection(vms: Emulat
 def _stream(members: list[tuple[tarfile.TarInfo, bytes]], manifest: str) -> io.BytesIO:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    with tarfile.open(fileobj=buf, mode="w") as tar:  # a second archive, as the VM sends it
         info = tarfile.TarInfo(artifacts.MANIFEST)
         info.size = len(manifest)
         tar.addfile(info, io.BytesIO(manifest.encode()))
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if data else None)
     buf.seek(0)
     return buf
 
@@ -373,6 +374,16 @@ def test_hostile_tar_members_are_refused(tmp_path: Path, member: tuple[tarfile.T
     with pytest.raises(artifacts.ArtifactError):
         artifacts.extract_verified(_stream([member], ""), tmp_path / "dest")
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "escape.txt").exists()
+
+
+def test_a_stream_without_its_manifest_is_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info, data = _member("a.txt", data=b"hello")
+        tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    with pytest.raises(artifacts.ArtifactError, match="without its manifest"):
+        artifacts.extract_verified(buf, tmp_path / "d")
 
 
 def test_a_file_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""Artifacts down: the run's outputs as one (zstd) tar stream with a sha256 manifest made on the VM.
+"""Artifacts down: the outputs as one (zstd) tar stream with a sha256 manifest made on the VM.
 
-The manifest is the first member of the stream; every file is checked against it after
-extraction. Extraction uses tarfile's `data` filter, and any member it would have to alter (an
-absolute path, `..`, a link out of the folder, a device file) makes the whole collection fail
+The manifest is made on the VM while the files stream and travels as the stream's last member;
+every file is checked against it after extraction. Extraction uses tarfile's `data` filter, and
+any member it would have to alter (an absolute path, `..`, a link out of the folder, a device
+file) makes the whole collection fail
 rather than be skipped: artifacts that arrive are exactly what the VM had, or nothing arrives.
 Files land in a temporary folder first and replace the destination only once verified.
 """
@@ -10,6 +11,7 @@ Files land in a temporary folder first and replace the destination only once ver
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import tarfile
 import tempfile
@@ -40,17 +42,19 @@ class CollectReport:
 
 
 def collect_command(layout: RemoteLayout, extra: list[str]) -> str:
-    """The VM side: hash everything, then tar the manifest first and the files after it."""
+    """The VM side: stream the files while hashing them alongside, then append the manifest.
+
+    Two tar archives back to back (files, then the manifest) so hashing does not delay the first
+    byte; the reader takes concatenated archives (ignore_zeros)."""
     root = rq(layout.root)
     extras = " ".join(rq(f"job/{p}") for p in extra)
-    # outputs/ lands at the top of the artifacts folder, extra paths under job/.
+    hash_extras = f"find {extras} -type f -print0 2>/dev/null | xargs -0 -r sha256sum ; " if extra else ""
     return (
         f"cd {root} && mkdir -p outputs && "
-        f"{{ (cd outputs && find . -type f -print0 | xargs -0 -r sha256sum) ; "
-        + (f"find {extras} -type f -print0 2>/dev/null | xargs -0 -r sha256sum ; " if extra else "")
-        + f"}} > {MANIFEST} && "
-        f"{{ command -v zstd >/dev/null 2>&1 && Z='zstd -1 -T0 -c' || Z=cat; }} && "
-        f"tar -c -f - {MANIFEST} -C outputs . " + (f"-C .. {extras} " if extra else "") + "| $Z"
+        "{ command -v zstd >/dev/null 2>&1 && Z='zstd -1 -T0 -q -c' || Z=cat; } && "
+        f"{{ {{ (cd outputs && find . -type f -print0 | xargs -0 -r sha256sum) ; {hash_extras}}} > {MANIFEST} & "
+        f"H=$!; tar -c -f - -C outputs . {('-C .. ' + extras) if extra else ''} && wait $H && "
+        f"tar -c -f - {MANIFEST}; }} | $Z"
     )
 
 
@@ -62,27 +66,30 @@ def _chunks(chan: object) -> Iterator[bytes]:
         yield data
 
 
-class _ChannelReader:
-    """A file-like view of a channel (optionally zstd-decoded) for tarfile's stream mode."""
+class _ChannelRaw(io.RawIOBase):
+    """The channel's bytes as a raw stream; wrapped in a BufferedReader so tarfile's many small
+    reads cost no copying of large buffers."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buf = b""
+        self._chunk = memoryview(b"")
         self.wire = 0
 
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._chunk:
             try:
-                chunk = next(self._chunks)
+                data = next(self._chunks)
             except StopIteration:
-                break
-            self.wire += len(chunk)
-            self._buf += chunk
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+                return 0
+            self.wire += len(data)
+            self._chunk = memoryview(data)
+        n = min(len(buffer), len(self._chunk))
+        buffer[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n
 
 
 def _parse_manifest(text: str) -> dict[str, str]:
@@ -95,16 +102,14 @@ def _parse_manifest(text: str) -> dict[str, str]:
 
 
 def extract_verified(stream: object, dest: Path) -> tuple[int, int]:
-    """Extract a tar stream whose first member is the manifest into `dest`; (files, bytes)."""
+    """Extract a tar stream that carries its manifest (as its last member) into `dest`; (files, bytes)."""
     files = total = 0
     manifest: dict[str, str] | None = None
     seen: dict[str, str] = {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as tar:  # type: ignore[call-overload]
         for member in tar:
             name = str(PurePosixPath(member.name.removeprefix("./")))
-            if manifest is None:
-                if name != MANIFEST or not member.isfile():
-                    raise ArtifactError("The artifact stream does not start with its manifest; refusing it.")
+            if name == MANIFEST and manifest is None and member.isfile():
                 f = tar.extractfile(member)
                 manifest = _parse_manifest(f.read().decode() if f else "")
                 continue
@@ -132,7 +137,7 @@ def extract_verified(stream: object, dest: Path) -> tuple[int, int]:
             files += 1
             total += member.size
     if manifest is None:
-        raise ArtifactError("The artifact stream was empty.")
+        raise ArtifactError("The artifact stream ended without its manifest (cut short?); refusing it.")
     missing = sorted(set(manifest) - set(seen))
     bad = sorted(n for n, d in seen.items() if manifest.get(n) != d)
     if missing or bad:
@@ -157,11 +162,11 @@ def collect(
         tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest.parent))
         try:
             chan = node.channel(collect_command(layout, extra or []))
-            reader = _ChannelReader(_chunks(chan))
-            first = reader.read(4)
-            stream: Any = _Prefixed(first, reader)
-            if first == b"\x28\xb5\x2f\xfd":  # zstd's frame magic: the VM had zstd
-                stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+            raw = _ChannelRaw(_chunks(chan))
+            reader = io.BufferedReader(raw, 1 << 20)
+            stream: Any = reader
+            if reader.peek(4)[:4] == b"\x28\xb5\x2f\xfd":  # zstd's frame magic: the VM had zstd
+                stream = zstandard.ZstdDecompressor().stream_reader(reader, read_across_frames=True)
             files, total = extract_verified(stream, tmp)
             code = chan.recv_exit_status()
             if code == -1:
@@ -172,7 +177,7 @@ def collect(
             if dest.exists():
                 shutil.rmtree(dest)
             tmp.rename(dest)
-            return CollectReport(files, total, reader.wire, time.monotonic() - t0, dest)
+            return CollectReport(files, total, raw.wire, time.monotonic() - t0, dest)
         except (ConnectionLost, OSError, EOFError, tarfile.ReadError) as e:
             last = e
             node.reconnect()
@@ -180,20 +185,3 @@ def collect(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     raise ArtifactError(f"Collecting artifacts from {node.ep.name} failed {retries} times: {last}")
-
-
-class _Prefixed:
-    def __init__(self, head: bytes, rest: _ChannelReader) -> None:
-        self._head = head
-        self._rest = rest
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            if n < 0:
-                out, self._head = self._head + self._rest.read(-1), b""
-                return out
-            out, self._head = self._head[:n], self._head[n:]
-            if len(out) < n:
-                out += self._rest.read(n - len(out))
-            return out
-        return self._rest.read(n)

@@ -55,6 +55,9 @@ class ConnectOptions:
     # paramiko's default 2 MB receive window caps downloads at 2 MB per round trip; 8 MB was
     # 2.3-3.6x faster at 50 ms (DESIGN.md). Larger was slower on loopback, so it is a setting.
     window_bytes: int = 8 << 20
+    # The largest SSH packet we accept. OpenSSH sends up to what we advertise; fewer, larger packets
+    # mean less per-packet work in paramiko's (Python) receive path.
+    max_packet_bytes: int = 32 << 10
     first_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
 
@@ -98,7 +101,7 @@ def open_connection(ep: Endpoint, opts: ConnectOptions) -> Any:
             "banner_timeout": opts.connect_timeout_s,
             "auth_timeout": opts.connect_timeout_s,
             "transport_factory": lambda sock, **kw: paramiko.Transport(
-                sock, default_window_size=opts.window_bytes, **kw
+                sock, default_window_size=opts.window_bytes, default_max_packet_size=opts.max_packet_bytes, **kw
             ),
         },
     )
