@@ -143,6 +143,8 @@ def run(obj: Ctx, spec: JobSpec) -> None:
     printer = ProgressPrinter(obj.as_json)
     outcome = lifecycle.run(spec, obj.target_obj(), on_event=printer.event, emit=printer.log, say=printer.say)
     printer.finished(outcome)
+    if outcome.error:
+        raise JobFailed(outcome.error, EXIT_JOB_FAILED)
     if outcome.exit_code != 0:
         raise JobFailed(
             f"The job failed in {outcome.failed_phase} with exit code {outcome.exit_code}. "

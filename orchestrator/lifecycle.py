@@ -251,6 +251,7 @@ class RunOutcome:
     metrics: dict[str, Any]
     seconds: float
     torn_down: bool
+    error: str = ""  # collecting artifacts failed (the job's own result is in exit_code)
 
 
 def run(
@@ -317,6 +318,7 @@ def run(
             outcome.metrics,
             time.monotonic() - t0,
             torn_down,
+            outcome.error,
         )
 
 

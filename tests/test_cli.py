@@ -187,3 +187,13 @@ def test_a_missing_secret_is_bad_input_before_anything_is_created(tmp_path: Path
     r = cli("--target", "local", "--state-dir", str(state), "run", str(job))
     assert r.returncode == 2 and "API_TOKEN not set in your environment" in r.stderr
     assert not (state / "emulator" / "store.json").exists()
+
+
+def test_hostile_outputs_fail_the_run_but_not_the_teardown(tmp_path: Path) -> None:
+    script = "import os\nos.symlink('/etc/passwd', os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'leak'))\n"
+    job = write_job(tmp_path, script)
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job), env={"API_TOKEN": "x"})
+    assert r.returncode == 1 and "Refusing the artifacts" in r.stderr and "unsafe" in r.stderr
+    assert "all resources deleted" in r.stderr
+    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}

@@ -316,12 +316,20 @@ def test_artifacts_come_home_verified(vms: EmulatedVms, tmp_path: Path) -> None:
     job = vms.home() / "orch" / vms.run_id / "job"
     job.mkdir(parents=True)
     (job / "train.log").write_text("log")
-    report = artifacts.collect(node, vms.layout, tmp_path / "artifacts", ["train.log"])
+    report = artifacts.collect(node, vms.layout, tmp_path / "artifacts", ["train.log", "never-written.log"])
     dest = tmp_path / "artifacts"
     assert (dest / "metrics.json").read_text() == '{"acc": 0.99}'
     assert (dest / "sub" / "model.pt").read_bytes() == (out / "sub" / "model.pt").read_bytes()
     assert (dest / "job" / "train.log").read_text() == "log"
     assert report.files == 3
+
+
+def test_outputs_alone_come_home(vms: EmulatedVms, tmp_path: Path) -> None:
+    out = vms.home() / "orch" / vms.run_id / "outputs"
+    out.mkdir(parents=True)
+    (out / "only.txt").write_text("x")
+    report = artifacts.collect(vms.nodes[0], vms.layout, tmp_path / "artifacts")
+    assert report.files == 1 and (tmp_path / "artifacts" / "only.txt").read_text() == "x"
 
 
 def test_an_escaping_symlink_in_outputs_refuses_the_whole_collection(vms: EmulatedVms, tmp_path: Path) -> None:

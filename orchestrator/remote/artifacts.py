@@ -47,13 +47,14 @@ def collect_command(layout: RemoteLayout, extra: list[str]) -> str:
     Two tar archives back to back (files, then the manifest) so hashing does not delay the first
     byte; the reader takes concatenated archives (ignore_zeros)."""
     root = rq(layout.root)
-    extras = " ".join(rq(f"job/{p}") for p in extra)
-    hash_extras = f"find {extras} -type f -print0 2>/dev/null | xargs -0 -r sha256sum ; " if extra else ""
+    # Extra paths that do not exist (a job that wrote no log) are left out, not an error.
+    pick = "set --; " + "".join(f'[ -e {rq(f"job/{p}")} ] && set -- "$@" {rq(f"job/{p}")}; ' for p in extra)
+    hash_extras = 'if [ $# -gt 0 ]; then find "$@" -type f -print0 | xargs -0 -r sha256sum; fi; '
     return (
-        f"cd {root} && mkdir -p outputs && "
+        f"cd {root} && mkdir -p outputs && {pick}"
         "{ command -v zstd >/dev/null 2>&1 && Z='zstd -1 -T0 -q -c' || Z=cat; } && "
         f"{{ {{ (cd outputs && find . -type f -print0 | xargs -0 -r sha256sum) ; {hash_extras}}} > {MANIFEST} & "
-        f"H=$!; tar -c -f - -C outputs . {('-C .. ' + extras) if extra else ''} && wait $H && "
+        'H=$!; tar -c -f - -C outputs . ${1:+-C ..} "$@" && wait $H && '
         f"tar -c -f - {MANIFEST}; }} | $Z"
     )
 

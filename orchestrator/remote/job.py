@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from orchestrator.errors import UserInputError
 from orchestrator.remote import artifacts, run, sync
-from orchestrator.remote.connect import Node
+from orchestrator.remote.connect import Node, SshError
 from orchestrator.remote.layout import RemoteLayout
 from orchestrator.spec import JobSpec
 
@@ -171,7 +171,11 @@ class JobRunner:
                 self.say(f"run: {self.spec.run}")
                 outcome.phases.append(self.phase("run", [self.spec.run]))
         finally:
-            outcome.artifacts = self.collect(artifacts_dir)
+            try:
+                outcome.artifacts = self.collect(artifacts_dir)
+            except (artifacts.ArtifactError, SshError) as e:
+                # Reported beside the job's own result, which must not be hidden by it.
+                outcome.error = str(e)
             metrics = artifacts_dir / "metrics.json"
             if metrics.is_file():
                 try:
