@@ -9,6 +9,7 @@ import functools
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -57,6 +58,7 @@ def _job_command(f: Any) -> Any:
         spot: bool | None,
         nodes: int | None,
         ssh_cidrs: tuple[str, ...],
+        **extra: Any,
     ) -> None:
         from orchestrator.spec import Overrides, load_spec
 
@@ -68,7 +70,7 @@ def _job_command(f: Any) -> Any:
 
             print_plan(lifecycle.dry_run(spec), as_json=obj.as_json)
             return
-        f(obj, spec)
+        f(obj, spec, **extra)
 
     options = [
         click.argument("job", type=click.Path(dir_okay=True)),
@@ -130,18 +132,41 @@ def cli(
 
 
 @cli.command()
+@click.option(
+    "--artifacts",
+    "artifacts_dir",
+    type=click.Path(file_okay=False),
+    help="Where the outputs land (default: <state dir>/runs/<run id>/artifacts).",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    help="Refuse to upload a job folder larger than this.",
+)
+@click.option("--keep", is_flag=True, help="Leave the resources up afterwards (their expiry tag still stands).")
 @_job_command
-def run(obj: Ctx, spec: JobSpec) -> None:
+def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, keep: bool) -> None:
     """Provision, sync the code, set up, train with live logs, collect artifacts, tear down.
 
-    Teardown always runs, also when training fails or you press Ctrl-C.
+    Teardown always runs, also when training fails or you press Ctrl-C (unless --keep).
     """
     from orchestrator import lifecycle
     from orchestrator.errors import EXIT_JOB_FAILED
     from orchestrator.ui import ProgressPrinter
 
     printer = ProgressPrinter(obj.as_json)
-    outcome = lifecycle.run(spec, obj.target_obj(), on_event=printer.event, emit=printer.log, say=printer.say)
+    outcome = lifecycle.run(
+        spec,
+        obj.target_obj(),
+        on_event=printer.event,
+        emit=printer.log,
+        say=printer.say,
+        keep=keep,
+        upload_limit=max_upload_mb << 20,
+        artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
+    )
     printer.finished(outcome)
     if outcome.error:
         raise JobFailed(outcome.error, EXIT_JOB_FAILED)

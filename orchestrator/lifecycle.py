@@ -264,6 +264,8 @@ def run(
     keep: bool = False,
     run_id: str | None = None,
     layout_base: str = "~/orch",
+    upload_limit: int = 2 << 30,
+    artifacts_dir: Path | None = None,
 ) -> RunOutcome:
     """Provision, sync, set up, train, collect, and always tear down (unless keep)."""
     import time
@@ -299,10 +301,11 @@ def run(
                 emit=emit,
                 say=say,
                 secrets=secrets,
+                upload_limit=upload_limit,
             )
             runner.connect()
             say("connected")
-            outcome = runner.execute(folder / "artifacts")
+            outcome = runner.execute(artifacts_dir or folder / "artifacts")
         finally:
             for node in nodes:
                 node.close()

@@ -197,3 +197,24 @@ def test_hostile_outputs_fail_the_run_but_not_the_teardown(tmp_path: Path) -> No
     assert r.returncode == 1 and "Refusing the artifacts" in r.stderr and "unsafe" in r.stderr
     assert "all resources deleted" in r.stderr
     assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+
+
+def test_run_flags_artifacts_dir_upload_limit_and_keep(tmp_path: Path) -> None:
+    script = "import os\nopen(os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'out.txt'), 'w').write('o')\n"
+    job = write_job(tmp_path, script)
+    (job.parent / "data.bin").write_bytes(b"x" * (2 << 20))
+    state = tmp_path / "state"
+    base = ["--target", "local", "--state-dir", str(state), "--json", "run", str(job)]
+    r = cli(*base, "--max-upload-mb", "1", env={"API_TOKEN": "x"})
+    assert r.returncode == 2 and "over the 1 MB upload limit" in r.stderr and "data.bin" in r.stderr
+    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}, "torn down"
+    (job.parent / ".orchestratorignore").write_text("*.bin\n")
+    dest = tmp_path / "mine"
+    r = cli(*base, "--artifacts", str(dest), "--keep", env={"API_TOKEN": "x"})
+    assert r.returncode == 0, r.stderr
+    finished = json.loads(r.stdout.splitlines()[-1])
+    assert finished["event"] == "finished" and finished["torn_down"] is False
+    assert (dest / "out.txt").read_text() == "o"
+    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] != {}, "kept"
+    assert cli("--target", "local", "--state-dir", str(state), "down", finished["run_id"]).returncode == 0
+    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
