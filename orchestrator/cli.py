@@ -58,11 +58,12 @@ def _job_command(f: Any) -> Any:
         spot: bool | None,
         nodes: int | None,
         ssh_cidrs: tuple[str, ...],
+        env: tuple[str, ...],
         **extra: Any,
     ) -> None:
         from orchestrator.spec import Overrides, load_spec
 
-        overrides = Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs)
+        overrides = Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs, env=env)
         spec = load_spec(job, overrides)
         if obj.dry_run or dry_run_here:
             from orchestrator import lifecycle
@@ -79,6 +80,13 @@ def _job_command(f: Any) -> Any:
         click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size)."),
         click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot)."),
         click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`)."),
+        click.option(
+            "--env",
+            "env",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Set an environment variable for the job (repeatable; overrides `env`).",
+        ),
         click.option(
             "--ssh-cidr",
             "ssh_cidrs",

@@ -365,13 +365,21 @@ class JobSpec(_Strict):
             raise ValueError("a secret is listed twice")
         return v
 
-    @field_validator("artifacts", "workdir")
+    @field_validator("artifacts")
     @classmethod
-    def _relative(cls, v: Any) -> Any:
-        for p in [v] if isinstance(v, str) else v:
+    def _inside(cls, v: list[str]) -> list[str]:
+        for p in v:
             pure = PurePosixPath(p)
             if pure.is_absolute() or ".." in pure.parts:
-                raise ValueError(f"'{p}' must be a relative path inside the job's folder (no '/' start, no '..')")
+                raise ValueError(f"'{p}' must be a relative path inside the workdir (no '/' start, no '..')")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        # May go up (`..`): a job.yaml in jobs/x/ often runs code from the repository root.
+        if PurePosixPath(v).is_absolute():
+            raise ValueError(f"'{v}' must be relative to the job file's folder")
         return v
 
     @field_validator("max_duration", mode="before")
@@ -403,9 +411,19 @@ class Overrides:
     spot: bool | None = None
     nodes: int | None = None
     ssh_cidrs: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()  # KEY=VALUE
 
     def apply(self, data: dict[str, Any]) -> dict[Loc, str]:
         applied: dict[Loc, str] = {}
+        if self.env:
+            env = data.setdefault("env", {})
+            if isinstance(env, dict):
+                for item in self.env:
+                    name, sep, text = item.partition("=")
+                    if not sep:
+                        raise SpecError([SpecProblem("--env", "env", f"'{item}' is not KEY=VALUE")])
+                    env[name] = text
+                    applied[("env", name)] = "--env"
         if self.ssh_cidrs:
             ssh = data.setdefault("ssh", {})
             if isinstance(ssh, dict):
@@ -414,16 +432,17 @@ class Overrides:
         res = data.setdefault("resources", {})
         if not isinstance(res, dict):
             return applied
-        for loc, flag, value in (
+        flag_values: tuple[tuple[Loc, str, object], ...] = (
             (("resources", "region"), "--region", self.region),
             (("resources", "vm_size"), "--vm-size", self.vm_size),
             (("resources", "spot"), "--spot", self.spot),
             (("nodes",), "--nodes", self.nodes),
-        ):
+        )
+        for loc, flag, value in flag_values:
             if value is None:
                 continue
             target = data if len(loc) == 1 else res
-            target[loc[-1]] = value
+            target[str(loc[-1])] = value
             applied[loc] = flag
         return applied
 
@@ -503,9 +522,9 @@ def _check_files(spec: JobSpec, doc: LinedDocument, filename: str) -> None:
     workdir = spec.workdir_path
     if not workdir.is_dir():
         problems.append(SpecProblem(f"{filename}:{doc.line_of(('workdir',))}", "workdir", f"no folder {workdir}"))
-    elif not workdir.is_relative_to(base.resolve()):
+    elif workdir == Path(workdir.anchor):
         where = f"{filename}:{doc.line_of(('workdir',))}"
-        problems.append(SpecProblem(where, "workdir", "resolves outside the job's folder (a symlink?)"))
+        problems.append(SpecProblem(where, "workdir", "is the filesystem root; point it at the job's code"))
     if spec.ssh.private_key is not None:
         key = Path(spec.ssh.private_key).expanduser()
         key = key if key.is_absolute() else base / key

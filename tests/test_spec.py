@@ -87,6 +87,7 @@ def test_minimal_job_gets_the_documented_defaults(job_dir: Callable[[str], Path]
         ("name: demo\nrun: x\nresources:\n  zone: 4\n", "job.yaml:4", "zone must be 1, 2 or 3"),
         ("name: demo\nrun: x\nartifacts: [../secrets]\n", "job.yaml:3", "relative path inside"),
         ("name: demo\nrun: x\nartifacts: [/etc/passwd]\n", "job.yaml:3", "relative path inside"),
+        ("name: demo\nrun: x\nworkdir: /srv/code\n", "job.yaml:3", "must be relative"),
         ("name: demo\nrun: x\nworkdir: missing\n", "job.yaml:3", "no folder"),
         ("name: demo\nrun: x\nmax_duration: forever\n", "job.yaml:3", "not a duration"),
         ("name: demo\nrun: x\nssh:\n  allowed_cidrs: [my-laptop]\n", "job.yaml:4", "not an IP address"),
@@ -172,3 +173,11 @@ def test_durations(text: str | int, seconds: int) -> None:
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_env_flags_override_and_are_blamed_by_flag(job_dir: Callable[[str], Path]) -> None:
+    path = job_dir("name: demo\nrun: x\nenv:\n  DATASET: mnist\n")
+    spec = load_spec(path, Overrides(env=("DATASET=digits", "EXTRA=1")))
+    assert spec.env == {"DATASET": "digits", "EXTRA": "1"}
+    assert "not KEY=VALUE" in error_of(job_dir, "name: demo\nrun: x\n", Overrides(env=("NOEQUALS",)))
+    assert error_of(job_dir, "name: demo\nrun: x\n", Overrides(env=("ORCH_X=1",))).startswith("--env: env.ORCH_X")

@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -220,7 +221,9 @@ class SshHosts:
             "USER": host.user,
             "LOGNAME": host.user,
             "SHELL": "/bin/bash",
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            # This machine's tools, the orchestrator's own Python first: an emulated VM is "an image
+            # with Python and the job's packages", so setup's pip finds them already satisfied.
+            "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "LANG": "C.UTF-8",
         }
         proc = await asyncio.create_subprocess_exec(
