@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==26.3
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,jobs]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -18,28 +18,29 @@ install: $(STAMP)
 # (the real Azure SDK, an emulated VM reached over real SSH), then proof that nothing is left.
 DEMO_STATE := $(CURDIR)/.orchestrator-demo
 ORCH       := $(BIN)/orchestrator --state-dir $(DEMO_STATE)
-DEMO_JOB   ?= jobs/smoke/job.yaml
+DEMO_JOB   ?= jobs/mnist-cnn/job.yaml
 
 demo: $(STAMP)
 	$(ORCH) run $(DEMO_JOB) --dry-run --ssh-cidr 127.0.0.1/32
 	@echo; echo "== orchestrator --target local run $(DEMO_JOB) =="
-	$(ORCH) --target local run $(DEMO_JOB) --ssh-cidr 127.0.0.1/32
+	$(ORCH) --target local run $(DEMO_JOB) --ssh-cidr 127.0.0.1/32 --env DATASET=digits
 	@echo; echo "== what is left (orchestrator gc --all --dry-run) =="
 	$(ORCH) --target local gc --all --dry-run
 
 test: $(STAMP)
-	$(BIN)/ruff check orchestrator tests bench
+	$(BIN)/ruff check orchestrator tests bench jobs
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator tests bench
-	$(BIN)/ruff format --check orchestrator tests bench
+	$(BIN)/ruff check orchestrator tests bench jobs
+	$(BIN)/ruff format --check orchestrator tests bench jobs
 	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/provision.py
 	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -268,8 +268,41 @@ def _say(obj: Ctx, payload: dict[str, Any], text: str) -> None:
         click.echo(text)
 
 
+_GLOBAL_FLAGS = {"--json", "--debug"}
+_GLOBAL_OPTIONS = {"--target", "--subscription", "--state-dir"}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Let global options follow the command too (`orchestrator run job.yaml --json`)."""
+    commands = set(cli.commands)
+    head: list[str] = []
+    rest: list[str] = []
+    seen_command = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if seen_command and name in _GLOBAL_FLAGS:
+            head.append(arg)
+        elif seen_command and name in _GLOBAL_OPTIONS:
+            head.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                head.append(argv[i + 1])
+                i += 1
+        else:
+            if arg in commands:
+                seen_command = True
+            rest.append(arg)
+        i += 1
+    return head + rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    argv = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv
     try:
         cli.main(args=argv, prog_name="orchestrator", standalone_mode=False)
         return 0

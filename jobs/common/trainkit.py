@@ -46,11 +46,16 @@ MNIST_FILES = {  # name -> expected size in bytes (gzip)
 }
 
 
-def arguments(description: str, *, epochs: int, batch_size: int, lr: float,
-              checkpoint_every: int = 50) -> argparse.ArgumentParser:
+def arguments(
+    description: str, *, epochs: int, batch_size: int, lr: float, checkpoint_every: int = 50
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dataset", choices=["digits", "mnist"], default="digits",
-                   help="digits: bundled with scikit-learn, offline; mnist: downloaded (needs network)")
+    p.add_argument(
+        "--dataset",
+        choices=["digits", "mnist"],
+        default="digits",
+        help="digits: bundled with scikit-learn, offline; mnist: downloaded (needs network)",
+    )
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=lr)
@@ -59,8 +64,11 @@ def arguments(description: str, *, epochs: int, batch_size: int, lr: float,
     p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps (to test resume)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--data-dir", default=os.environ.get("ORCH_DATA_DIR", str(Path.home() / ".cache" / "orch-data")))
-    p.add_argument("--seed-style", action="store_true",
-                   help="plain fp32 loop with a CPU DataLoader (the throughput benchmark's baseline)")
+    p.add_argument(
+        "--seed-style",
+        action="store_true",
+        help="plain fp32 loop with a CPU DataLoader (the throughput benchmark's baseline)",
+    )
     return p
 
 
@@ -108,8 +116,7 @@ def setup(args: argparse.Namespace) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = not args.seed_style
     if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
-                                             world_size=world)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     seed_everything(args.seed)
     out = Path(os.environ.get("ORCH_OUTPUT_DIR", "outputs"))
     ckpt = Path(os.environ.get("ORCH_CHECKPOINT_DIR", "checkpoints"))
@@ -222,8 +229,9 @@ class _Indices(torch.utils.data.Dataset[int]):
 def epoch_batches(n: int, batch_size: int, epoch: int, rt: Runtime, seed: int) -> list[torch.Tensor]:
     """This rank's batches of indices for `epoch`: shuffled by (seed, epoch), so a resumed run sees the
     same order; sharded across ranks by DistributedSampler."""
-    sampler = torch.utils.data.DistributedSampler(_Indices(n), num_replicas=rt.world_size, rank=rt.rank,
-                                                  shuffle=True, seed=seed, drop_last=False)
+    sampler = torch.utils.data.DistributedSampler(
+        _Indices(n), num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed, drop_last=False
+    )
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler))
     return list(order.split(batch_size))
@@ -293,8 +301,12 @@ class Checkpoints:
             return
         state = {
             "position": pos.__dict__,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
             "modules": {k: _unwrap(m).state_dict() for k, m in modules.items()},
         }
         path = self.dir / f"{self.name}-{pos.global_step:08d}.pt"
@@ -410,8 +422,16 @@ class Stopped(Exception):
     """--stop-after reached: the run ends here with a checkpoint, as if it were interrupted."""
 
 
-def fit_classifier(args: argparse.Namespace, rt: Runtime, model: torch.nn.Module, train: Split, test: Split,
-                   *, image_model: bool = True, shift: int = 0) -> dict[str, Any]:
+def fit_classifier(
+    args: argparse.Namespace,
+    rt: Runtime,
+    model: torch.nn.Module,
+    train: Split,
+    test: Split,
+    *,
+    image_model: bool = True,
+    shift: int = 0,
+) -> dict[str, Any]:
     """Train with cross-entropy and Adam, checkpointing and resuming exactly; returns the metrics."""
     model.to(rt.device)
     cuda_fast = rt.fast and rt.device.type == "cuda"
@@ -419,8 +439,9 @@ def fit_classifier(args: argparse.Namespace, rt: Runtime, model: torch.nn.Module
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = model
     if rt.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda"
-                                                        else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device] if rt.device.type == "cuda" else None
+        )
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     modules = {"model": model, "optimizer": opt}
     ckpt = Checkpoints(rt, args.checkpoint_every)
@@ -432,7 +453,8 @@ def fit_classifier(args: argparse.Namespace, rt: Runtime, model: torch.nn.Module
         if rt.fast:
             steps: Iterator[tuple[torch.Tensor, ...]] = (
                 (data.x[idx], data.y[idx])
-                for idx in epoch_batches(len(data), args.batch_size, pos.epoch, rt, args.seed)[pos.step_in_epoch:])
+                for idx in epoch_batches(len(data), args.batch_size, pos.epoch, rt, args.seed)[pos.step_in_epoch :]
+            )
         else:
             steps = seed_style_loader(data, args.batch_size, args.seed, pos.epoch)
         for x, y in steps:
@@ -455,8 +477,10 @@ def fit_classifier(args: argparse.Namespace, rt: Runtime, model: torch.nn.Module
                 ckpt.save(pos, modules)
                 raise Stopped()
         pos.end_epoch(test_accuracy=accuracy(model, test, rt))
-        rt.log(f"epoch {pos.epoch}/{args.epochs} loss {pos.history['train_loss'][-1]:.4f} "
-               f"test_accuracy {pos.history['test_accuracy'][-1]:.4f}")
+        rt.log(
+            f"epoch {pos.epoch}/{args.epochs} loss {pos.history['train_loss'][-1]:.4f} "
+            f"test_accuracy {pos.history['test_accuracy'][-1]:.4f}"
+        )
         ckpt.save(pos, modules)
     if rt.is_main:
         torch.save(model.state_dict(), rt.output_dir / "model.pt")

@@ -16,17 +16,17 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-import trainkit as tk  # noqa: E402
+import trainkit as tk
 
 
 def data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -41,8 +41,7 @@ def data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         x_tr, y_tr = ((train.x[:, 0] + 1) / 2).numpy(), train.y.numpy()
         x_te, y_te = ((test.x[:, 0] + 1) / 2).numpy(), test.y.numpy()
     onehot = keras.utils.to_categorical
-    return (x_tr[..., None].astype("float32"), onehot(y_tr, 10), x_te[..., None].astype("float32"),
-            onehot(y_te, 10))
+    return (x_tr[..., None].astype("float32"), onehot(y_tr, 10), x_te[..., None].astype("float32"), onehot(y_te, 10))
 
 
 def build() -> Any:
@@ -97,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         if rt.is_main:
             model.save(rt.output_dir / "model.keras")
         tk.plot_history(rt, history)
-        return {"test_accuracy": history["test_accuracy"][-1], "train_loss": history["train_loss"][-1],
-                "epochs": args.epochs, "samples_per_second": round(samples / seconds, 1) if seconds else None,
-                "device": "cuda" if keras.backend.backend() == "torch" and _cuda() else "cpu",
-                "dataset": args.dataset, "backend": keras.backend.backend()}
+        return {
+            "test_accuracy": history["test_accuracy"][-1],
+            "train_loss": history["train_loss"][-1],
+            "epochs": args.epochs,
+            "samples_per_second": round(samples / seconds, 1) if seconds else None,
+            "device": "cuda" if keras.backend.backend() == "torch" and _cuda() else "cpu",
+            "dataset": args.dataset,
+            "backend": keras.backend.backend(),
+        }
 
     return tk.run_job(args, body)
 

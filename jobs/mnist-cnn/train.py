@@ -1,8 +1,8 @@
 """The MNIST CNN: two 3x3 conv layers (ReLU, 2x2 max pooling), a 512-unit layer, 10 classes.
 
-    python mnist-cnn/train.py --dataset digits      # offline, seconds on a CPU
-    python mnist-cnn/train.py --dataset mnist       # the real dataset (downloaded), >= 0.99 on a GPU
-    torchrun --nproc-per-node 2 mnist-cnn/train.py  # data parallel (DDP), rank 0 writes outputs
+python mnist-cnn/train.py --dataset digits      # offline, seconds on a CPU
+python mnist-cnn/train.py --dataset mnist       # the real dataset (downloaded), >= 0.99 on a GPU
+torchrun --nproc-per-node 2 mnist-cnn/train.py  # data parallel (DDP), rank 0 writes outputs
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-import trainkit as tk  # noqa: E402
+import trainkit as tk
 
 
 class Net(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-import trainkit as tk  # noqa: E402
+import trainkit as tk
 
 
 class RowLSTM(nn.Module):

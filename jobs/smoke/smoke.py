@@ -17,7 +17,10 @@ def gpus() -> list[dict[str, str]]:
         return []
     out = subprocess.run(
         [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     rows = []
     for line in out.stdout.strip().splitlines():

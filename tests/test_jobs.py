@@ -1,0 +1,112 @@
+"""The example jobs train for real, offline, on CPU: thresholds, outputs, exact resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def train(job: str, tmp: Path, *args: str, launcher: list[str] | None = None) -> tuple[dict[str, object], str]:
+    env = {
+        **os.environ,
+        "ORCH_OUTPUT_DIR": str(tmp / "out"),
+        "ORCH_CHECKPOINT_DIR": str(tmp / "ckpt"),
+        "OMP_NUM_THREADS": "2",
+        "KERAS_BACKEND": "torch",
+    }
+    cmd = [*(launcher or [sys.executable]), str(JOBS / job / "train.py"), "--dataset", "digits", *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False, cwd=JOBS)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    metrics_file = tmp / "out" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    return metrics, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("job", "metric", "threshold", "files"),
+    [
+        ("mnist-cnn", "test_accuracy", 0.97, ["model.pt", "curves.png"]),
+        ("seq-lstm", "test_accuracy", 0.95, ["model.pt", "curves.png"]),
+        ("dcgan", "generated_accuracy", 0.80, ["generator.pt", "samples.png", "curves.png"]),
+        ("keras-mnist", "test_accuracy", 0.95, ["model.keras", "curves.png"]),
+    ],
+)
+def test_each_job_reaches_its_offline_threshold(
+    tmp_path: Path, job: str, metric: str, threshold: float, files: list[str]
+) -> None:
+    metrics, _ = train(job, tmp_path)
+    assert float(metrics[metric]) >= threshold, metrics  # type: ignore[arg-type]
+    for name in files:
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert list((tmp_path / "ckpt").iterdir()), "checkpoints are written under ORCH_CHECKPOINT_DIR"
+
+
+def _comparable(metrics: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in metrics.items() if k != "samples_per_second"}
+
+
+@pytest.mark.parametrize(
+    ("job", "args", "stop"),
+    [
+        ("mnist-cnn", ["--epochs", "3"], "30"),  # mid-epoch: 23 steps per epoch
+        ("dcgan", ["--epochs", "3", "--checkpoint-every", "10"], "35"),
+        ("keras-mnist", ["--epochs", "3"], "2"),  # Keras resumes at epoch boundaries
+    ],
+)
+def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
+    tmp_path: Path, job: str, args: list[str], stop: str
+) -> None:
+    straight, _ = train(job, tmp_path / "straight", *args)
+    partial, out = train(job, tmp_path / "resumed", *args, "--stop-after", stop)
+    assert not partial and "stopped early" in out
+    resumed, out = train(job, tmp_path / "resumed", *args)
+    assert "resumed from" in out
+    assert _comparable(resumed) == _comparable(straight)
+
+
+def test_two_process_torchrun_with_gloo_and_only_rank_0_writes(tmp_path: Path) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    metrics, out = train("mnist-cnn", tmp_path, "--epochs", "2", launcher=launcher)
+    assert metrics["world_size"] == 2
+    assert out.count("metrics {") == 1, "only rank 0 reports"
+    assert out.count("epoch 2/2") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["curves.png", "metrics.json", "model.pt"]
+
+
+def test_idx_reader_parses_mnist_format(tmp_path: Path) -> None:
+    import gzip
+    import struct
+
+    sys.path.insert(0, str(JOBS / "common"))
+    import trainkit
+
+    raw = struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 2, 3, 4) + bytes(range(24))
+    (tmp_path / "x-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    arr = trainkit.read_idx(tmp_path / "x-idx3-ubyte.gz")
+    assert arr.shape == (2, 3, 4) and int(arr[1, 2, 3]) == 23
+    (tmp_path / "bad").write_bytes(struct.pack(">HBB", 0, 0x0D, 1) + b"\0" * 8)
+    with pytest.raises(ValueError):
+        trainkit.read_idx(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("job", ["mnist-cnn", "seq-lstm", "dcgan", "keras-mnist"])
+def test_job_files_are_valid_and_gate_on_the_published_level(job: str) -> None:
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(JOBS / job / "job.yaml")
+    assert spec.resources.size.is_gpu and spec.expect
+    assert "requirements.txt" in " ".join(spec.setup)
+    reqs = (JOBS / job / "requirements.txt").read_text().splitlines()
+    assert all("==" in line for line in reqs if line and not line.startswith("#")), "pinned"
+    if job == "mnist-cnn":
+        assert str(spec.expect["test_accuracy"]) == ">= 0.99"
