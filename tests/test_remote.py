@@ -126,11 +126,15 @@ def test_resync_trusts_its_last_state_only_while_the_vm_manifest_matches(vms: Em
     assert (job / "train.py").exists()
 
 
-def test_large_files_go_in_parallel_ranges_and_arrive_intact(
-    vms: EmulatedVms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files of 1 MB count as large and go in 1 MB ranges, so tests need no 16 MB files."""
     monkeypatch.setattr(sync, "LARGE_FILE", 1 << 20)
     monkeypatch.setattr(sync, "CHUNK", 1 << 20)
+
+
+@pytest.mark.usefixtures("small_ranges")
+def test_large_files_go_in_parallel_ranges_and_arrive_intact(vms: EmulatedVms, tmp_path: Path) -> None:
     root = tmp_path / "work"
     root.mkdir()
     blob = os.urandom((3 << 20) + 12345)
@@ -151,11 +155,8 @@ def test_the_size_limit_stops_a_runaway_upload(vms: EmulatedVms, tmp_path: Path)
         sync.upload(vms.nodes[0], root, vms.layout, limit=1000)
 
 
-def test_a_connection_dropped_mid_sync_is_retried_to_a_correct_tree(
-    vms: EmulatedVms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sync, "LARGE_FILE", 1 << 20)
-    monkeypatch.setattr(sync, "CHUNK", 1 << 20)
+@pytest.mark.usefixtures("small_ranges")
+def test_a_connection_dropped_mid_sync_is_retried_to_a_correct_tree(vms: EmulatedVms, tmp_path: Path) -> None:
     root = tmp_path / "work"
     root.mkdir()
     for i in range(200):

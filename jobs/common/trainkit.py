@@ -296,6 +296,16 @@ class Checkpoints:
     def due(self, pos: Position) -> bool:
         return pos.global_step % self.every == 0
 
+    def step_done(self, pos: Position, modules: dict[str, Any], stop_after: int = 0) -> None:
+        """Count a finished step; checkpoint when due; with --stop-after, checkpoint and stop there."""
+        pos.step_in_epoch += 1
+        pos.global_step += 1
+        stop = bool(stop_after) and pos.global_step >= stop_after
+        if self.due(pos) or stop:
+            self.save(pos, modules)
+        if stop:
+            raise Stopped()
+
     def save(self, pos: Position, modules: dict[str, Any]) -> None:
         if not self.rt.is_main:
             return
@@ -469,13 +479,7 @@ def fit_classifier(
             opt.step()
             speed.step(len(y))
             pos.add_loss(float(loss.detach()))
-            pos.step_in_epoch += 1
-            pos.global_step += 1
-            if ckpt.due(pos):
-                ckpt.save(pos, modules)
-            if args.stop_after and pos.global_step >= args.stop_after:
-                ckpt.save(pos, modules)
-                raise Stopped()
+            ckpt.step_done(pos, modules, args.stop_after)
         pos.end_epoch(test_accuracy=accuracy(model, test, rt))
         rt.log(
             f"epoch {pos.epoch}/{args.epochs} loss {pos.history['train_loss'][-1]:.4f} "

@@ -190,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 speed.step(n)
                 pos.add_loss(float(d_loss.detach()))
                 g_losses.append(float(g_loss.detach()))
-                pos.step_in_epoch += 1
-                pos.global_step += 1
-                if ckpt.due(pos):
-                    ckpt.save(pos, modules)
-                if args.stop_after and pos.global_step >= args.stop_after:
-                    ckpt.save(pos, modules)
-                    raise tk.Stopped()
+                ckpt.step_done(pos, modules, args.stop_after)
             pos.end_epoch(generator_loss=float(np.mean(g_losses)) if g_losses else 0.0)
             g_losses.clear()
             if pos.epoch % 10 == 0 or pos.epoch == args.epochs:

@@ -111,7 +111,15 @@ def open_connection(ep: Endpoint, opts: ConnectOptions) -> Any:
     client.get_host_keys().add(
         _known_host_name(ep.host, ep.port), key_type, paramiko.PKey.from_type_string(key_type, _b64(key_data))
     )
-    conn.open()
+    try:
+        conn.open()
+    except paramiko.AuthenticationException:
+        transport = client.get_transport()
+        if transport is None or not transport.is_active():
+            # The link died during authentication (a flaky network, a VM rebooting): retryable,
+            # unlike a server that really refused the key.
+            raise EOFError("connection lost during authentication") from None
+        raise
     conn.transport.set_keepalive(opts.keepalive_s)
     return conn
 
