@@ -6,6 +6,7 @@ Heavy imports (pydantic, rich, the Azure SDK) happen inside the commands so that
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import traceback
 from dataclasses import dataclass
@@ -259,10 +260,148 @@ def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, dry_run_here: bool
         click.echo(f"{verb} {g.name}  (run {g.run_id}, owner {g.owner}, expires {expires})")
 
 
+def _store(obj: Ctx) -> Any:
+    from orchestrator.paths import state_dir
+    from orchestrator.state import open_store
+
+    return open_store(state_dir(obj.state_dir))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _record_json(r: Any) -> dict[str, Any]:
+    return {
+        k: getattr(r, k)
+        for k in (
+            "run_id",
+            "job",
+            "target",
+            "state",
+            "resource_group",
+            "exit_code",
+            "error",
+            "artifacts",
+            "metrics",
+            "torn_down",
+            "created",
+            "updated",
+        )
+    }
+
+
+@cli.command(name="ls")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.pass_obj
+def ls_(obj: Ctx, limit: int) -> None:
+    """List recent runs, newest first."""
+    import time
+
+    runs = _store(obj).runs(limit)
+    if obj.as_json:
+        click.echo(json.dumps([_record_json(r) for r in runs]))
+        return
+    if not runs:
+        click.echo("No runs yet. Try: orchestrator --target local run jobs/smoke/job.yaml")
+        return
+    now = time.time()
+    click.echo(f"{'RUN':<28} {'JOB':<16} {'TARGET':<7} {'STATE':<13} {'AGE':>5}  EXIT")
+    for r in runs:
+        code = "" if r.exit_code is None else str(r.exit_code)
+        click.echo(f"{r.run_id:<28} {r.job:<16} {r.target:<7} {r.state:<13} {_age(now - r.created):>5}  {code}")
+
+
+@cli.command()
+@click.argument("run_id", metavar="[RUN]", required=False)
+@click.pass_obj
+def status(obj: Ctx, run_id: str | None) -> None:
+    """What is running or still holds resources; with RUN, that run's phases and resources."""
+    import time
+
+    store = _store(obj)
+    if run_id is None:
+        live = [r for r in store.runs(500) if r.active or r.state == "kept"]
+        if obj.as_json:
+            click.echo(json.dumps({"running": [_record_json(r) for r in live]}))
+            return
+        if not live:
+            click.echo("Nothing running; no run holds resources.")
+            return
+        now = time.time()
+        for r in live:
+            click.echo(f"{r.run_id:<28} {r.state:<13} {r.target:<7} {r.resource_group}  since {_age(now - r.updated)}")
+        return
+    record = store.get(run_id)
+    if record is None:
+        raise click.ClickException(f"no run {run_id} in {store.path}; `orchestrator ls` lists runs")
+    events = store.events(run_id)
+    resources = store.resources(run_id)
+    if obj.as_json:
+        click.echo(
+            json.dumps(
+                {
+                    **_record_json(record),
+                    "resources": [{"type": t, "name": n, "status": st} for t, n, st in resources],
+                    "events": [{"at": at, "kind": k, **d} for at, k, d in events],
+                }
+            )
+        )
+        return
+    click.echo(f"run {record.run_id} ({record.job}, {record.target}): {record.state}")
+    states = [(at, d["state"]) for at, k, d in events if k == "state"]
+    for (at, st), nxt in zip(states, [*states[1:], (None, None)], strict=True):
+        took = f"{nxt[0] - at:6.1f} s" if nxt[0] is not None else "   ..."
+        click.echo(f"  {st:<13} {took}")
+    for t, n, st in resources:
+        click.echo(f"  {t.rsplit('/', 1)[-1]:<22} {n:<32} {st}")
+    if record.exit_code is not None:
+        click.echo(f"  exit code {record.exit_code}")
+    if record.metrics:
+        click.echo("  metrics: " + ", ".join(f"{k}={v}" for k, v in record.metrics.items()))
+    if record.artifacts:
+        click.echo(f"  artifacts: {record.artifacts}")
+    if record.error:
+        click.echo(f"  error: {record.error}")
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the run is active.")
+@click.option("--phase", type=click.Choice(["setup", "run"]), default="run", show_default=True)
+@click.pass_obj
+def logs(obj: Ctx, run_id: str, follow: bool, phase: str) -> None:
+    """Print a run's job output (masked), as the process running it recorded it."""
+    import time
+
+    from orchestrator.paths import state_dir
+
+    store = _store(obj)
+    if store.get(run_id) is None:
+        raise click.ClickException(f"no run {run_id}; `orchestrator ls` lists runs")
+    folder = state_dir(obj.state_dir) / "runs" / run_id / "logs"
+    offsets: dict[Path, int] = {}
+    while True:
+        files = sorted(folder.glob(f"{phase}-node*.log")) if folder.exists() else []
+        prefix = len(files) > 1
+        for path in files:
+            with open(path, "rb") as f:
+                f.seek(offsets.get(path, 0))
+                data = f.read()
+                offsets[path] = f.tell()
+            for line in data.decode(errors="replace").splitlines():
+                click.echo((f"[{path.stem.split('-')[-1]}] " if prefix else "") + line)
+        record = store.get(run_id)
+        if not follow or record is None or not record.active:
+            return
+        time.sleep(0.2)
+
+
 def _say(obj: Ctx, payload: dict[str, Any], text: str) -> None:
     if obj.as_json:
-        import json
-
         click.echo(json.dumps(payload))
     elif text:
         click.echo(text)
@@ -300,9 +439,20 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return head + rest
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a CI job cancelled, a container stopped) takes the same path as Ctrl-C: teardown."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
+    _sigterm_as_interrupt()
     try:
         cli.main(args=argv, prog_name="orchestrator", standalone_mode=False)
         return 0

@@ -163,22 +163,6 @@ def dry_run(spec: JobSpec, *, now: datetime | None = None, run_id: str | None = 
 # ---------------------------------------------------------------------------------------- provision
 
 
-def _record(target: Target, plan_run_id: str, spec: JobSpec, subscription: str) -> Path:
-    """Written before the group exists: a killed process still leaves a name `down` can use."""
-    folder = run_dir(target.state, plan_run_id)
-    record = {
-        "run_id": plan_run_id,
-        "resource_group": resource_group_name(plan_run_id),
-        "target": target.kind,
-        "subscription": subscription,
-        "job": spec.name,
-        "source": spec.source,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    (folder / "run.json").write_text(json.dumps(record, indent=2))
-    return folder
-
-
 @dataclass
 class RunKeys:
     client_key: Path  # private key the runner logs in with
@@ -212,31 +196,160 @@ def _keys(spec: JobSpec, run_id: str, folder: Path) -> RunKeys:
     return RunKeys(key, public, host_keys, custom)
 
 
-def _provision(spec: JobSpec, target: Target, session: Any, run_id: str, on_event: Any) -> tuple[Any, RunKeys]:
-    from orchestrator.azure.provision import Provisioner
+class RunContext:
+    """One run's record in the store, its folder, and how it tells the user what happens."""
 
-    folder = _record(target, run_id, spec, session.subscription_id)
-    keys = _keys(spec, run_id, folder)
-    plan = build_plan(
-        spec,
-        run_id,
-        subscription_id=session.subscription_id,
-        owner=owner_name(),
-        now=datetime.now(UTC),
-        ssh_public_key=keys.client_public,
-        custom_data=keys.custom_data,
-    )
-    result = Provisioner(session, on_event=on_event).provision(plan)
-    nodes = [{**n.__dict__, "host_key": keys.host_keys[n.rank], "user": spec.ssh.user} for n in result.nodes]
-    (folder / "nodes.json").write_text(json.dumps(nodes, indent=2))
-    return result, keys
+    def __init__(self, spec: JobSpec, target: Target, session: Any, run_id: str, say: Any, on_event: Any) -> None:
+        from orchestrator.state import open_store
+
+        self.spec, self.target, self.session, self.run_id = spec, target, session, run_id
+        self.say = say
+        self.on_event = on_event
+        self.folder = run_dir(target.state, run_id)
+        self.store = open_store(target.state)
+        # Before anything exists in Azure: a process killed from here on leaves a findable record.
+        self.store.create_run(
+            run_id=run_id,
+            job=spec.name,
+            source=spec.source,
+            target=target.kind,
+            subscription=session.subscription_id,
+            resource_group=resource_group_name(run_id),
+            pid=os.getpid(),
+        )
+
+    def phase(self, state: str) -> None:
+        self.store.transition(self.run_id, state)
+
+    def resource_event(self, event: Any) -> None:
+        self.store.resource(self.run_id, event.resource.id, event.resource.type, event.resource.name, event.status)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def provision(self) -> tuple[Any, RunKeys]:
+        from orchestrator.azure.provision import Provisioner
+
+        self.phase("provisioning")
+        keys = _keys(self.spec, self.run_id, self.folder)
+        plan = build_plan(
+            self.spec,
+            self.run_id,
+            subscription_id=self.session.subscription_id,
+            owner=owner_name(),
+            now=datetime.now(UTC),
+            ssh_public_key=keys.client_public,
+            custom_data=keys.custom_data,
+        )
+        result = Provisioner(self.session, on_event=self.resource_event).provision(plan)
+        nodes = [{**n.__dict__, "host_key": keys.host_keys[n.rank], "user": self.spec.ssh.user} for n in result.nodes]
+        (self.folder / "nodes.json").write_text(json.dumps(nodes, indent=2))
+        return result, keys
+
+    def teardown(self) -> bool:
+        """Delete the run's group. Interrupts are held back until the DELETE is sent (from then on
+        Azure finishes it regardless); after that a second interrupt stops only the waiting."""
+        from orchestrator.azure.teardown import start_group_delete, wait_deleted
+
+        group = resource_group_name(self.run_id)
+        self.phase("tearing down")
+        self.say(f"tearing down {group}")
+        with _interrupts_deferred(
+            lambda: self.say(
+                f"still deleting {group}: the request must reach Azure "
+                "first; press Ctrl-C again after that to stop waiting"
+            )
+        ):
+            poller = start_group_delete(self.session, group)
+        if poller is None:
+            self.store.mark_resources(self.run_id, "deleted")
+            return True
+        try:
+            with _interrupt_stops_waiting(
+                lambda: self.say(
+                    f"Azure is deleting {group}; press Ctrl-C again to stop waiting (the deletion goes on)"
+                )
+            ):
+                wait_deleted(poller, group)
+        except KeyboardInterrupt:
+            self.say(f"stopped waiting; Azure goes on deleting {group} (`orchestrator status {self.run_id}`)")
+            self.store.mark_resources(self.run_id, "deleting")
+            return False
+        self.store.mark_resources(self.run_id, "deleted")
+        return True
 
 
-def provision(spec: JobSpec, target: Target, *, on_event: Any = None, run_id: str | None = None) -> Any:
+@contextmanager
+def _interrupts_deferred(tell: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM only print `tell` while the block runs (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        tell()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def _interrupt_stops_waiting(tell: Any) -> Iterator[None]:
+    """The first SIGINT/SIGTERM prints `tell`; the second raises KeyboardInterrupt."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    count = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        count[0] += 1
+        if count[0] == 1:
+            tell()
+        else:
+            raise KeyboardInterrupt
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def provision(
+    spec: JobSpec, target: Target, *, on_event: Any = None, run_id: str | None = None, say: Any = print
+) -> Any:
+    """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them."""
     run_id = run_id or new_run_id(spec.name)
     with open_session(target) as session:
-        result, _ = _provision(spec, target, session, run_id, on_event)
+        ctx = RunContext(spec, target, session, run_id, say, on_event)
+        try:
+            result, _ = ctx.provision()
+        except BaseException as e:
+            torn = ctx.teardown()
+            ctx.store.transition(run_id, "failed", error=_describe(e), torn_down=torn)
+            raise
+        ctx.store.transition(run_id, "kept")
         return result
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return str(e) or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -270,20 +383,21 @@ def run(
     """Provision, sync, set up, train, collect, and always tear down (unless keep)."""
     import time
 
-    from orchestrator.azure.teardown import delete_group
     from orchestrator.remote.connect import Endpoint, Node
-    from orchestrator.remote.job import JobRunner, forwarded_secrets
+    from orchestrator.remote.job import JobOutcome, JobRunner, forwarded_secrets
     from orchestrator.remote.layout import RemoteLayout
 
     t0 = time.monotonic()
     secrets = forwarded_secrets(spec)  # before anything is created: a missing secret costs nothing
     run_id = run_id or new_run_id(spec.name)
-    folder = run_dir(target.state, run_id)
     with open_session(target) as session:
+        ctx = RunContext(spec, target, session, run_id, say, on_event)
         nodes: list[Any] = []
+        outcome = JobOutcome()
+        error = ""
         torn_down = False
         try:
-            result, keys = _provision(spec, target, session, run_id, on_event)
+            result, keys = ctx.provision()
             say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
             for n in result.nodes:
                 host, port = session.ssh_endpoint(n.public_ip)
@@ -296,23 +410,42 @@ def run(
                 spec,
                 nodes,
                 RemoteLayout(run_id, layout_base),
-                folder,
+                ctx.folder,
                 master_addr=result.nodes[0].private_ip,
                 emit=emit,
                 say=say,
                 secrets=secrets,
                 upload_limit=upload_limit,
+                on_phase=ctx.phase,
             )
+            ctx.phase("connecting")
             runner.connect()
             say("connected")
-            outcome = runner.execute(artifacts_dir or folder / "artifacts")
+            outcome = runner.execute(artifacts_dir or ctx.folder / "artifacts")
+            error = outcome.error
+        except BaseException as e:
+            error = _describe(e)
+            raise
         finally:
             for node in nodes:
-                node.close()
-            if not keep:
-                say(f"tearing down {resource_group_name(run_id)}")
-                delete_group(session, resource_group_name(run_id), wait=True)
-                torn_down = True
+                node.cancel()
+            if not (keep and not error):
+                try:
+                    torn_down = ctx.teardown()
+                except Exception as e:  # recorded, then reported: a failed teardown must be seen
+                    error = error or f"teardown failed: {e}"
+                    ctx.store.transition(run_id, "failed", error=error, torn_down=False)
+                    raise
+            failed = bool(error) or outcome.exit_code != 0
+            ctx.store.transition(
+                run_id,
+                "kept" if keep and not error else ("failed" if failed else "done"),
+                exit_code=outcome.exit_code if outcome.phases else None,
+                error=error or None,
+                artifacts=str(outcome.artifacts.destination) if outcome.artifacts else None,
+                metrics=outcome.metrics,
+                torn_down=torn_down,
+            )
         return RunOutcome(
             run_id,
             outcome.exit_code,
@@ -332,18 +465,31 @@ def _group_for(run: str) -> str:
     if run.startswith("orch-"):
         return run
     if not RUN_ID_RE.match(run):
-        raise UserInputError(
-            f"'{run}' is not a run id (like mnist-cnn-1a2b3c); `orchestrator gc --dry-run` "
-            "lists the runs that still have resources."
-        )
+        raise UserInputError(f"'{run}' is not a run id (like mnist-cnn-1a2b3c); `orchestrator ls` lists runs.")
     return resource_group_name(run)
+
+
+def target_of(run: str, target: Target) -> Target:
+    """A recorded run is acted on where it was created (its target and subscription)."""
+    from orchestrator.state import open_store
+
+    record = open_store(target.state).get(run.removeprefix("orch-"))
+    if record is None:
+        return target
+    return Target(
+        kind="local" if record.target == "local" else "azure",
+        state=target.state,
+        subscription=record.subscription if record.target == "azure" else target.subscription,
+    )
 
 
 def down(run: str, target: Target) -> bool:
     """Delete a run's resource group and confirm it is gone; False if there was nothing to delete."""
     from orchestrator.azure.teardown import delete_group, group_exists
+    from orchestrator.state import open_store
 
     group = _group_for(run)
+    target = target_of(run, target)
     with open_session(target) as session:
         existed = delete_group(session, group, wait=True)
         if group_exists(session, group):
@@ -351,7 +497,13 @@ def down(run: str, target: Target) -> bool:
                 f"Resource group {group} still exists after deletion; run `orchestrator down {run}` "
                 "again or check the Azure portal."
             )
-        return existed
+    store = open_store(target.state)
+    run_id = group.removeprefix("orch-")
+    if store.get(run_id) is not None:
+        store.mark_resources(run_id, "deleted")
+        record = store.get(run_id)
+        store.transition(run_id, "done" if record and record.state in {"kept", "done"} else "failed", torn_down=True)
+    return existed
 
 
 def gc(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,9 @@ def test_local_target_provision_and_down_across_processes(tmp_path: Path) -> Non
     run_id = done["run_id"]
     key = tmp_path / "runs" / run_id / "id_ed25519"
     assert key.stat().st_mode & 0o777 == 0o600
-    assert json.loads((tmp_path / "runs" / run_id / "run.json").read_text())["resource_group"] == f"orch-{run_id}"
+    status = json.loads(cli(*state, "--json", "status", run_id).stdout)
+    assert status["resource_group"] == f"orch-{run_id}" and status["state"] == "kept"
+    assert {r["status"] for r in status["resources"]} == {"created"}
 
     listed = cli(*state, "--json", "gc", "--all", "--dry-run")
     assert [g["run_id"] for g in json.loads(listed.stdout)["groups"]] == [run_id]
@@ -218,3 +221,74 @@ def test_run_flags_artifacts_dir_upload_limit_and_keep(tmp_path: Path) -> None:
     assert json.loads((state / "emulator" / "store.json").read_text())["resources"] != {}, "kept"
     assert cli("--target", "local", "--state-dir", str(state), "down", finished["run_id"]).returncode == 0
     assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+    )
+
+
+def wait_for(proc: subprocess.Popen[str], text: str, seen: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"never saw {text!r}:\n{''.join(seen)}")
+
+
+def store_of(state: Path) -> dict[str, object]:
+    return dict(json.loads((state / "emulator" / "store.json").read_text()))
+
+
+def test_sigint_during_training_tears_down_and_kills_the_job(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path, "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.1)\n"
+    )
+    state = tmp_path / "state"
+    proc = start(["--target", "local", "--state-dir", str(state), "run", str(job)], {"API_TOKEN": "x"})
+    seen: list[str] = []
+    wait_for(proc, "tick 3", seen)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(seen) + out
+    assert store_of(state)["resources"] == {} and store_of(state)["groups"] == {}
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert str(state) not in listing, "the job died with its VM"
+    run = json.loads(cli("--state-dir", str(state), "--json", "ls").stdout)[0]
+    assert run["state"] == "failed" and run["error"] == "interrupted" and run["torn_down"]
+
+
+def test_sigterm_during_provisioning_leaves_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    slow = {"ORCH_EMULATOR_PROFILE": "azure-like", "ORCH_EMULATOR_SPEED": "20"}
+    proc = start(["--target", "local", "--state-dir", str(state), "provision", str(SMOKE)], slow)
+    seen: list[str] = []
+    wait_for(proc, "creating  virtualMachines", seen)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + out
+    assert store_of(state)["groups"] == {} and store_of(state)["resources"] == {}
+
+
+def test_sigkill_during_provisioning_then_gc_removes_everything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    slow = {"ORCH_EMULATOR_PROFILE": "azure-like", "ORCH_EMULATOR_SPEED": "20"}
+    proc = start(["--target", "local", "--state-dir", str(state), "provision", str(SMOKE)], slow)
+    seen: list[str] = []
+    wait_for(proc, "creating  virtualMachines", seen)
+    proc.kill()
+    proc.wait(timeout=30)
+    left = store_of(state)
+    assert left["groups"] and left["resources"], "a killed process leaves what it created, as on Azure"
+    r = cli("--target", "local", "--state-dir", str(state), "gc", "--all")
+    assert r.returncode == 0 and "Deleted orch-smoke-" in r.stdout, r.stdout + r.stderr
+    assert store_of(state)["groups"] == {} and store_of(state)["resources"] == {}

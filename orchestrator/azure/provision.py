@@ -118,17 +118,17 @@ class Provisioner:
                 if exc is not None and not isinstance(exc, _Cancelled):
                     first_error, first_resource = exc, plan.by_id(rid)
                     self._cancel.set()
-        except BaseException as e:  # Ctrl-C in the main thread: same cleanup as a failure
-            first_error = e
+        except BaseException:
+            # Ctrl-C or SIGTERM in the main thread: stop starting resources and hand over at once;
+            # the caller (lifecycle) deletes the group, shielded from a second interrupt.
             self._cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             pool.shutdown(wait=first_error is None, cancel_futures=True)
 
         if first_error is not None:
             cloud = first_error if isinstance(first_error, CloudError) else None
-            if cloud is None and not isinstance(first_error, Exception):
-                self._cleanup(plan)
-                raise first_error
             if cloud is None:
                 cloud = _classify(first_error, first_resource, plan.region)
             if first_resource is not None and first_resource.type == T_RG:

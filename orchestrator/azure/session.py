@@ -144,20 +144,32 @@ def emulator_session(
 
 @contextmanager
 def local_session(state: Path) -> Iterator[AzureSession]:
-    """--target local: the emulator, its store kept in the state directory across processes."""
-    from orchestrator.emulator.persist import persistent_emulator
+    """--target local: the emulator, its store a file in the state directory that every process shares.
+
+    ORCH_EMULATOR_PROFILE (instant or azure-like) and ORCH_EMULATOR_SPEED (emulated seconds per real
+    second) make it slow like Azure, for trying interruptions by hand; keep the speed at 1 across
+    separate commands, since each process starts its clock at the wall time.
+    """
+    from orchestrator.clock import ScaledClock, SystemClock
+    from orchestrator.emulator import Emulator
+    from orchestrator.emulator.persist import StoreFile
     from orchestrator.emulator.sshhost import SshHosts
 
-    with persistent_emulator(state / "emulator" / "store.json") as emulator:
-        # Each emulated VM's SSH server lives as long as this process; its sandbox (and any job
-        # running there) stays on disk, so the next command serves the same VM again.
-        hosts = SshHosts(state / "emulator" / "vms", emulator.clock, emulator.profile.boot_seconds)
-        emulator.attach_hosts(hosts)
-        try:
-            # Operations on the instant profile finish at once: poll without waiting.
-            yield emulator_session(emulator, subscription=LOCAL_SUBSCRIPTION, poll_scale=0.0)
-        finally:
-            hosts.close(kill=False)
+    profile = os.environ.get("ORCH_EMULATOR_PROFILE", "instant")
+    speed = float(os.environ.get("ORCH_EMULATOR_SPEED", "1"))
+    clock = SystemClock() if speed == 1 else ScaledClock(speed)
+    emulator = Emulator(profile, clock=clock, backing=StoreFile(state / "emulator" / "store.json"))
+    # Each emulated VM's SSH server lives as long as this process; its sandbox (and any job running
+    # there) stays on disk, so the next command serves the same VM again.
+    hosts = SshHosts(state / "emulator" / "vms", emulator.clock, emulator.profile.boot_seconds)
+    emulator.attach_hosts(hosts)
+    try:
+        # Operations on the instant profile finish at once: poll without waiting.
+        yield emulator_session(
+            emulator, subscription=LOCAL_SUBSCRIPTION, poll_scale=0.0 if profile == "instant" else 1.0
+        )
+    finally:
+        hosts.close(kill=False)
 
 
 def dry_run_session(start: float) -> AzureSession:

@@ -18,26 +18,42 @@ from orchestrator.plan import TAG_EXPIRES, TAG_JOB, TAG_OWNER, TAG_RUN
 FORCE_DELETE_TYPES = "Microsoft.Compute/virtualMachines"
 
 
-def delete_group(session: AzureSession, group: str, *, wait: bool = True) -> bool:
-    """Delete `group`; False when it did not exist. With wait, returns once Azure says it is gone."""
+def start_group_delete(session: AzureSession, group: str, *, poll: bool = True) -> Any:
+    """Send the group DELETE (force-deleting VMs); its poller, or None if there is no such group.
+
+    Once this returns, Azure finishes the deletion whether or not anyone waits for it. Without
+    `poll` no poller thread runs: the 202 is all the caller needs."""
     from azure.core.exceptions import HttpResponseError
 
     from orchestrator.azure.errors import error_code_and_message
 
     try:
-        # Without wait, no poller thread: the 202 is all we need, and nothing polls in the background.
-        poller = session.resources.resource_groups.begin_delete(
-            group,
-            force_deletion_types=FORCE_DELETE_TYPES,
-            polling=session.polling("group-delete") if wait else False,
+        return session.resources.resource_groups.begin_delete(
+            group, force_deletion_types=FORCE_DELETE_TYPES, polling=session.polling("group-delete") if poll else False
         )
-        if wait:
-            poller.result()
     except HttpResponseError as e:
         code, _ = error_code_and_message(e)
         if code in {"ResourceGroupNotFound", "ResourceNotFound"} or e.status_code == 404:
-            return False
+            return None
         raise classify(e, resource=f"deleting resource group {group}") from e
+
+
+def wait_deleted(poller: Any, group: str) -> None:
+    from azure.core.exceptions import HttpResponseError
+
+    try:
+        poller.result()
+    except HttpResponseError as e:
+        raise classify(e, resource=f"deleting resource group {group}") from e
+
+
+def delete_group(session: AzureSession, group: str, *, wait: bool = True) -> bool:
+    """Delete `group`; False when it did not exist. With wait, returns once Azure says it is gone."""
+    poller = start_group_delete(session, group, poll=wait)
+    if poller is None:
+        return False
+    if wait:
+        wait_deleted(poller, group)
     return True
 
 

@@ -19,7 +19,8 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -123,6 +124,7 @@ class Emulator:
         store: Store | None = None,
         quota_vcpus: int = DEFAULT_QUOTA_VCPUS,
         accept_token: Callable[[str], bool] | None = None,
+        backing: Any = None,
     ) -> None:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.clock: Clock = clock or VirtualClock()
@@ -132,6 +134,7 @@ class Emulator:
         self.accept_token = accept_token
         self.log: list[LoggedRequest] = []
         # Told "running" / "deleted" with the VM and its public IP; the SSH hosts subscribe here.
+        self.backing = backing  # a persist.StoreFile shared with other processes, or None
         self.vm_listeners: list[Callable[[str, dict[str, Any], str | None], None]] = []
         self.ssh_resolver: Callable[[str], tuple[str, int]] | None = None
         self._lock = threading.RLock()
@@ -142,18 +145,35 @@ class Emulator:
         return self.faults.add(fault)
 
     def set_quota(self, region: str, family: str, vcpus: int) -> None:
-        with self._lock:
+        with self._locked():
             self.store.quotas[f"{region}/{family}"] = vcpus
 
     def live_resources(self) -> list[dict[str, Any]]:
         """Every group and resource that exists now (after settling due operations)."""
-        with self._lock:
+        with self._locked():
             self._settle()
             return [copy.deepcopy(x) for x in (*self.store.groups.values(), *self.store.resources.values())]
 
     def requests(self, *, include_polls: bool = True) -> list[LoggedRequest]:
         with self._lock:
             return [r for r in self.log if include_polls or r.kind not in {"poll"}]
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store, current and exclusive: across threads always, across processes when backed
+        by a file (read before, written after if anything changed)."""
+        with self._lock:
+            if self.backing is None:
+                yield
+                return
+            with self.backing.locked():
+                self.store = self.backing.load()
+                before = self.store.to_json()
+                try:
+                    yield
+                finally:
+                    if self.store.to_json() != before:
+                        self.backing.save(self.store)
 
     # ------------------------------------------------------------------ the HTTP entry point
 
@@ -166,7 +186,7 @@ class Emulator:
         query = {k: vals[-1] for k, vals in parse_qs(parts.query).items()}
         lower_headers = {k.lower(): val for k, val in headers.items()}
         request_id = str(uuid.uuid4())
-        with self._lock:
+        with self._locked():
             self._settle()
             rec = LoggedRequest(
                 len(self.log) + 1,
@@ -944,7 +964,7 @@ class Emulator:
         """Serve SSH for every VM that becomes running (see sshhost.SshHosts)."""
         self.vm_listeners.append(hosts.on_vm)
         self.ssh_resolver = hosts.resolve
-        with self._lock:
+        with self._locked():
             for res in self.store.resources.values():  # VMs that were already running
                 if res["type"] == T_VM and res["properties"].get("provisioningState") == "Succeeded":
                     hosts.on_vm("running", copy.deepcopy(res), self._public_ip_of(res))

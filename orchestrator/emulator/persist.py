@@ -1,8 +1,9 @@
-"""The emulator's store on disk, so separate CLI processes on --target local see the same Azure.
+"""The emulator's store on disk, shared by every CLI process on --target local.
 
-One process at a time holds the file (an flock for the whole command); the store is loaded at
-entry and written back atomically at exit, even when the command failed, because resources it
-created before failing are real to the next command.
+Each request takes an exclusive lock on the file, reads the store, is handled, and writes the store
+back if it changed: like Azure, the state lives outside any one process, a command killed with
+SIGKILL leaves behind exactly what it had created, and a `down` in another terminal acts at once
+while a `run` is training.
 """
 
 from __future__ import annotations
@@ -13,21 +14,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.clock import SystemClock
-from orchestrator.emulator.arm import Emulator, Store
+from orchestrator.emulator.arm import Store
 
 
-@contextmanager
-def persistent_emulator(path: Path, profile: str = "instant") -> Iterator[Emulator]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_suffix(".lock")
-    with open(lock_path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        store = Store.from_json(path.read_text()) if path.exists() and path.stat().st_size else Store()
-        emulator = Emulator(profile, clock=SystemClock(), store=store)
+class StoreFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_path = path.with_suffix(".lock")
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with open(self._lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def load(self) -> Store:
         try:
-            yield emulator
-        finally:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(emulator.store.to_json())
-            os.replace(tmp, path)
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return Store()
+        return Store.from_json(text) if text else Store()
+
+    def save(self, store: Store) -> None:
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(store.to_json())
+        os.replace(tmp, self.path)

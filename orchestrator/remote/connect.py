@@ -36,6 +36,10 @@ class ConnectionLost(SshError):
     """The connection dropped while a command was running; callers reconnect and resume."""
 
 
+class Cancelled(SshError):
+    """The node was cancelled (the run is being stopped): no more connections."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str  # the VM, for messages
@@ -178,6 +182,7 @@ class Node:
         self.ep = ep
         self.opts = opts or ConnectOptions()
         self._conn: Any = None
+        self._cancelled = False
         self._lock = threading.Lock()
 
     @property
@@ -186,6 +191,8 @@ class Node:
 
     def connection(self) -> Any:
         with self._lock:
+            if self._cancelled:
+                raise Cancelled(f"{self.ep.name}: the run is stopping")
             if self._conn is None or not self._alive():
                 self._close()
                 self._conn = connect(self.ep, self.opts)
@@ -208,6 +215,12 @@ class Node:
 
     def close(self) -> None:
         with self._lock:
+            self._close()
+
+    def cancel(self) -> None:
+        """Close for good: threads blocked on this node fail fast instead of reconnecting."""
+        with self._lock:
+            self._cancelled = True
             self._close()
 
     def transport(self) -> Any:

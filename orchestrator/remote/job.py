@@ -66,8 +66,17 @@ def forwarded_secrets(spec: JobSpec, environ: Mapping[str, str] | None = None) -
 
 
 def on_all(nodes: list[Node], fn: Callable[[Node], T]) -> list[T]:
-    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+    """fn on every node at once. If one fails, or the user interrupts, the others are cancelled
+    rather than waited for (a follow would otherwise run until training ends)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
+    try:
         return list(pool.map(fn, nodes))
+    except BaseException:
+        for node in nodes:
+            node.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class JobRunner:
@@ -83,6 +92,7 @@ class JobRunner:
         say: Say,
         secrets: Mapping[str, str],
         upload_limit: int = sync.DEFAULT_LIMIT_BYTES,
+        on_phase: Callable[[str], None] = lambda phase: None,
     ) -> None:
         self.spec = spec
         self.nodes = nodes
@@ -93,6 +103,7 @@ class JobRunner:
         self.say = say  # orchestrator's own progress lines
         self.secrets = dict(secrets)
         self.upload_limit = upload_limit
+        self.on_phase = on_phase  # run states for the store: syncing, setup, training, collecting
 
     def env(self, node: Node) -> dict[str, str]:
         return run.job_env(
@@ -162,15 +173,19 @@ class JobRunner:
 
     def execute(self, artifacts_dir: Path) -> JobOutcome:
         outcome = JobOutcome()
+        self.on_phase("syncing")
         outcome.sync = self.upload()
         try:
             if self.spec.setup:
+                self.on_phase("setup")
                 self.say("setup: " + " && ".join(self.spec.setup))
                 outcome.phases.append(self.phase("setup", self.spec.setup))
             if outcome.exit_code == 0:
+                self.on_phase("training")
                 self.say(f"run: {self.spec.run}")
                 outcome.phases.append(self.phase("run", [self.spec.run]))
         finally:
+            self.on_phase("collecting")
             try:
                 outcome.artifacts = self.collect(artifacts_dir)
             except (artifacts.ArtifactError, SshError) as e:
