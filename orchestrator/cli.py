@@ -294,6 +294,73 @@ def _record_json(r: Any) -> dict[str, Any]:
     }
 
 
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--artifacts", "artifacts_dir", type=click.Path(file_okay=False), help="Where the outputs land.")
+@click.pass_obj
+def train(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
+    """Sync the code, set up and train again on a provisioned run's VMs (they stay up)."""
+    from orchestrator import lifecycle
+    from orchestrator.errors import EXIT_JOB_FAILED
+    from orchestrator.ui import ProgressPrinter
+
+    printer = ProgressPrinter(obj.as_json)
+    outcome = lifecycle.train(
+        run_id,
+        obj.target_obj(),
+        emit=printer.log,
+        say=printer.say,
+        artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
+    )
+    if outcome.metrics:
+        printer.say("metrics: " + ", ".join(f"{k}={v}" for k, v in outcome.metrics.items()))
+    if outcome.error:
+        raise JobFailed(outcome.error, EXIT_JOB_FAILED)
+    if outcome.exit_code != 0:
+        raise JobFailed(
+            f"The job failed in {outcome.failed_phase} with exit code {outcome.exit_code}.", EXIT_JOB_FAILED
+        )
+
+
+@cli.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("run_id", metavar="RUN")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--node", type=int, help="Only this node (rank); default: all.")
+@click.pass_obj
+def exec_(obj: Ctx, run_id: str, command: tuple[str, ...], node: int | None) -> None:
+    """Run a command in the job folder on a provisioned run's VMs: orchestrator exec RUN -- nvidia-smi"""
+    import shlex
+
+    from orchestrator import lifecycle
+    from orchestrator.errors import EXIT_JOB_FAILED
+
+    code = lifecycle.exec_command(
+        run_id,
+        obj.target_obj(),
+        " ".join(shlex.quote(c) for c in command) if len(command) > 1 else command[0],
+        emit=click.echo,
+        node_rank=node,
+    )
+    if code != 0:
+        raise JobFailed(f"the command exited with {code}", EXIT_JOB_FAILED)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--artifacts", "artifacts_dir", type=click.Path(file_okay=False), help="Where the outputs land.")
+@click.pass_obj
+def collect(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
+    """Bring a provisioned run's outputs home now (verified against the VM's manifest)."""
+    from orchestrator import lifecycle
+
+    report = lifecycle.collect(run_id, obj.target_obj(), Path(artifacts_dir).resolve() if artifacts_dir else None)
+    _say(
+        obj,
+        {"event": "collected", "files": report.files, "bytes": report.bytes, "path": str(report.destination)},
+        f"collected {report.files} files ({report.bytes / (1 << 20):.1f} MB) into {report.destination}",
+    )
+
+
 @cli.command(name="ls")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.pass_obj

@@ -458,6 +458,128 @@ def run(
         )
 
 
+# ------------------------------------------------------------------------ working on a kept run
+
+
+@contextmanager
+def attached(run_id: str, target: Target) -> Iterator[tuple[Any, list[Any], Any]]:
+    """(record, nodes, session) of a provisioned run, its VMs reachable with the run's own keys."""
+    from orchestrator.remote.connect import Endpoint, Node
+    from orchestrator.state import open_store
+
+    record = open_store(target.state).get(run_id)
+    folder = target.state / "runs" / run_id
+    nodes_file = folder / "nodes.json"
+    if record is None or not nodes_file.exists():
+        raise UserInputError(
+            f"no provisioned run {run_id}; `orchestrator ls` lists runs, and `orchestrator "
+            "provision JOB` (or `run --keep`) makes one you can work on."
+        )
+    if record.torn_down:
+        raise UserInputError(f"run {run_id} has been torn down; provision a new one.")
+    key = folder / "id_ed25519"
+    with open_session(target_of(run_id, target)) as session:
+        nodes = []
+        for n in json.loads(nodes_file.read_text()):
+            host, port = session.ssh_endpoint(n["public_ip"])
+            nodes.append(Node(Endpoint(n["vm_name"], host, port, n["user"], n["host_key"], key, n["rank"])))
+        try:
+            yield record, nodes, session
+        finally:
+            for node in nodes:
+                node.cancel()
+
+
+def exec_command(
+    run_id: str,
+    target: Target,
+    command: str,
+    *,
+    emit: Any = print,
+    node_rank: int | None = None,
+    layout_base: str = "~/orch",
+) -> int:
+    """Run a command in the job folder on the run's VMs (all, or one); the first non-zero exit code."""
+    from orchestrator.remote.job import on_all
+    from orchestrator.remote.layout import RemoteLayout, rq
+
+    layout = RemoteLayout(run_id, layout_base)
+    with attached(run_id, target) as (_, nodes, _session):
+        chosen = [n for n in nodes if node_rank is None or n.ep.rank == node_rank]
+        if not chosen:
+            raise UserInputError(f"run {run_id} has no node {node_rank}")
+        multi = len(chosen) > 1
+
+        def one(node: Any) -> int:
+            result = node.exec(f"mkdir -p {rq(layout.job_dir)} && cd {rq(layout.job_dir)} && {command}")
+            for line in (result.stdout + result.stderr).decode(errors="replace").splitlines():
+                emit((f"[{node.label}] " if multi else "") + line)
+            return int(result.exit_code)
+
+        codes = on_all(chosen, one)
+        return next((c for c in codes if c != 0), 0)
+
+
+def collect(run_id: str, target: Target, dest: Path | None = None) -> Any:
+    from orchestrator.remote.job import JobRunner
+    from orchestrator.remote.layout import RemoteLayout
+    from orchestrator.spec import load_spec
+
+    with attached(run_id, target) as (record, nodes, _session):
+        spec = load_spec(record.source)
+        runner = JobRunner(
+            spec,
+            nodes,
+            RemoteLayout(run_id),
+            target.state / "runs" / run_id,
+            master_addr="",
+            emit=print,
+            say=print,
+            secrets={},
+        )
+        return runner.collect(dest or target.state / "runs" / run_id / "artifacts")
+
+
+def train(
+    run_id: str, target: Target, *, emit: Any = print, say: Any = print, artifacts_dir: Path | None = None
+) -> Any:
+    """sync + setup + run (+ collect) on a kept run's VMs; the VMs stay up afterwards."""
+    from orchestrator.remote.job import JobRunner, forwarded_secrets
+    from orchestrator.remote.layout import RemoteLayout
+    from orchestrator.state import open_store
+
+    store = open_store(target.state)
+    with attached(run_id, target) as (record, nodes, _session):
+        from orchestrator.spec import load_spec
+
+        spec = load_spec(record.source)
+        master = json.loads((target.state / "runs" / run_id / "nodes.json").read_text())[0]["private_ip"]
+        runner = JobRunner(
+            spec,
+            nodes,
+            RemoteLayout(run_id),
+            target.state / "runs" / run_id,
+            master_addr=master,
+            emit=emit,
+            say=say,
+            secrets=forwarded_secrets(spec),
+            on_phase=lambda st: store.transition(run_id, st),
+        )
+        runner.connect()
+        runner.restart_phases()
+        try:
+            outcome = runner.execute(artifacts_dir or target.state / "runs" / run_id / "artifacts")
+        finally:
+            store.transition(run_id, "kept")
+        store.update(
+            run_id,
+            exit_code=outcome.exit_code,
+            metrics=outcome.metrics,
+            artifacts=str(outcome.artifacts.destination) if outcome.artifacts else None,
+        )
+        return outcome
+
+
 # --------------------------------------------------------------------------------------- down / gc
 
 

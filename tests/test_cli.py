@@ -292,3 +292,29 @@ def test_sigkill_during_provisioning_then_gc_removes_everything(tmp_path: Path) 
     r = cli("--target", "local", "--state-dir", str(state), "gc", "--all")
     assert r.returncode == 0 and "Deleted orch-smoke-" in r.stdout, r.stdout + r.stderr
     assert store_of(state)["groups"] == {} and store_of(state)["resources"] == {}
+
+
+def test_iterating_on_a_kept_vm_with_separate_commands(tmp_path: Path) -> None:
+    script = (
+        "import os\nprint('version', open('VERSION').read().strip())\n"
+        "open(os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'v.txt'), 'w').write(open('VERSION').read())\n"
+    )
+    job = write_job(tmp_path, script)
+    (job.parent / "VERSION").write_text("1\n")
+    local = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    env = {"API_TOKEN": "x"}
+    assert cli(*local, "provision", str(job), env=env).returncode == 0
+    run_id = json.loads(cli(*local, "--json", "ls").stdout)[0]["run_id"]
+    first = cli(*local, "train", run_id, env=env)
+    assert first.returncode == 0 and "version 1" in first.stdout, first.stderr
+    (job.parent / "VERSION").write_text("2\n")
+    second = cli(*local, "train", run_id, env=env)
+    assert second.returncode == 0 and "version 2" in second.stdout and "sent 1 files" in second.stderr
+    r = cli(*local, "exec", run_id, "--", "cat", "VERSION")
+    assert r.returncode == 0 and r.stdout.strip() == "2"
+    assert cli(*local, "exec", run_id, "--", "false").returncode == 1
+    r = cli(*local, "collect", run_id)
+    assert r.returncode == 0 and (tmp_path / "state" / "runs" / run_id / "artifacts" / "v.txt").read_text() == "2\n"
+    assert cli(*local, "down", run_id).returncode == 0
+    assert "Nothing running" in cli(*local, "status").stdout
+    assert cli(*local, "train", run_id, env=env).returncode == 2  # torn down: a clear message, no traceback

@@ -138,6 +138,26 @@ class JobRunner:
         self.say(f"synced {reports[0].summary()}" + (f" to {len(reports)} nodes" if len(reports) > 1 else ""))
         return reports
 
+    def restart_phases(self) -> None:
+        """Clear finished phases so they can run again; refuse while one is still running."""
+        from orchestrator.remote.layout import rq
+
+        phases = rq(f"{self.layout.root}/phases")
+
+        def one(node: Node) -> None:
+            result = node.exec(
+                f'cd {phases} 2>/dev/null || exit 0; for p in *; do [ -d "$p" ] || continue; '
+                f'if [ -e "$p/exit_code" ]; then rm -rf "$p"; else echo "$p"; fi; done'
+            )
+            busy = result.text.split()
+            if busy:
+                raise SshError(
+                    f"{node.ep.name} is still running {', '.join(busy)}; follow it with `orchestrator "
+                    f"logs {self.layout.run_id} -f` or wait for it to end."
+                )
+
+        on_all(self.nodes, one)
+
     def phase(self, name: str, commands: list[str]) -> PhaseResult:
         for node in self.nodes:
             run.start_phase(node, self.layout, name, commands, self.env(node))
