@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(ORCH) run $(DEMO_JOB) --dry-run --ssh-cidr 127.0.0.1/32
 	@echo; echo "== orchestrator --target local run $(DEMO_JOB) =="
 	$(ORCH) --target local run $(DEMO_JOB) --ssh-cidr 127.0.0.1/32 --env DATASET=digits
-	@echo; echo "== what is left (orchestrator gc --all --dry-run) =="
-	$(ORCH) --target local gc --all --dry-run
+	@echo; echo "== what is left (orchestrator status) =="
+	$(ORCH) --target local status
 
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench jobs
