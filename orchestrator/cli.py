@@ -162,7 +162,6 @@ def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, 
     Teardown always runs, also when training fails or you press Ctrl-C (unless --keep).
     """
     from orchestrator import lifecycle
-    from orchestrator.errors import EXIT_JOB_FAILED
     from orchestrator.ui import ProgressPrinter
 
     printer = ProgressPrinter(obj.as_json)
@@ -177,12 +176,21 @@ def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, 
         artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
     )
     printer.finished(outcome)
+    _fail_if_job_failed(outcome)
+
+
+def _fail_if_job_failed(outcome: Any) -> None:
+    """Exit 1 with one paragraph when the job (or bringing its outputs home) failed."""
+    from orchestrator.errors import EXIT_JOB_FAILED
+
     if outcome.error:
         raise JobFailed(outcome.error, EXIT_JOB_FAILED)
     if outcome.exit_code != 0:
+        found = getattr(outcome.artifacts, "destination", outcome.artifacts)  # a path, or a collect report
+        where = found.parent if found else "the run folder"
         raise JobFailed(
             f"The job failed in {outcome.failed_phase} with exit code {outcome.exit_code}. "
-            f"Its log and artifacts are in {outcome.artifacts.parent if outcome.artifacts else 'the run folder'}.",
+            f"Its log and artifacts are in {where}.",
             EXIT_JOB_FAILED,
         )
 
@@ -301,7 +309,6 @@ def _record_json(r: Any) -> dict[str, Any]:
 def train(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
     """Sync the code, set up and train again on a provisioned run's VMs (they stay up)."""
     from orchestrator import lifecycle
-    from orchestrator.errors import EXIT_JOB_FAILED
     from orchestrator.ui import ProgressPrinter
 
     printer = ProgressPrinter(obj.as_json)
@@ -314,12 +321,7 @@ def train(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
     )
     if outcome.metrics:
         printer.say("metrics: " + ", ".join(f"{k}={v}" for k, v in outcome.metrics.items()))
-    if outcome.error:
-        raise JobFailed(outcome.error, EXIT_JOB_FAILED)
-    if outcome.exit_code != 0:
-        raise JobFailed(
-            f"The job failed in {outcome.failed_phase} with exit code {outcome.exit_code}.", EXIT_JOB_FAILED
-        )
+    _fail_if_job_failed(outcome)
 
 
 @cli.command(name="exec", context_settings={"ignore_unknown_options": True})

@@ -253,22 +253,15 @@ class RunContext:
         group = resource_group_name(self.run_id)
         self.phase("tearing down")
         self.say(f"tearing down {group}")
-        with _interrupts_deferred(
-            lambda: self.say(
-                f"still deleting {group}: the request must reach Azure "
-                "first; press Ctrl-C again after that to stop waiting"
-            )
-        ):
+        sending = f"still deleting {group}: the request must reach Azure first; then Ctrl-C stops the waiting"
+        with _interrupts(lambda: self.say(sending), second_stops=False):
             poller = start_group_delete(self.session, group)
         if poller is None:
             self.store.mark_resources(self.run_id, "deleted")
             return True
         try:
-            with _interrupt_stops_waiting(
-                lambda: self.say(
-                    f"Azure is deleting {group}; press Ctrl-C again to stop waiting (the deletion goes on)"
-                )
-            ):
+            waiting = f"Azure is deleting {group}; press Ctrl-C again to stop waiting (the deletion goes on)"
+            with _interrupts(lambda: self.say(waiting), second_stops=True):
                 wait_deleted(poller, group)
         except KeyboardInterrupt:
             self.say(f"stopped waiting; Azure goes on deleting {group} (`orchestrator status {self.run_id}`)")
@@ -279,31 +272,9 @@ class RunContext:
 
 
 @contextmanager
-def _interrupts_deferred(tell: Any) -> Iterator[None]:
-    """SIGINT/SIGTERM only print `tell` while the block runs (main thread only; elsewhere a no-op)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        tell()
-
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@contextmanager
-def _interrupt_stops_waiting(tell: Any) -> Iterator[None]:
-    """The first SIGINT/SIGTERM prints `tell`; the second raises KeyboardInterrupt."""
+def _interrupts(tell: Any, *, second_stops: bool) -> Iterator[None]:
+    """While the block runs, SIGINT/SIGTERM print `tell`; with second_stops the second one raises
+    KeyboardInterrupt. Only the main thread can own signals; elsewhere this changes nothing."""
     import signal
     import threading
 
@@ -315,10 +286,9 @@ def _interrupt_stops_waiting(tell: Any) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         count[0] += 1
-        if count[0] == 1:
-            tell()
-        else:
+        if second_stops and count[0] > 1:
             raise KeyboardInterrupt
+        tell()
 
     for sig in previous:
         signal.signal(sig, handler)
