@@ -162,19 +162,22 @@ def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, 
     Teardown always runs, also when training fails or you press Ctrl-C (unless --keep).
     """
     from orchestrator import lifecycle
-    from orchestrator.ui import ProgressPrinter
+    from orchestrator.ui import progress
 
-    printer = ProgressPrinter(obj.as_json)
-    outcome = lifecycle.run(
-        spec,
-        obj.target_obj(),
-        on_event=printer.event,
-        emit=printer.log,
-        say=printer.say,
-        keep=keep,
-        upload_limit=max_upload_mb << 20,
-        artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
-    )
+    printer = progress(obj.as_json)
+    try:
+        outcome = lifecycle.run(
+            spec,
+            obj.target_obj(),
+            on_event=printer.event,
+            emit=printer.log,
+            say=printer.say,
+            keep=keep,
+            upload_limit=max_upload_mb << 20,
+            artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
+        )
+    finally:
+        printer.stop()
     printer.finished(outcome)
     _fail_if_job_failed(outcome)
 
@@ -206,10 +209,13 @@ class JobFailed(OrchestratorError):
 def provision(obj: Ctx, spec: JobSpec) -> None:
     """Create the run's resource group, network and VM(s), and print how to reach them."""
     from orchestrator import lifecycle
-    from orchestrator.ui import ProgressPrinter
+    from orchestrator.ui import progress
 
-    printer = ProgressPrinter(obj.as_json)
-    result = lifecycle.provision(spec, obj.target_obj(), on_event=printer.event)
+    printer = progress(obj.as_json)
+    try:
+        result = lifecycle.provision(spec, obj.target_obj(), on_event=printer.event, say=printer.say)
+    finally:
+        printer.stop()
     printer.provisioned(result)
 
 

@@ -230,6 +230,7 @@ class RunContext:
         from orchestrator.azure.provision import Provisioner
 
         self.phase("provisioning")
+        self.say(f"provisioning {resource_group_name(self.run_id)} in {self.spec.resources.region}")
         keys = _keys(self.spec, self.run_id, self.folder)
         plan = build_plan(
             self.spec,

@@ -151,6 +151,9 @@ class ProgressPrinter:
             flush=True,
         )
 
+    def stop(self) -> None:
+        """Nothing to stop for plain lines; the live panel clears itself here."""
+
     def say(self, text: str) -> None:
         """The orchestrator's own progress, between the job's lines."""
         with self._lock:
@@ -217,3 +220,72 @@ class ProgressPrinter:
         for n in result.nodes:
             con.print(f"  node {n.rank}: {n.vm_name}  ssh {plan.ssh_user}@{n.public_ip}  (private {n.private_ip})")
         con.print(f"Delete everything with: orchestrator down {plan.run_id}")
+
+
+class LiveProgress(ProgressPrinter):
+    """On a terminal: a live panel (the current step, each resource with a spinner or a mark and
+    its time) that stays at the bottom, with the job's output scrolling above it."""
+
+    MARKS = {"created": "[green]✓[/green]", "failed": "[red]✗[/red]", "skipped": "[dim]-[/dim]"}
+
+    def __init__(self, console: Any = None) -> None:
+        super().__init__(as_json=False)
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = console or Console(stderr=True, highlight=False)
+        self.resources: dict[str, list[Any]] = {}  # name -> [short type, status, started, ended]
+        self.step = "starting"
+        self.step_started = time.monotonic()
+        self.live = Live(
+            self,
+            console=self.console,
+            refresh_per_second=8,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.live.start()
+
+    def __rich__(self) -> Any:
+        from rich.spinner import Spinner
+        from rich.table import Table
+
+        now = time.monotonic()
+        table = Table.grid(padding=(0, 1))
+        table.add_row(Spinner("dots", style="cyan"), f"[bold]{self.step}[/bold]", f"{now - self.step_started:5.1f}s")
+        for name, (kind, status, started, ended) in list(self.resources.items()):
+            mark = self.MARKS.get(status) or Spinner("dots")
+            table.add_row(mark, f"{kind:22} {name}", f"{(ended or now) - started:5.1f}s")
+        return table
+
+    def _event(self, e: ResourceEvent) -> None:
+        now = time.monotonic()
+        entry = self.resources.setdefault(e.resource.name, [e.resource.short_type, e.status, now, None])
+        entry[1] = e.status
+        if e.status in self.MARKS:
+            entry[3] = now
+
+    def say(self, text: str) -> None:
+        with self._lock:
+            self.step, self.step_started = text, time.monotonic()
+            self.console.print(f"[dim][{time.monotonic() - self.t0:7.1f}s][/dim] {text}")
+
+    def log(self, line: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(line))  # the job's bytes, never read as markup
+
+    def stop(self) -> None:
+        self.live.stop()
+
+    def finished(self, outcome: RunOutcome) -> None:
+        self.stop()
+        super().finished(outcome)
+
+
+def progress(as_json: bool) -> ProgressPrinter:
+    """The live panel on a terminal; plain timestamped lines (or JSON lines) everywhere else."""
+    if not as_json and sys.stderr.isatty():
+        return LiveProgress()
+    return ProgressPrinter(as_json)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ from typing import Any
 import yaml
 
 from orchestrator.clock import Clock
+
+logging.getLogger("asyncssh").addHandler(logging.NullHandler())
 
 
 class CloudInitError(ValueError):

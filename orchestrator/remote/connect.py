@@ -10,6 +10,7 @@ to it directly.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
+
+# paramiko logs each failed attempt (with a traceback) while a VM boots; those attempts are expected
+# and retried here, and a final failure is reported in one paragraph. Keep its logger quiet unless
+# the user configures logging (--debug).
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class SshError(OrchestratorError):
