@@ -23,7 +23,7 @@ DEMO_JOB   ?= jobs/mnist-cnn/job.yaml
 demo: $(STAMP)
 	$(ORCH) run $(DEMO_JOB) --dry-run --ssh-cidr 127.0.0.1/32
 	@echo; echo "== orchestrator --target local run $(DEMO_JOB) =="
-	$(ORCH) --target local run $(DEMO_JOB) --ssh-cidr 127.0.0.1/32 --env DATASET=digits
+	$(ORCH) --target local run $(DEMO_JOB) --ssh-cidr 127.0.0.1/32 --env DATASET=digits --expect 'test_accuracy>=0.97'
 	@echo; echo "== what is left (orchestrator status) =="
 	$(ORCH) --target local status
 

@@ -60,11 +60,14 @@ def _job_command(f: Any) -> Any:
         nodes: int | None,
         ssh_cidrs: tuple[str, ...],
         env: tuple[str, ...],
+        expect: tuple[str, ...],
         **extra: Any,
     ) -> None:
         from orchestrator.spec import Overrides, load_spec
 
-        overrides = Overrides(region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs, env=env)
+        overrides = Overrides(
+            region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs, env=env, expect=expect
+        )
         spec = load_spec(job, overrides)
         if obj.dry_run or dry_run_here:
             from orchestrator import lifecycle
@@ -81,6 +84,13 @@ def _job_command(f: Any) -> Any:
         click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size)."),
         click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot)."),
         click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`)."),
+        click.option(
+            "--expect",
+            "expect",
+            multiple=True,
+            metavar="METRIC<op>N",
+            help="A metric gate, e.g. 'test_accuracy>=0.97' (repeatable; overrides that metric's `expect`).",
+        ),
         click.option(
             "--env",
             "env",
@@ -183,11 +193,19 @@ def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, 
 
 
 def _fail_if_job_failed(outcome: Any) -> None:
-    """Exit 1 with one paragraph when the job (or bringing its outputs home) failed."""
+    """Exit 1 with one paragraph when the job (or bringing its outputs home, or a gate) failed."""
     from orchestrator.errors import EXIT_JOB_FAILED
 
     if outcome.error:
         raise JobFailed(outcome.error, EXIT_JOB_FAILED)
+    failed = [g for g in getattr(outcome, "gates", []) if not g.passed]
+    if outcome.exit_code == 0 and failed:
+        raise JobFailed(
+            "The job ran, but its metrics missed the gates in `expect`: "
+            + "; ".join(g.describe() for g in failed)
+            + ".",
+            EXIT_JOB_FAILED,
+        )
     if outcome.exit_code != 0:
         found = getattr(outcome.artifacts, "destination", outcome.artifacts)  # a path, or a collect report
         where = found.parent if found else "the run folder"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from orchestrator import catalog
 from orchestrator.errors import CloudError, UserInputError
+from orchestrator.gates import evaluate
 from orchestrator.paths import run_dir
 from orchestrator.plan import RUN_ID_RE, ResourcePlan, build_plan, new_run_id, resource_group_name
 from orchestrator.spec import JobSpec
@@ -336,6 +337,7 @@ class RunOutcome:
     seconds: float
     torn_down: bool
     error: str = ""  # collecting artifacts failed (the job's own result is in exit_code)
+    gates: list[Any] = field(default_factory=list)  # gates.GateResult for each `expect` metric
 
 
 def run(
@@ -365,6 +367,7 @@ def run(
         ctx = RunContext(spec, target, session, run_id, say, on_event)
         nodes: list[Any] = []
         outcome = JobOutcome()
+        gate_results: list[Any] = []
         error = ""
         torn_down = False
         try:
@@ -394,6 +397,10 @@ def run(
             say("connected")
             outcome = runner.execute(artifacts_dir or ctx.folder / "artifacts")
             error = outcome.error
+            if outcome.exit_code == 0 and spec.expect:
+                gate_results = evaluate(spec.expect, outcome.metrics)
+                for g in gate_results:
+                    say(f"gate {g.describe()}")
         except BaseException as e:
             error = _describe(e)
             raise
@@ -417,6 +424,10 @@ def run(
                 metrics=outcome.metrics,
                 torn_down=torn_down,
             )
+        if gate_results and not all(g.passed for g in gate_results):
+            ctx.store.update(
+                run_id, error="metric gate failed: " + "; ".join(g.describe() for g in gate_results if not g.passed)
+            )
         return RunOutcome(
             run_id,
             outcome.exit_code,
@@ -426,6 +437,7 @@ def run(
             time.monotonic() - t0,
             torn_down,
             outcome.error,
+            gate_results,
         )
 
 

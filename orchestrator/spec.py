@@ -149,6 +149,7 @@ RESERVED_USERS = frozenset(
     }
 )  # fmt: skip
 DURATION_RE = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*$")
+EXPECT_FLAG_RE = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
 CONDITION_RE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*$")
 MAX_DURATION_SECONDS = 7 * 24 * 3600
 
@@ -412,9 +413,27 @@ class Overrides:
     nodes: int | None = None
     ssh_cidrs: tuple[str, ...] = ()
     env: tuple[str, ...] = ()  # KEY=VALUE
+    expect: tuple[str, ...] = ()  # "metric>=0.97"
 
     def apply(self, data: dict[str, Any]) -> dict[Loc, str]:
         applied: dict[Loc, str] = {}
+        if self.expect:
+            gates = data.setdefault("expect", {})
+            if isinstance(gates, dict):
+                for item in self.expect:
+                    m = EXPECT_FLAG_RE.match(item)
+                    if not m:
+                        raise SpecError(
+                            [
+                                SpecProblem(
+                                    "--expect",
+                                    "expect",
+                                    f"'{item}' is not METRIC<op>NUMBER, e.g. 'test_accuracy>=0.97'",
+                                )
+                            ]
+                        )
+                    gates[m.group(1)] = f"{m.group(2)} {m.group(3)}"
+                    applied[("expect", m.group(1))] = "--expect"
         if self.env:
             env = data.setdefault("env", {})
             if isinstance(env, dict):

@@ -182,6 +182,7 @@ class ProgressPrinter:
                         "artifacts": str(outcome.artifacts) if outcome.artifacts else None,
                         "seconds": round(outcome.seconds, 2),
                         "torn_down": outcome.torn_down,
+                        "gates": [g.__dict__ for g in outcome.gates],
                     }
                 ),
                 flush=True,

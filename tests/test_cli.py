@@ -318,3 +318,18 @@ def test_iterating_on_a_kept_vm_with_separate_commands(tmp_path: Path) -> None:
     assert cli(*local, "down", run_id).returncode == 0
     assert "Nothing running" in cli(*local, "status").stdout
     assert cli(*local, "train", run_id, env=env).returncode == 2  # torn down: a clear message, no traceback
+
+
+def test_metric_gates_decide_the_exit_code(tmp_path: Path) -> None:
+    script = (
+        "import json, os\n"
+        "json.dump({'acc': 0.95}, open(os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'metrics.json'), 'w'))\n"
+    )
+    job = write_job(tmp_path, script, "expect:\n  acc: '>= 0.99'\n")
+    base = ["--target", "local", "--state-dir", str(tmp_path / "state"), "run", str(job)]
+    r = cli(*base, env={"API_TOKEN": "x"})
+    assert r.returncode == 1 and "missed the gates" in r.stderr and "acc = 0.95, needs >= 0.99" in r.stderr
+    r = cli(*base, "--expect", "acc>=0.9", env={"API_TOKEN": "x"})
+    assert r.returncode == 0 and "gate acc = 0.95, needs >= 0.9: ok" in r.stderr
+    r = cli(*base, "--expect", "acc is high", env={"API_TOKEN": "x"})
+    assert r.returncode == 2 and "--expect" in r.stderr
