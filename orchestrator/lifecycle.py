@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator import catalog
-from orchestrator.errors import CloudError, UserInputError
+from orchestrator.errors import CloudError, OrchestratorError, UserInputError
 from orchestrator.gates import evaluate
 from orchestrator.paths import run_dir
 from orchestrator.plan import RUN_ID_RE, ResourcePlan, build_plan, new_run_id, resource_group_name
@@ -368,6 +368,7 @@ def run(
         nodes: list[Any] = []
         outcome = JobOutcome()
         gate_results: list[Any] = []
+        guard = _Limits(spec, nodes, say)
         error = ""
         torn_down = False
         try:
@@ -396,15 +397,19 @@ def run(
             runner.connect()
             say("connected")
             outcome = runner.execute(artifacts_dir or ctx.folder / "artifacts")
+            guard.check()
             error = outcome.error
             if outcome.exit_code == 0 and spec.expect:
                 gate_results = evaluate(spec.expect, outcome.metrics)
                 for g in gate_results:
                     say(f"gate {g.describe()}")
         except BaseException as e:
-            error = _describe(e)
+            error = guard.reason or _describe(e)
+            if guard.reason:
+                raise LimitReached(guard.reason) from e
             raise
         finally:
+            guard.cancel()
             for node in nodes:
                 node.cancel()
             if not (keep and not error):
@@ -439,6 +444,47 @@ def run(
             outcome.error,
             gate_results,
         )
+
+
+class LimitReached(OrchestratorError):
+    """max_duration or budget_usd stopped the run (it was torn down)."""
+
+
+class _Limits:
+    """Stops a run when max_duration passes or the projected cost would pass budget_usd: the nodes
+    are cancelled, so the run unwinds into its teardown. The clock starts before provisioning."""
+
+    def __init__(self, spec: JobSpec, nodes: list[Any], say: Any) -> None:
+        import threading
+
+        self.reason = ""
+        hourly = spec.hourly_usd()
+        limit, why = float(spec.max_duration), f"max_duration ({spec.max_duration} s) passed"
+        if spec.budget_usd is not None and hourly > 0:
+            by_budget = spec.budget_usd / hourly * 3600
+            if by_budget < limit:
+                limit = by_budget
+                why = (
+                    f"the projected cost would pass budget_usd ${spec.budget_usd:,.2f} "
+                    f"(${hourly:,.3f}/hour for {spec.nodes} node(s), stopped after {by_budget:,.0f} s)"
+                )
+        self._why, self._nodes, self._say = why, nodes, say
+        self._timer = threading.Timer(limit, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.reason = f"Stopped and torn down: {self._why}."
+        self._say(self.reason)
+        for node in list(self._nodes):
+            node.cancel()
+
+    def check(self) -> None:
+        if self.reason:
+            raise LimitReached(self.reason)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 # ------------------------------------------------------------------------ working on a kept run

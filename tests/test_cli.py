@@ -333,3 +333,14 @@ def test_metric_gates_decide_the_exit_code(tmp_path: Path) -> None:
     assert r.returncode == 0 and "gate acc = 0.95, needs >= 0.9: ok" in r.stderr
     r = cli(*base, "--expect", "acc is high", env={"API_TOKEN": "x"})
     assert r.returncode == 2 and "--expect" in r.stderr
+
+
+def test_the_budget_stops_and_tears_down_a_run(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path, "import time\nprint('training', flush=True)\ntime.sleep(120)\n", "budget_usd: 0.0004\n"
+    )  # at $0.531/h: about 2.7 s
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job), env={"API_TOKEN": "x"})
+    assert r.returncode == 1, r.stderr
+    assert "projected cost would pass budget_usd $0.00" in r.stderr and "Stopped and torn down" in r.stderr
+    assert store_of(state)["resources"] == {} and store_of(state)["groups"] == {}
