@@ -29,7 +29,17 @@ def render(template: str, **values: Any) -> str:
     return str(_environment().get_template(template).render(**values))
 
 
-def cloud_init(*, run_id: str, vm_name: str, rank: int, host_private_key: str, host_public_key: str) -> str:
+def cloud_init(
+    *,
+    run_id: str,
+    vm_name: str,
+    rank: int,
+    host_private_key: str,
+    host_public_key: str,
+    user: str = "azureuser",
+    max_duration: int = 4 * 3600,
+    gpu: bool = False,
+) -> str:
     return render(
         "cloud-init.yaml.j2",
         run_id=run_id,
@@ -37,6 +47,9 @@ def cloud_init(*, run_id: str, vm_name: str, rank: int, host_private_key: str, h
         rank=rank,
         host_private_key=host_private_key.strip(),
         host_public_key=host_public_key,
+        user=user,
+        max_duration=int(max_duration),
+        gpu=gpu,
     )
 
 

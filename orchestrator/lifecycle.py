@@ -191,7 +191,14 @@ def _keys(spec: JobSpec, run_id: str, folder: Path) -> RunKeys:
         host_keys[rank] = hk.public
         custom[rank] = as_custom_data(
             cloud_init(
-                run_id=run_id, vm_name=vm, rank=rank, host_private_key=hk.private_openssh, host_public_key=hk.public
+                run_id=run_id,
+                vm_name=vm,
+                rank=rank,
+                host_private_key=hk.private_openssh,
+                host_public_key=hk.public,
+                user=spec.ssh.user,
+                max_duration=spec.max_duration,
+                gpu=spec.resources.size.is_gpu,
             )
         )
     return RunKeys(key, public, host_keys, custom)

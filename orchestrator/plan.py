@@ -40,6 +40,8 @@ T_RG = "Microsoft.Resources/resourceGroups"
 T_VNET = "Microsoft.Network/virtualNetworks"
 T_NSG = "Microsoft.Network/networkSecurityGroups"
 T_VM = "Microsoft.Compute/virtualMachines"
+T_SCHEDULE = "Microsoft.DevTestLab/schedules"
+SCHEDULE_API_VERSION = "2018-09-15"
 
 
 def new_run_id(job_name: str, token: str | None = None) -> str:
@@ -245,6 +247,34 @@ def build_plan(
                 2,
             )
         )
+    # Azure's auto-shutdown deallocates each VM at a time of day: the backstop that stops compute
+    # billing if this process (and its teardown) dies. Daily schedules have minute resolution in
+    # UTC; runs longer than a day are stopped by the VM's own watchdog and by `gc`.
+    shutdown_at = (now.astimezone(UTC) + timedelta(seconds=spec.max_duration) + EXPIRY_GRACE).strftime("%H%M")
+    schedules = [
+        PlannedResource(
+            T_SCHEDULE,
+            f"shutdown-computevm-{vm.name}",
+            _rid(sub, rg, T_SCHEDULE, f"shutdown-computevm-{vm.name}"),
+            {
+                "location": res.region,
+                "tags": tags,
+                "properties": {
+                    "status": "Enabled",
+                    "taskType": "ComputeVmShutdownTask",
+                    "dailyRecurrence": {"time": shutdown_at},
+                    "timeZoneId": "UTC",
+                    "targetResourceId": vm.id,
+                    "notificationSettings": {"status": "Disabled"},
+                },
+            },
+            (vm.id,),
+            3,
+        )
+        for vm in vms
+    ]
+    if spec.max_duration > 24 * 3600:
+        warnings.append("max_duration is over a day: Azure's daily auto-shutdown may stop the VMs before it ends")
     if res.spot:
         warnings.append("spot VMs can be evicted at any time; checkpoints under $ORCH_CHECKPOINT_DIR survive")
     return ResourcePlan(
@@ -253,7 +283,7 @@ def build_plan(
         resource_group=rg,
         region=res.region,
         tags=tags,
-        resources=(rg_res, vnet, nsg, *vms),
+        resources=(rg_res, vnet, nsg, *vms, *schedules),
         nodes=tuple(nodes),
         ssh_user=spec.ssh.user,
         ssh_sources=tuple(sources),

@@ -42,6 +42,10 @@ def describe(r: PlannedResource) -> str:
             proto = p["protocol"].replace("*", "any")
             parts.append(f"{p['priority']} {p['access'].lower()} {proto} port {port} from {src}")
         return "inbound:\n" + "\n".join(parts)
+    if r.short_type == "schedules":
+        t = props["dailyRecurrence"]["time"]
+        vm = props["targetResourceId"].rsplit("/", 1)[-1]
+        return f"auto-shutdown of {vm} at {t[:2]}:{t[2:]} UTC (deallocates: billing stops even if this tool dies)"
     if r.short_type == "virtualMachines":
         size_name = props["hardwareProfile"]["vmSize"]
         size = catalog.VM_SIZES.get(size_name)

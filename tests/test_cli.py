@@ -70,7 +70,7 @@ def test_dry_run_json_is_one_document() -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["region"] == "westeurope"
-    assert [len(s) for s in doc["stages"]] == [1, 2, 1]
+    assert [len(s) for s in doc["stages"]] == [1, 2, 1, 1]  # group; VNet + NSG; VM; its auto-shutdown
     assert doc["estimate"]["usd_per_hour"] > 0
     assert doc["requests"][0]["method"] == "PUT"
     vm = doc["stages"][2][0]["body"]

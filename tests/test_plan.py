@@ -8,6 +8,7 @@ from orchestrator.emulator.validation import check_name
 from orchestrator.plan import (
     T_NSG,
     T_RG,
+    T_SCHEDULE,
     T_VM,
     T_VNET,
     TAG_EXPIRES,
@@ -21,7 +22,7 @@ from tests.conftest import KEY, SUB, make_plan, make_spec
 def test_stages_follow_the_dependency_chain() -> None:
     plan = make_plan(make_spec(nodes=3))
     stages = plan.stages
-    assert [[r.type for r in s] for s in stages] == [[T_RG], [T_VNET, T_NSG], [T_VM, T_VM, T_VM]]
+    assert [[r.type for r in s] for s in stages] == [[T_RG], [T_VNET, T_NSG], [T_VM] * 3, [T_SCHEDULE] * 3]
     vnet, nsg = stages[1]
     for vm in stages[2]:
         assert set(vm.depends_on) == {vnet.id, nsg.id}
@@ -109,3 +110,57 @@ def test_critical_path_and_cost() -> None:
     plan = make_plan(make_spec(nodes=2))
     assert plan.critical_path_seconds() == pytest.approx(1 + 7 + 120)
     assert plan.hourly_usd == pytest.approx(2 * (0.526 + 0.005))
+
+
+def test_each_vm_gets_an_auto_shutdown_schedule_at_its_expiry() -> None:
+    plan = make_plan(make_spec(max_duration="2h", nodes=2))
+    schedules = plan.stages[3]
+    assert [s.name for s in schedules] == ["shutdown-computevm-demo-abc123-0", "shutdown-computevm-demo-abc123-1"]
+    props = schedules[0].body["properties"]
+    assert props["taskType"] == "ComputeVmShutdownTask" and props["timeZoneId"] == "UTC"
+    assert props["dailyRecurrence"]["time"] == "1430"  # 12:00 + 2 h + 30 min grace
+    assert props["targetResourceId"] == plan.stages[2][0].id
+    assert schedules[0].depends_on == (plan.stages[2][0].id,)
+
+
+def test_cloud_init_carries_the_host_key_the_watchdog_and_the_gpu_check() -> None:
+    import base64
+
+    import yaml
+
+    from orchestrator.bootstrap import as_custom_data, cloud_init
+    from orchestrator.emulator.sshhost import parse_cloud_init
+    from orchestrator.sshkeys import generate_host_key
+
+    key = generate_host_key()
+    doc = cloud_init(
+        run_id="r-000001",
+        vm_name="r-000001-0",
+        rank=0,
+        host_private_key=key.private_openssh,
+        host_public_key=key.public,
+        user="trainer",
+        max_duration=5400,
+        gpu=True,
+    )
+    parsed = parse_cloud_init(as_custom_data(doc))
+    assert parsed["ssh_keys"]["ed25519_private"].strip() == key.private_openssh.strip()
+    assert parsed["ssh_keys"]["ed25519_public"] == key.public
+    assert parsed["ssh_pwauth"] is False
+    files = {f["path"]: f["content"] for f in parsed["write_files"]}
+    assert "OnBootSec=5400s" in files["/etc/systemd/system/orchestrator-watchdog.timer"]
+    assert "systemctl poweroff" in files["/etc/systemd/system/orchestrator-watchdog.service"]
+    commands = " ".join(" ".join(c) for c in parsed["runcmd"])
+    assert "orchestrator-watchdog.timer" in commands and "nvidia-smi" in commands
+    assert "/home/trainer/orch" in commands
+    cpu = yaml.safe_load(
+        cloud_init(
+            run_id="r-000001",
+            vm_name="r-000001-0",
+            rank=0,
+            host_private_key=key.private_openssh,
+            host_public_key=key.public,
+        )
+    )
+    assert "nvidia-smi" not in str(cpu["runcmd"])
+    assert base64.b64decode(as_custom_data(doc)).decode().startswith("#cloud-config")

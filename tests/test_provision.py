@@ -44,7 +44,7 @@ def test_happy_path_creates_everything_and_reports_addresses(emu: Emulator, sess
             ("disks", f"demo-abc123-{n}-osdisk"),
         ]:
             assert any(t.endswith(rtype) and nm == name for t, nm in live)
-    assert len(live) == 3 + 4 * nodes
+    assert len(live) == 3 + 5 * nodes  # + NIC, public IP, OS disk and auto-shutdown schedule per VM
     assert [n.rank for n in result.nodes] == list(range(nodes))
     assert len({n.public_ip for n in result.nodes}) == nodes
     assert all(n.private_ip.startswith("10.42.0.") for n in result.nodes)
@@ -58,7 +58,7 @@ def test_happy_path_creates_everything_and_reports_addresses(emu: Emulator, sess
             "Microsoft.Network/virtualNetworks",
             "Microsoft.Network/networkSecurityGroups",
         ]
-        + ["Microsoft.Compute/virtualMachines"] * nodes
+        + ["Microsoft.Compute/virtualMachines", "Microsoft.DevTestLab/schedules"] * nodes
     )
 
 
@@ -79,8 +79,8 @@ def test_resources_wait_only_for_their_dependencies() -> None:
 def test_events_report_each_resource(session: AzureSession) -> None:
     events: list[ResourceEvent] = []
     Provisioner(session, on_event=events.append).provision(make_plan())
-    assert [e.status for e in events].count("created") == 4
-    assert [e.status for e in events].count("creating") == 4
+    assert [e.status for e in events].count("created") == 5
+    assert [e.status for e in events].count("creating") == 5
 
 
 def fail_and_check_clean(emu: Emulator, session: AzureSession, fault: Fault, **spec_fields: object) -> ProvisionFailed:

@@ -18,7 +18,16 @@ from orchestrator.azure.errors import classify
 from orchestrator.azure.session import AzureSession
 from orchestrator.azure.teardown import delete_group
 from orchestrator.errors import CloudError
-from orchestrator.plan import T_NSG, T_RG, T_VM, T_VNET, PlannedResource, ResourcePlan
+from orchestrator.plan import (
+    SCHEDULE_API_VERSION,
+    T_NSG,
+    T_RG,
+    T_SCHEDULE,
+    T_VM,
+    T_VNET,
+    PlannedResource,
+    ResourcePlan,
+)
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,10 @@ class Provisioner:
             ).result()
         elif r.type == T_VM:
             s.compute.virtual_machines.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
+        elif r.type == T_SCHEDULE:
+            s.resources.resources.begin_create_or_update_by_id(
+                r.id, r.body, api_version=SCHEDULE_API_VERSION, polling=s.polling(r.type)
+            ).result()
         else:
             raise ValueError(f"the provisioner cannot create {r.type}")
 

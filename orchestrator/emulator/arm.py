@@ -43,7 +43,8 @@ T_PIP = "Microsoft.Network/publicIPAddresses"
 T_NIC = "Microsoft.Network/networkInterfaces"
 T_VM = "Microsoft.Compute/virtualMachines"
 T_DISK = "Microsoft.Compute/disks"
-SUPPORTED_TYPES = {T_VNET, T_NSG, T_PIP, T_NIC, T_VM, T_DISK}
+T_SCHEDULE = "Microsoft.DevTestLab/schedules"
+SUPPORTED_TYPES = {T_VNET, T_NSG, T_PIP, T_NIC, T_VM, T_DISK, T_SCHEDULE}
 DEFAULT_QUOTA_VCPUS = 96  # per family and region; real new subscriptions often have 0 for GPUs
 
 _SUB = r"/subscriptions/(?P<sub>[^/]+)"
@@ -590,10 +591,15 @@ class Emulator:
                 T_VM: self._put_vm,
                 T_PIP: self._put_pip,
                 T_NIC: self._put_nic,
+                T_SCHEDULE: self._put_schedule,
             }.get(rtype)
             if writer is None:
                 raise ArmFault(405, "MethodNotAllowed", f"Creating {rtype} directly is not supported by the emulator.")
             resource, children, seconds = writer(_Write(sub, rg, rid, name, location, body, existing, rec))
+            if rtype == T_SCHEDULE:  # a synchronous write in the DevTestLab RP: no operation to poll
+                resource["properties"]["provisioningState"] = "Succeeded"
+                self.store.resources[key] = resource
+                return self._ok(200 if existing else 201, self._public(resource))
             lro = self.faults.take("PUT", rtype, "lro")
             error = None
             if lro is not None:
@@ -935,6 +941,29 @@ class Emulator:
         rid, name, location, body, rec = w.rid, w.name, w.location, w.body, w.rec
         self._fault("PUT", T_PIP, rec, location=location)
         return self._pip(rid, name, location, body, body), [], self.profile.create_seconds(T_PIP)
+
+    def _put_schedule(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
+        """A VM auto-shutdown schedule, validated as the DevTestLab RP does."""
+        rid, name, location, body, rec = w.rid, w.name, w.location, w.body, w.rec
+        props = v.require(body, "properties", dict)
+        if props.get("taskType") != "ComputeVmShutdownTask":
+            raise v.invalid("The schedule's taskType must be ComputeVmShutdownTask.")
+        if props.get("status", "Enabled") not in {"Enabled", "Disabled"}:
+            raise v.invalid("The schedule's status must be Enabled or Disabled.")
+        hhmm = str(v.require(props, "dailyRecurrence.time", str))
+        if not re.fullmatch(r"([01]\d|2[0-3])[0-5]\d", hhmm):
+            raise v.invalid(f"The value {hhmm} for dailyRecurrence.time is invalid; use HHmm.")
+        v.require(props, "timeZoneId", str)
+        target = str(v.require(props, "targetResourceId", str))
+        vm = self.store.resources.get(target.lower())
+        if vm is None or vm["type"] != T_VM:
+            raise ArmFault(400, "InvalidResourceReference", f"Resource {target} referenced by {rid} was not found.")
+        if name.lower() != f"shutdown-computevm-{vm['name']}".lower():
+            raise v.invalid(f"A VM's auto-shutdown schedule must be named shutdown-computevm-{vm['name']}.")
+        self._fault("PUT", T_SCHEDULE, rec, location=location)
+        res = self._base(rid, name, T_SCHEDULE, location, body)
+        res["properties"] = copy.deepcopy(props)
+        return res, [], 0.0
 
     def _put_nic(self, w: _Write) -> tuple[dict[str, Any], list[Any], float]:
         rid, name, location, body, existing, rec = w.rid, w.name, w.location, w.body, w.existing, w.rec
