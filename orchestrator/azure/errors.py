@@ -131,8 +131,8 @@ def classify(exc: BaseException, *, resource: str = "", size: str = "", region: 
         if code in {"AuthorizationFailed", "LinkedAuthorizationFailed"}:
             return AuthError(
                 f"Azure refused{where}: your identity lacks a permission ({code}). {message}\n"
-                "Ask for the Contributor role on the subscription (or a custom role with the Resources, "
-                "Network and Compute read, write and delete actions this tool uses).",
+                "Ask for the custom role in templates/azure-role.json (exactly the actions this tool uses; "
+                "see README) or Contributor on the subscription.",
                 code=code,
                 resource=resource,
             )
