@@ -345,6 +345,7 @@ class RunOutcome:
     torn_down: bool
     error: str = ""  # collecting artifacts failed (the job's own result is in exit_code)
     gates: list[Any] = field(default_factory=list)  # gates.GateResult for each `expect` metric
+    cost_usd: float = 0.0  # the VMs' price from creation to deletion (public IPs included)
 
 
 def run(
@@ -450,6 +451,7 @@ def run(
             torn_down,
             outcome.error,
             gate_results,
+            spec.hourly_usd() * (time.monotonic() - t0) / 3600,
         )
 
 

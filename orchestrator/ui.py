@@ -187,13 +187,17 @@ class ProgressPrinter:
                         "seconds": round(outcome.seconds, 2),
                         "torn_down": outcome.torn_down,
                         "gates": [g.__dict__ for g in outcome.gates],
+                        "cost_usd": round(outcome.cost_usd, 4),
                     }
                 ),
                 flush=True,
             )
             return
         status = "succeeded" if outcome.exit_code == 0 else f"failed ({outcome.failed_phase}, exit {outcome.exit_code})"
-        self.say(f"run {outcome.run_id} {status} in {outcome.seconds:.1f} s")
+        self.say(
+            f"run {outcome.run_id} {status} in {outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} "
+            f"of compute at list price"
+        )
         if outcome.metrics:
             self.say("metrics: " + ", ".join(f"{k}={v}" for k, v in outcome.metrics.items()))
         if outcome.artifacts:
