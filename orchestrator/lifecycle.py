@@ -280,6 +280,47 @@ class RunContext:
         return True
 
 
+IP_ECHO_URL = "https://api.ipify.org"
+
+
+def detect_public_ip(url: str | None = None, timeout: float = 5.0) -> str:
+    """This machine's public address as the Internet sees it (what the NSG must let in)."""
+    import ipaddress
+    import urllib.request
+
+    url = url or os.environ.get("ORCH_IP_ECHO_URL", IP_ECHO_URL)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read(64).decode().strip()
+        return str(ipaddress.ip_address(text))
+    except (OSError, ValueError) as e:
+        raise UserInputError(
+            f"Could not detect your public address from {url} ({e}). Pass it yourself with --ssh-cidr "
+            "203.0.113.7/32 (or set ssh.allowed_cidrs)."
+        ) from None
+
+
+def with_ssh_sources(spec: JobSpec, target_kind: str, say: Any = print) -> JobSpec:
+    """Resolve ssh.allowed_cidrs for a real run: `auto` becomes this machine's address; an empty list
+    is refused on Azure (SSH open to the Internet must be asked for, with `any`)."""
+    cidrs = list(spec.ssh.allowed_cidrs)
+    if target_kind == "local":
+        cidrs = [c for c in cidrs if c not in {"auto", "any"}] or ["127.0.0.1/32"]  # emulated VMs: loopback
+    elif "auto" in cidrs:
+        ip = detect_public_ip()
+        say(f"SSH allowed from your address {ip} (detected)")
+        cidrs = [c for c in cidrs if c != "auto"] + [f"{ip}/32" if ":" not in ip else f"{ip}/128"]
+    elif not cidrs:
+        raise UserInputError(
+            f"{spec.source}: ssh.allowed_cidrs is empty, so nobody could be let in safely. Set it to your "
+            "address, pass --ssh-cidr auto to detect it, or --ssh-cidr any to open SSH to the whole Internet "
+            "(not recommended: the VM is a paying GPU with your code on it)."
+        )
+    elif "any" in cidrs:
+        say("warning: SSH (port 22) is open to the whole Internet (--ssh-cidr any)")
+    return spec.model_copy(update={"ssh": spec.ssh.model_copy(update={"allowed_cidrs": cidrs})})
+
+
 @contextmanager
 def _interrupts(tell: Any, *, second_stops: bool) -> Iterator[None]:
     """While the block runs, SIGINT/SIGTERM print `tell`; with second_stops the second one raises
@@ -313,6 +354,7 @@ def provision(
 ) -> Any:
     """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them."""
     run_id = run_id or new_run_id(spec.name)
+    spec = with_ssh_sources(spec, target.kind, say)
     with open_session(target) as session:
         ctx = RunContext(spec, target, session, run_id, say, on_event)
         try:
@@ -370,6 +412,7 @@ def run(
 
     t0 = time.monotonic()
     secrets = forwarded_secrets(spec)  # before anything is created: a missing secret costs nothing
+    spec = with_ssh_sources(spec, target.kind, say)
     run_id = run_id or new_run_id(spec.name)
     with open_session(target) as session:
         ctx = RunContext(spec, target, session, run_id, say, on_event)

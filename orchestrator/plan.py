@@ -219,9 +219,13 @@ def build_plan(
         (rg_res.id,),
         1,
     )
-    sources = list(spec.ssh.allowed_cidrs)
-    if not sources:
-        warnings.append("SSH (port 22) is open to the whole Internet; set ssh.allowed_cidrs to your address")
+    sources = [c for c in spec.ssh.allowed_cidrs if c not in {"auto", "any"}]
+    if "any" in spec.ssh.allowed_cidrs or not sources:
+        sources = []
+        warnings.append(
+            "SSH (port 22) is open to the whole Internet; set ssh.allowed_cidrs to your address "
+            "(or --ssh-cidr auto to detect it)"
+        )
     nsg = PlannedResource(
         T_NSG,
         nsg_name,

@@ -307,6 +307,9 @@ class Ssh(_Strict):
     def _cidrs(cls, v: list[str]) -> list[str]:
         out = []
         for c in v:
+            if c in {"auto", "any"}:  # detect this machine's public address / open to all (explicitly)
+                out.append(c)
+                continue
             try:
                 net = ipaddress.ip_network(c, strict=False)
             except ValueError:

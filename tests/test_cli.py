@@ -93,7 +93,9 @@ def test_bad_flag_is_exit_2() -> None:
 
 
 def test_no_credentials_gives_a_clear_message(tmp_path: Path) -> None:
-    r = cli("--state-dir", str(tmp_path), "provision", str(SMOKE), env={"HOME": str(tmp_path)})
+    r = cli(
+        "--state-dir", str(tmp_path), "provision", str(SMOKE), "--ssh-cidr", "203.0.113.7", env={"HOME": str(tmp_path)}
+    )
     assert r.returncode == 3
     assert "No Azure subscription found" in r.stderr and "--dry-run" in r.stderr
     assert "Traceback" not in r.stderr
@@ -344,3 +346,8 @@ def test_the_budget_stops_and_tears_down_a_run(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     assert "projected cost would pass budget_usd $0.00" in r.stderr and "Stopped and torn down" in r.stderr
     assert store_of(state)["resources"] == {} and store_of(state)["groups"] == {}
+
+
+def test_azure_runs_refuse_ssh_open_to_everyone_unless_asked(tmp_path: Path) -> None:
+    r = cli("--state-dir", str(tmp_path), "provision", str(SMOKE), env={"AZURE_SUBSCRIPTION_ID": "x"})
+    assert r.returncode == 2 and "ssh.allowed_cidrs is empty" in r.stderr and "--ssh-cidr auto" in r.stderr
