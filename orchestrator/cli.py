@@ -189,7 +189,22 @@ def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, 
     finally:
         printer.stop()
     printer.finished(outcome)
+    _write_step_summary(obj, outcome)
     _fail_if_job_failed(outcome)
+
+
+def _write_step_summary(obj: Ctx, outcome: Any) -> None:
+    """On GitHub Actions, the run's phases, resources, cost, metrics and gates on the job's page."""
+    import os
+
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return
+    from orchestrator.ui import step_summary
+
+    store = _store(obj)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(step_summary(outcome, store.events(outcome.run_id), store.resources(outcome.run_id)))
 
 
 def _fail_if_job_failed(outcome: Any) -> None:
@@ -255,14 +270,17 @@ def down(obj: Ctx, run_id: str) -> None:
 @cli.command()
 @click.option("--run", "run_id", help="Only this run's resources.")
 @click.option("--all", "include_unexpired", is_flag=True, help="Also runs whose expiry has not passed yet.")
+@click.option("--owner", help="Only groups whose orchestrator-owner tag is this (e.g. one CI run's).")
 @click.option("--dry-run", "dry_run_here", is_flag=True, help="List what would be deleted.")
 @click.pass_obj
-def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, dry_run_here: bool) -> None:
+def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, owner: str | None, dry_run_here: bool) -> None:
     """Delete resources that crashed or abandoned runs left behind (found by their tags)."""
     from orchestrator import lifecycle
 
     dry = obj.dry_run or dry_run_here
-    groups = lifecycle.gc(obj.target_obj(), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry)
+    groups = lifecycle.gc(
+        obj.target_obj(), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry, owner=owner
+    )
     if obj.as_json:
         _say(
             obj,

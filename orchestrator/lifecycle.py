@@ -710,9 +710,16 @@ def down(run: str, target: Target) -> bool:
 
 
 def gc(
-    target: Target, *, run_id: str | None = None, include_unexpired: bool = False, dry_run: bool = False
+    target: Target,
+    *,
+    run_id: str | None = None,
+    include_unexpired: bool = False,
+    dry_run: bool = False,
+    owner: str | None = None,
 ) -> list[Any]:
     from orchestrator.azure.teardown import gc as azure_gc
 
     with open_session(target) as session:
-        return azure_gc(session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry_run)
+        return azure_gc(
+            session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry_run, owner=owner
+        )

@@ -298,3 +298,37 @@ def progress(as_json: bool) -> ProgressPrinter:
     if not as_json and sys.stderr.isatty():
         return LiveProgress()
     return ProgressPrinter(as_json)
+
+
+def step_summary(
+    outcome: RunOutcome, events: list[tuple[float, str, dict[str, Any]]], resources: list[tuple[str, str, str]]
+) -> str:
+    """A run as Markdown for a CI job's summary page (GITHUB_STEP_SUMMARY)."""
+    ok = outcome.exit_code == 0 and not outcome.error and all(g.passed for g in outcome.gates)
+    lines = [f"## orchestrator run `{outcome.run_id}`: {'passed' if ok else 'failed'}", ""]
+    lines += [
+        f"{outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} of compute; "
+        + ("all resources deleted" if outcome.torn_down else "**resources kept**"),
+        "",
+    ]
+    states = [(at, d["state"]) for at, kind, d in events if kind == "state"]
+    lines += ["| phase | seconds |", "|---|---:|"]
+    for (at, state), (nxt, _) in zip(states, [*states[1:], (None, None)], strict=True):
+        if nxt is not None:
+            lines.append(f"| {state} | {nxt - at:.1f} |")
+    if resources:
+        lines += ["", "| resource | name | status |", "|---|---|---|"]
+        lines += [f"| {t.rsplit('/', 1)[-1]} | `{n}` | {s} |" for t, n, s in resources]
+    if outcome.metrics:
+        lines += ["", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in outcome.metrics.items()]
+    if outcome.gates:
+        lines += ["", "| gate | value | needs | result |", "|---|---:|---|---|"]
+        lines += [
+            f"| {g.metric} | {'' if g.value is None else f'{g.value:g}'} | {g.condition} | "
+            f"{'pass' if g.passed else '**FAIL**'} |"
+            for g in outcome.gates
+        ]
+    if outcome.error:
+        lines += ["", f"**error:** {outcome.error}"]
+    return "\n".join(lines) + "\n"

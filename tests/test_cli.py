@@ -351,3 +351,48 @@ def test_the_budget_stops_and_tears_down_a_run(tmp_path: Path) -> None:
 def test_azure_runs_refuse_ssh_open_to_everyone_unless_asked(tmp_path: Path) -> None:
     r = cli("--state-dir", str(tmp_path), "provision", str(SMOKE), env={"AZURE_SUBSCRIPTION_ID": "x"})
     assert r.returncode == 2 and "ssh.allowed_cidrs is empty" in r.stderr and "--ssh-cidr auto" in r.stderr
+
+
+def test_step_summary_for_github_actions(tmp_path: Path) -> None:
+    script = (
+        "import json, os\n"
+        "json.dump({'acc': 0.97}, open(os.path.join(os.environ['ORCH_OUTPUT_DIR'], 'metrics.json'), 'w'))\n"
+    )
+    job = write_job(tmp_path, script, "expect:\n  acc: '>= 0.9'\n")
+    summary = tmp_path / "summary.md"
+    r = cli(
+        "--target",
+        "local",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "run",
+        str(job),
+        env={"API_TOKEN": "x", "GITHUB_STEP_SUMMARY": str(summary)},
+    )
+    assert r.returncode == 0, r.stderr
+    text = summary.read_text()
+    assert text.startswith("## orchestrator run `clitest-") and ": passed" in text
+    for part in (
+        "| provisioning |",
+        "| training |",
+        "| virtualMachines |",
+        "| acc | 0.97 |",
+        "| acc | 0.97 | >= 0.9 | pass |",
+        "all resources deleted",
+        "of compute",
+    ):
+        assert part in text, part
+
+
+def test_the_nightly_workflow_passes_actionlint() -> None:
+    import shutil
+
+    binary = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    if not Path(binary).exists():
+        pytest.skip("actionlint is not installed (it comes with the dev extra)")
+    workflow = REPO / ".github" / "workflows" / "nightly.yml"
+    r = subprocess.run([binary, str(workflow)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = workflow.read_text()
+    assert "id-token: write" in text and "if: always()" in text and "orchestrator gc" in text
+    assert "secrets." not in text, "OIDC: no secret in the workflow"

@@ -114,12 +114,16 @@ def list_run_groups(session: AzureSession, run_id: str | None = None) -> list[Ru
 
 
 def select_for_gc(
-    groups: list[RunGroup], now: datetime, run_id: str | None = None, include_unexpired: bool = False
+    groups: list[RunGroup],
+    now: datetime,
+    run_id: str | None = None,
+    include_unexpired: bool = False,
+    owner: str | None = None,
 ) -> list[RunGroup]:
     """What gc deletes: the named run's groups, or every expired one (or all, when asked)."""
     chosen = []
     for g in groups:
-        if g.state == "Deleting":
+        if g.state == "Deleting" or (owner is not None and g.owner != owner):
             continue
         if run_id is not None:
             if g.run_id == run_id:
@@ -137,9 +141,10 @@ def gc(
     include_unexpired: bool = False,
     dry_run: bool = False,
     wait: bool = True,
+    owner: str | None = None,
 ) -> list[RunGroup]:
     """Delete abandoned run groups; all deletions start before any is waited on."""
-    chosen = select_for_gc(list_run_groups(session, run_id), now, run_id, include_unexpired)
+    chosen = select_for_gc(list_run_groups(session, run_id), now, run_id, include_unexpired, owner)
     if dry_run or not chosen:
         return chosen
     from azure.core.exceptions import HttpResponseError
