@@ -551,13 +551,17 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM (a CI job cancelled, a container stopped) takes the same path as Ctrl-C: teardown."""
+    """SIGTERM (a CI job cancelled, a container stopped) takes the same path as Ctrl-C: teardown.
+
+    SIGINT is set explicitly too: a process started in the background by a non-interactive shell
+    inherits SIGINT ignored, and then Ctrl-C (or a CI runner's interrupt) could never stop a run."""
     import signal
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
