@@ -324,24 +324,24 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+_RECORD_FIELDS = (
+    "run_id",
+    "job",
+    "target",
+    "state",
+    "resource_group",
+    "exit_code",
+    "error",
+    "artifacts",
+    "metrics",
+    "torn_down",
+    "created",
+    "updated",
+)
+
+
 def _record_json(r: Any) -> dict[str, Any]:
-    return {
-        k: getattr(r, k)
-        for k in (
-            "run_id",
-            "job",
-            "target",
-            "state",
-            "resource_group",
-            "exit_code",
-            "error",
-            "artifacts",
-            "metrics",
-            "torn_down",
-            "created",
-            "updated",
-        )
-    }
+    return {**{k: getattr(r, k) for k in _RECORD_FIELDS}, "orphaned": r.orphaned}
 
 
 @cli.command()
@@ -423,7 +423,7 @@ def ls_(obj: Ctx, limit: int) -> None:
     click.echo(f"{'RUN':<28} {'JOB':<16} {'TARGET':<7} {'STATE':<13} {'AGE':>5}  EXIT")
     for r in runs:
         code = "" if r.exit_code is None else str(r.exit_code)
-        click.echo(f"{r.run_id:<28} {r.job:<16} {r.target:<7} {r.state:<13} {_age(now - r.created):>5}  {code}")
+        click.echo(f"{r.run_id:<28} {r.job:<16} {r.target:<7} {r.shown_state:<13} {_age(now - r.created):>5}  {code}")
 
 
 @cli.command()
@@ -444,7 +444,11 @@ def status(obj: Ctx, run_id: str | None) -> None:
             return
         now = time.time()
         for r in live:
-            click.echo(f"{r.run_id:<28} {r.state:<13} {r.target:<7} {r.resource_group}  since {_age(now - r.updated)}")
+            click.echo(
+                f"{r.run_id:<28} {r.shown_state:<13} {r.target:<7} {r.resource_group}  since {_age(now - r.updated)}"
+            )
+        if any(r.orphaned for r in live):
+            click.echo("A run whose process is gone may still hold resources: `orchestrator down RUN` removes them.")
         return
     record = store.get(run_id)
     if record is None:
@@ -462,7 +466,7 @@ def status(obj: Ctx, run_id: str | None) -> None:
             )
         )
         return
-    click.echo(f"run {record.run_id} ({record.job}, {record.target}): {record.state}")
+    click.echo(f"run {record.run_id} ({record.job}, {record.target}): {record.shown_state}")
     states = [(at, d["state"]) for at, k, d in events if k == "state"]
     for (at, st), nxt in zip(states, [*states[1:], (None, None)], strict=True):
         took = f"{nxt[0] - at:6.1f} s" if nxt[0] is not None else "   ..."

@@ -718,8 +718,20 @@ def gc(
     owner: str | None = None,
 ) -> list[Any]:
     from orchestrator.azure.teardown import gc as azure_gc
+    from orchestrator.state import open_store
 
     with open_session(target) as session:
-        return azure_gc(
+        groups = azure_gc(
             session, datetime.now(UTC), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry_run, owner=owner
         )
+    if not dry_run:  # the records of runs whose groups gc removed stop looking alive
+        store = open_store(target.state)
+        for g in groups:
+            record = store.get(g.run_id)
+            if record is not None and not record.torn_down:
+                store.mark_resources(g.run_id, "deleted")
+                ended = "failed" if record.active or record.state == "failed" else "done"
+                store.transition(
+                    g.run_id, ended, torn_down=True, error=record.error or ("removed by gc" if record.active else None)
+                )
+    return groups

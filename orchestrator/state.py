@@ -8,6 +8,7 @@ dies at any point leaves a record that `down`, `status` and `gc` can act on.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -93,6 +94,23 @@ class RunRecord:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
+
+    @property
+    def orphaned(self) -> bool:
+        """Active, but the process that ran it is gone (killed): its resources may still exist."""
+        if not self.active or self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    @property
+    def shown_state(self) -> str:
+        return f"{self.state} (process gone)" if self.orphaned else self.state
 
 
 class Store:

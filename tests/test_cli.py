@@ -291,9 +291,12 @@ def test_sigkill_during_provisioning_then_gc_removes_everything(tmp_path: Path) 
     proc.wait(timeout=30)
     left = store_of(state)
     assert left["groups"] and left["resources"], "a killed process leaves what it created, as on Azure"
+    status = cli("--target", "local", "--state-dir", str(state), "status")
+    assert "provisioning (process gone)" in status.stdout and "orchestrator down RUN" in status.stdout
     r = cli("--target", "local", "--state-dir", str(state), "gc", "--all")
     assert r.returncode == 0 and "Deleted orch-smoke-" in r.stdout, r.stdout + r.stderr
     assert store_of(state)["groups"] == {} and store_of(state)["resources"] == {}
+    assert "Nothing running" in cli("--target", "local", "--state-dir", str(state), "status").stdout
 
 
 def test_iterating_on_a_kept_vm_with_separate_commands(tmp_path: Path) -> None:
