@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -195,8 +196,6 @@ def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, 
 
 def _write_step_summary(obj: Ctx, outcome: Any) -> None:
     """On GitHub Actions, the run's phases, resources, cost, metrics and gates on the job's page."""
-    import os
-
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     if not path:
         return
@@ -601,3 +600,14 @@ def main(argv: list[str] | None = None) -> int:
                 err=True,
             )
         return 1
+
+
+def entry() -> None:
+    """The console script: main(), then leave without the interpreter's teardown.
+
+    Everything this tool writes is flushed and closed before main() returns; what remains at exit
+    is garbage-collecting the Azure SDK's thousands of model classes, ~0.3 s on every command."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
