@@ -514,6 +514,61 @@ def logs(obj: Ctx, run_id: str, follow: bool, phase: str) -> None:
         time.sleep(0.2)
 
 
+@cli.group()
+def emulator() -> None:
+    """The built-in emulator behind --target local: what it holds, and a reset.
+
+    There is no daemon to start or stop: its Azure is a file in the state directory that every
+    command reads and writes under a lock, and each command serves the emulated VMs' SSH itself."""
+
+
+@emulator.command(name="status")
+@click.pass_obj
+def emulator_status(obj: Ctx) -> None:
+    """Resource groups and VMs the local emulator holds, with each VM's sandbox folder."""
+    from orchestrator.emulator.persist import StoreFile
+    from orchestrator.paths import state_dir
+
+    root = state_dir(obj.state_dir) / "emulator"
+    store = StoreFile(root / "store.json").load()
+    vms = [r for r in store.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]
+    if obj.as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "groups": [g["name"] for g in store.groups.values()],
+                    "vms": [
+                        {
+                            "name": v["name"],
+                            "state": v["properties"].get("provisioningState"),
+                            "sandbox": str(root / "vms" / v["name"]),
+                        }
+                        for v in vms
+                    ],
+                }
+            )
+        )
+        return
+    if not store.groups:
+        click.echo(f"The local emulator holds nothing ({root}).")
+        return
+    for g in store.groups.values():
+        click.echo(f"{g['name']}  ({g['properties']['provisioningState']}, {g['location']})")
+    for v in vms:
+        click.echo(f"  VM {v['name']}: {v['properties'].get('provisioningState')}, sandbox {root / 'vms' / v['name']}")
+
+
+@emulator.command(name="reset")
+@click.confirmation_option(prompt="Delete everything the local emulator holds (VMs, their jobs and files)?")
+@click.pass_obj
+def emulator_reset(obj: Ctx) -> None:
+    """Delete every resource group orchestrator made in the local emulator (killing what its VMs run)."""
+    from orchestrator import lifecycle
+
+    groups = lifecycle.gc(lifecycle.Target(kind="local", state=obj.target_obj().state), include_unexpired=True)
+    click.echo(f"Reset: deleted {len(groups)} resource group(s).")
+
+
 def _say(obj: Ctx, payload: dict[str, Any], text: str) -> None:
     if obj.as_json:
         click.echo(json.dumps(payload))

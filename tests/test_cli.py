@@ -399,3 +399,16 @@ def test_the_nightly_workflow_passes_actionlint() -> None:
     text = workflow.read_text()
     assert "id-token: write" in text and "if: always()" in text and "orchestrator gc" in text
     assert "secrets." not in text, "OIDC: no secret in the workflow"
+
+
+def test_emulator_status_and_reset(tmp_path: Path) -> None:
+    state = ["--state-dir", str(tmp_path)]
+    assert "holds nothing" in cli(*state, "emulator", "status").stdout
+    assert cli(*state, "--target", "local", "provision", str(SMOKE)).returncode == 0
+    held = json.loads(cli(*state, "--json", "emulator", "status").stdout)
+    assert len(held["groups"]) == 1 and held["vms"][0]["state"] == "Succeeded"
+    assert Path(held["vms"][0]["sandbox"]).is_dir()
+    r = cli(*state, "emulator", "reset", "--yes")
+    assert r.returncode == 0 and "deleted 1 resource group" in r.stdout
+    assert "holds nothing" in cli(*state, "emulator", "status").stdout
+    assert not Path(held["vms"][0]["sandbox"]).exists()
