@@ -451,3 +451,18 @@ def test_node_reconnects_transparently(sshd: Sshd) -> None:
     node.exec("true")
     node.transport().close()
     assert node.run("echo back", "echo").text.strip() == "back"
+
+
+def test_every_node_s_outputs_come_home_without_overwriting_each_other(vms2: EmulatedVms, tmp_path: Path) -> None:
+    from orchestrator.remote.job import JobRunner
+    from orchestrator.spec import JobSpec
+
+    for rank in (0, 1):
+        out = vms2.home(rank) / "orch" / vms2.run_id / "outputs"
+        out.mkdir(parents=True)
+        (out / "rank.txt").write_text(str(rank))
+    spec = JobSpec.model_validate({"name": "job", "run": "true", "base_dir": str(tmp_path)})
+    runner = JobRunner(spec, vms2.nodes, vms2.layout, tmp_path, master_addr="", emit=print, say=print, secrets={})
+    runner.collect(tmp_path / "artifacts")
+    assert (tmp_path / "artifacts" / "rank.txt").read_text() == "0"
+    assert (tmp_path / "artifacts" / "nodes" / "1" / "rank.txt").read_text() == "1"

@@ -184,12 +184,16 @@ class JobRunner:
         return PhaseResult(name, dict(on_all(self.nodes, one)))
 
     def collect(self, dest: Path) -> artifacts.CollectReport:
-        def one(node: Node) -> artifacts.CollectReport:
-            target = dest if node.ep.rank == 0 else dest / "nodes" / str(node.ep.rank)
-            return artifacts.collect(node, self.layout, target, self.spec.artifacts)
-
-        reports = on_all(self.nodes, one)
-        return reports[0]
+        """Rank 0's outputs into dest, the other ranks' into dest/nodes/<rank>. Rank 0 goes first:
+        its collection replaces dest as a whole, which would remove the others' if it came later."""
+        first, others = self.nodes[0], self.nodes[1:]
+        report = artifacts.collect(first, self.layout, dest, self.spec.artifacts)
+        if others:
+            on_all(
+                others,
+                lambda n: artifacts.collect(n, self.layout, dest / "nodes" / str(n.ep.rank), self.spec.artifacts),
+            )
+        return report
 
     def execute(self, artifacts_dir: Path) -> JobOutcome:
         outcome = JobOutcome()
