@@ -167,8 +167,7 @@ class Store:
         if state not in STATES:
             raise ValueError(state)
         now = time.time()
-        allowed = {"exit_code", "error", "artifacts", "metrics", "torn_down", "pid"}
-        cols = {k: (json.dumps(v) if k == "metrics" else v) for k, v in fields.items() if k in allowed}
+        cols = _columns(fields)
         sets = "".join(f", {k} = ?" for k in cols)
         with self._tx() as db:
             db.execute(
@@ -181,21 +180,13 @@ class Store:
             )
 
     def update(self, run_id: str, **fields: Any) -> None:
-        allowed = {"exit_code", "error", "artifacts", "metrics", "torn_down", "pid"}
-        cols = {k: (json.dumps(v) if k == "metrics" else v) for k, v in fields.items() if k in allowed}
+        cols = _columns(fields)
         if not cols:
             return
         with self._tx() as db:
             db.execute(
                 f"UPDATE runs SET {', '.join(f'{k} = ?' for k in cols)}, updated = ? WHERE run_id = ?",
                 (*cols.values(), time.time(), run_id),
-            )
-
-    def event(self, run_id: str, kind: str, **data: Any) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO events (run_id, at, kind, data) VALUES (?, ?, ?, ?)",
-                (run_id, time.time(), kind, json.dumps(data)),
             )
 
     def resource(self, run_id: str, resource_id: str, type_: str, name: str, status: str) -> None:
@@ -252,6 +243,13 @@ class Store:
         finally:
             db.close()
         return [(t, n, s) for t, n, s in rows]
+
+
+_UPDATABLE = frozenset({"exit_code", "error", "artifacts", "metrics", "torn_down", "pid"})
+
+
+def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.dumps(v) if k == "metrics" else v) for k, v in fields.items() if k in _UPDATABLE}
 
 
 def _record(row: sqlite3.Row) -> RunRecord:
