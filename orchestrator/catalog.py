@@ -1,21 +1,90 @@
 """What the tool knows about Azure without asking it: VM sizes, regions, images, prices, durations.
 
 Pure data at the bottom of the import graph, so that spec validation, planning, the provisioner and
-the emulator agree on one list. Prices are a dated snapshot of the public retail prices API
-(Linux, pay-as-you-go, USD); refresh with:
+the emulator agree on one list.
+
+Sizes: `VM_SIZES` holds only sizes that can be created today. Sizes Azure has retired live in
+`RETIRED_SIZES` (with the date and Microsoft's suggested replacement) so that a job asking for one
+is refused with a useful message; they are never suggested or offered.
+
+Prices are an offline table shaped like the Azure Retail Prices API's answer (Linux, pay-as-you-go,
+USD; see `PRICE_SOURCES` for where every figure came from and when). `prices_from_retail_items`
+turns the API's `Items` into the same table, so a later refresh can replace the snapshot:
 
     curl -s "https://prices.azure.com/api/retail/prices?\\$filter=serviceName eq 'Virtual Machines' \\
         and armRegionName eq 'eastus' and armSkuName eq 'Standard_NC4as_T4_v3'" | jq '.Items[]'
-
-Regional prices differ from eastus by a small factor; the snapshot keeps one factor per region
-rather than a full matrix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-PRICE_SNAPSHOT_DATE = "2026-11-01"
+PRICE_SNAPSHOT_DATE = "2026-11-01"  # when this table was assembled from the sources below
+
+# Where each figure in this module comes from. Facts only; the sources are public.
+PRICE_SOURCES: dict[str, str] = {
+    "vm_on_demand": (
+        "Linux pay-as-you-go hourly prices per size and US region: SkyPilot's Azure catalog "
+        "(github.com/skypilot-org/skypilot-catalog, catalogs/v6/azure/vms.csv at commit 098741e7), which is "
+        "generated from the Azure Retail Prices API (prices.azure.com/api/retail/prices); read 2026-11-01. "
+        "eastus figures agree with other published snapshots of the same API (e.g. NC4as_T4_v3 0.526, "
+        "NC24ads_A100_v4 3.673)."
+    ),
+    "vm_on_demand_cpu": (
+        "B2s, D*s_v5 and F4s_v2 eastus prices: carried over from the previous snapshot (Linux pay-as-you-go "
+        "list prices); not re-checked against a stored copy of the API."
+    ),
+    "region_factor": (
+        "Regions without a per-size figure use REGION_PRICE_FACTOR x the eastus price. US factors are the "
+        "ratios seen in the SkyPilot snapshot (e.g. southcentralus and westus ~1.2 for NCasT4_v3, "
+        "centralus ~1.13); non-US factors are estimates carried over from the previous snapshot and are "
+        "NOT verified against a published price; `prices_from_retail_items` output should replace them."
+    ),
+    "spot": (
+        "Spot: Azure publishes spot prices through the same API (skuName ending ' Spot'), but they move "
+        "with supply and demand: published snapshots for NC24ads_A100_v4 in eastus range from 0.44 to 1.10 "
+        "USD/h (0.12-0.30 of pay-as-you-go). Where no per-size/region spot price is in the table, the "
+        "estimate uses SPOT_FACTOR = 0.3 of pay-as-you-go (DESIGN.md: 'roughly 0.3'), the conservative end, "
+        "so budgets are not under-estimated."
+    ),
+    "os_disk": (
+        "Premium SSD LRS monthly prices per tier, eastus (azure.microsoft.com/pricing/details/managed-disks/); "
+        "P10 19.71, P20 73.22, P30 135.17 USD/month are also quoted by TechTarget's 'How does Azure Premium "
+        "Storage billing work?'. A disk is billed at the smallest tier that holds it; a month is 730 hours "
+        "(Azure pricing calculator). Other regions use REGION_PRICE_FACTOR."
+    ),
+    "public_ip": "Standard static public IPv4: 0.005 USD/hour (azure.microsoft.com/pricing/details/ip-addresses/).",
+    "temp_disk": (
+        "Temp (resource) disk sizes from Microsoft's size tables: NCasT4_v3 180/360/360/2880 GiB and "
+        "NVadsA10_v5 720 GiB (azure-docs, Autodesk VRED on Azure), NC A100 v4 64/128/256 GiB plus NVMe "
+        "(TUFLOW HPC on Azure); Dsv5 has no temp disk; B2s 8 GiB, F4s_v2 32 GiB, ND96asr_v4 6000 GiB, "
+        "ND96isr_H100_v5 1000 GiB plus NVMe (Microsoft's series pages)."
+    ),
+    "retirements": (
+        "NCv3 (NC6s/NC12s/NC24s/NC24rs_v3, V100) retired 2025-09-30; Microsoft's migration guide "
+        "(azure-docs articles/virtual-machines/ncv3-nc6s-nc12s-nc24s-retirement.md) recommends NC A100 v4. "
+        "NV (M60, v1) and NV_Promo retired 2023-09-06 (sizes/migration-guides/nv-series-retirement.md)."
+    ),
+    "image_os_disk": (
+        "OS disk size baked into each image (the minimum `diskSizeGB`): microsoft-dsvm ubuntu-hpc 2204 "
+        "64 GB; Canonical ubuntu-24_04-lts server and 0001-com-ubuntu-server-jammy 22_04-lts-gen2 30 GB. "
+        "Azure refuses a smaller diskSizeGB with 409 OperationNotAllowed ('The specified disk size ... is "
+        "smaller than the size of the corresponding disk in the VM image')."
+    ),
+}
+
+HOURS_PER_MONTH = 730.0
+SPOT_FACTOR = 0.3
+STANDARD_PUBLIC_IP_USD_PER_HOUR = 0.005
+
+
+@dataclass(frozen=True)
+class Retirement:
+    date: str  # ISO date Azure stopped the size
+    replacement: str  # a size Microsoft's migration guide points to
+    guide: str  # where the retirement and migration are documented
 
 
 @dataclass(frozen=True)
@@ -27,9 +96,12 @@ class VmSize:
     gpu_model: str | None
     family: str  # the quota family Azure names in OperationNotAllowed messages
     usd_per_hour: float  # eastus, Linux, pay-as-you-go
-    spot_factor: float  # typical spot price as a fraction of pay-as-you-go
+    spot_factor: float  # spot as a fraction of pay-as-you-go when no spot price is published
     regions: frozenset[str]
     accelerated_networking: bool = True
+    temp_disk_gb: int = 0  # local temp disk (/mnt on Azure's Ubuntu images); 0: none
+    spot_supported: bool = True  # Azure offers no Spot for B-series
+    retired: Retirement | None = None
 
     @property
     def is_gpu(self) -> bool:
@@ -49,18 +121,71 @@ _A100 = frozenset(
 )
 _H100 = frozenset({"eastus", "eastus2", "southcentralus", "westus3", "swedencentral"})
 _A10 = frozenset({"eastus", "southcentralus", "westus2", "westus3", "westeurope", "northeurope", "uksouth"})
-_ALL = _T4 | _V100 | _A100 | _H100 | _A10
+_ALL = _T4 | _A100 | _H100 | _A10
+
+_NCV3_RETIRED = Retirement(
+    "2025-09-30",
+    "Standard_NC24ads_A100_v4",
+    "https://learn.microsoft.com/azure/virtual-machines/ncv3-nc6s-nc12s-nc24s-retirement",
+)
+_NV_RETIRED = Retirement(
+    "2023-09-06",
+    "Standard_NV36ads_A10_v5",
+    "https://learn.microsoft.com/azure/virtual-machines/sizes/migration-guides/nv-series-retirement",
+)
+_S = SPOT_FACTOR
 
 VM_SIZES: dict[str, VmSize] = {
     s.name: s
     for s in (
-        VmSize("Standard_NC4as_T4_v3", 4, 28, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 0.526, 0.2, _T4),
-        VmSize("Standard_NC8as_T4_v3", 8, 56, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 0.752, 0.2, _T4),
-        VmSize("Standard_NC16as_T4_v3", 16, 110, 1, "Tesla T4 16GB", "standardNCASv3_T4Family", 1.204, 0.2, _T4),
-        VmSize("Standard_NC64as_T4_v3", 64, 440, 4, "Tesla T4 16GB", "standardNCASv3_T4Family", 4.352, 0.2, _T4),
-        VmSize("Standard_NC6s_v3", 6, 112, 1, "Tesla V100 16GB", "standardNCSv3Family", 3.06, 0.25, _V100),
-        VmSize("Standard_NC12s_v3", 12, 224, 2, "Tesla V100 16GB", "standardNCSv3Family", 6.12, 0.25, _V100),
-        VmSize("Standard_NC24s_v3", 24, 448, 4, "Tesla V100 16GB", "standardNCSv3Family", 12.24, 0.25, _V100),
+        VmSize(
+            "Standard_NC4as_T4_v3",
+            4,
+            28,
+            1,
+            "Tesla T4 16GB",
+            "standardNCASv3_T4Family",
+            0.526,
+            _S,
+            _T4,
+            temp_disk_gb=180,
+        ),
+        VmSize(
+            "Standard_NC8as_T4_v3",
+            8,
+            56,
+            1,
+            "Tesla T4 16GB",
+            "standardNCASv3_T4Family",
+            0.752,
+            _S,
+            _T4,
+            temp_disk_gb=360,
+        ),
+        VmSize(
+            "Standard_NC16as_T4_v3",
+            16,
+            110,
+            1,
+            "Tesla T4 16GB",
+            "standardNCASv3_T4Family",
+            1.204,
+            _S,
+            _T4,
+            temp_disk_gb=360,
+        ),
+        VmSize(
+            "Standard_NC64as_T4_v3",
+            64,
+            440,
+            4,
+            "Tesla T4 16GB",
+            "standardNCASv3_T4Family",
+            4.352,
+            _S,
+            _T4,
+            temp_disk_gb=2880,
+        ),
         VmSize(
             "Standard_NC24ads_A100_v4",
             24,
@@ -69,8 +194,9 @@ VM_SIZES: dict[str, VmSize] = {
             "A100 80GB",
             "StandardNCADSA100v4Family",
             3.673,
-            0.3,
+            _S,
             _A100,
+            temp_disk_gb=64,
         ),
         VmSize(
             "Standard_NC48ads_A100_v4",
@@ -80,8 +206,9 @@ VM_SIZES: dict[str, VmSize] = {
             "A100 80GB",
             "StandardNCADSA100v4Family",
             7.346,
-            0.3,
+            _S,
             _A100,
+            temp_disk_gb=128,
         ),
         VmSize(
             "Standard_NC96ads_A100_v4",
@@ -91,10 +218,22 @@ VM_SIZES: dict[str, VmSize] = {
             "A100 80GB",
             "StandardNCADSA100v4Family",
             14.692,
-            0.3,
+            _S,
             _A100,
+            temp_disk_gb=256,
         ),
-        VmSize("Standard_ND96asr_v4", 96, 900, 8, "A100 40GB", "standardNDASv4_A100Family", 27.197, 0.3, _A100),
+        VmSize(
+            "Standard_ND96asr_v4",
+            96,
+            900,
+            8,
+            "A100 40GB",
+            "standardNDASv4_A100Family",
+            27.197,
+            _S,
+            _A100,
+            temp_disk_gb=6000,
+        ),
         VmSize(
             "Standard_ND96isr_H100_v5",
             96,
@@ -103,32 +242,271 @@ VM_SIZES: dict[str, VmSize] = {
             "H100 80GB",
             "standardNDSH100v5Family",
             98.32,
-            0.35,
+            _S,
             _H100,
+            temp_disk_gb=1000,
         ),
-        VmSize("Standard_NV36ads_A10_v5", 36, 440, 1, "A10 24GB", "StandardNVADSA10v5Family", 3.20, 0.25, _A10),
-        VmSize("Standard_B2s", 2, 4, 0, None, "standardBSFamily", 0.0416, 1.0, _ALL, accelerated_networking=False),
-        VmSize("Standard_D2s_v5", 2, 8, 0, None, "standardDSv5Family", 0.096, 0.15, _ALL),
-        VmSize("Standard_D4s_v5", 4, 16, 0, None, "standardDSv5Family", 0.192, 0.15, _ALL),
-        VmSize("Standard_D8s_v5", 8, 32, 0, None, "standardDSv5Family", 0.384, 0.15, _ALL),
-        VmSize("Standard_D16s_v5", 16, 64, 0, None, "standardDSv5Family", 0.768, 0.15, _ALL),
-        VmSize("Standard_F4s_v2", 4, 8, 0, None, "standardFSv2Family", 0.169, 0.15, _ALL),
+        VmSize(
+            "Standard_NV36ads_A10_v5",
+            36,
+            440,
+            1,
+            "A10 24GB",
+            "StandardNVADSA10v5Family",
+            3.20,
+            _S,
+            _A10,
+            temp_disk_gb=720,
+        ),
+        VmSize(
+            "Standard_B2s",
+            2,
+            4,
+            0,
+            None,
+            "standardBSFamily",
+            0.0416,
+            _S,
+            _ALL,
+            accelerated_networking=False,
+            temp_disk_gb=8,
+            spot_supported=False,
+        ),
+        VmSize("Standard_D2s_v5", 2, 8, 0, None, "standardDSv5Family", 0.096, _S, _ALL),
+        VmSize("Standard_D4s_v5", 4, 16, 0, None, "standardDSv5Family", 0.192, _S, _ALL),
+        VmSize("Standard_D8s_v5", 8, 32, 0, None, "standardDSv5Family", 0.384, _S, _ALL),
+        VmSize("Standard_D16s_v5", 16, 64, 0, None, "standardDSv5Family", 0.768, _S, _ALL),
+        VmSize("Standard_F4s_v2", 4, 8, 0, None, "standardFSv2Family", 0.169, _S, _ALL, temp_disk_gb=32),
     )
 }
 
-# Price of each region relative to eastus (same snapshot date).
-REGIONS: dict[str, float] = {
-    "eastus": 1.0, "eastus2": 1.0, "westus2": 1.0, "westus3": 1.0, "southcentralus": 1.0,
-    "northcentralus": 1.05, "centralus": 1.05, "canadacentral": 1.1, "westeurope": 1.12,
+# Sizes Azure no longer creates. Kept so that a job naming one is refused with the date and a
+# replacement; never offered, never suggested as a correction.
+RETIRED_SIZES: dict[str, VmSize] = {
+    s.name: s
+    for s in (
+        VmSize(
+            "Standard_NC6s_v3",
+            6,
+            112,
+            1,
+            "Tesla V100 16GB",
+            "standardNCSv3Family",
+            3.06,
+            _S,
+            _V100,
+            retired=_NCV3_RETIRED,
+        ),
+        VmSize(
+            "Standard_NC12s_v3",
+            12,
+            224,
+            2,
+            "Tesla V100 16GB",
+            "standardNCSv3Family",
+            6.12,
+            _S,
+            _V100,
+            retired=_NCV3_RETIRED,
+        ),
+        VmSize(
+            "Standard_NC24s_v3",
+            24,
+            448,
+            4,
+            "Tesla V100 16GB",
+            "standardNCSv3Family",
+            12.24,
+            _S,
+            _V100,
+            retired=_NCV3_RETIRED,
+        ),
+        VmSize(
+            "Standard_NC24rs_v3",
+            24,
+            448,
+            4,
+            "Tesla V100 16GB",
+            "standardNCSv3Family",
+            13.46,
+            _S,
+            _V100,
+            retired=_NCV3_RETIRED,
+        ),
+        VmSize("Standard_NV6", 6, 56, 1, "Tesla M60", "standardNVFamily", 1.14, _S, frozenset(), retired=_NV_RETIRED),
+        VmSize(
+            "Standard_NV12", 12, 112, 2, "Tesla M60", "standardNVFamily", 2.28, _S, frozenset(), retired=_NV_RETIRED
+        ),
+        VmSize(
+            "Standard_NV24", 24, 224, 4, "Tesla M60", "standardNVFamily", 4.56, _S, frozenset(), retired=_NV_RETIRED
+        ),
+    )
+}
+
+
+def retired_size(name: str) -> VmSize | None:
+    """The retired size `name` names (any letter case), or None."""
+    if name in RETIRED_SIZES:
+        return RETIRED_SIZES[name]
+    by_lower = {k.lower(): v for k, v in RETIRED_SIZES.items()}
+    return by_lower.get(name.lower())
+
+
+# Price of each region relative to eastus, for sizes without a regional figure in PRICES (see
+# PRICE_SOURCES["region_factor"]).
+REGION_PRICE_FACTOR: dict[str, float] = {
+    "eastus": 1.0, "eastus2": 1.0, "westus2": 1.0, "westus3": 1.0, "southcentralus": 1.2,
+    "northcentralus": 1.0, "centralus": 1.13, "canadacentral": 1.1, "westeurope": 1.12,
     "northeurope": 1.08, "uksouth": 1.12, "francecentral": 1.15, "germanywestcentral": 1.15,
     "swedencentral": 1.05, "japaneast": 1.22, "koreacentral": 1.2, "australiaeast": 1.25,
     "southeastasia": 1.15, "centralindia": 1.1,
 }  # fmt: skip
+REGIONS = REGION_PRICE_FACTOR  # the regions this tool knows (name kept for callers)
 
 # Regions without availability zones; every other listed region has zones 1, 2 and 3.
 REGIONS_WITHOUT_ZONES = frozenset({"northcentralus", "westus"})
 
-STANDARD_PUBLIC_IP_USD_PER_HOUR = 0.005
+
+# ---------------------------------------------------------------------------------------------
+# The price table, shaped like the Retail Prices API's answer
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per hour for one size in one region (Linux); None where no figure is known."""
+
+    on_demand: float | None = None
+    spot: float | None = None
+
+
+# (armSkuName, armRegionName) -> Price
+PriceTable = dict[tuple[str, str], Price]
+
+
+def prices_from_retail_items(items: Iterable[Mapping[str, Any]]) -> PriceTable:
+    """The Retail Prices API's `Items` (any number of pages, concatenated) -> a PriceTable.
+
+    Keeps Linux virtual-machine meters priced per hour in USD of type `Consumption`: `skuName`
+    ending in "Spot" is the spot price, "Low Priority" (Batch's older priority) is skipped, and
+    `productName` containing "Windows" (the licence-inclusive meter) is skipped. Where the API
+    lists a meter twice (several effective dates), the higher price is kept: an estimate should
+    not come out low.
+    """
+    on_demand: dict[tuple[str, str], float] = {}
+    spot: dict[tuple[str, str], float] = {}
+    for item in items:
+        if item.get("type") != "Consumption" or item.get("unitOfMeasure") != "1 Hour":
+            continue
+        if item.get("serviceName", "Virtual Machines") != "Virtual Machines":
+            continue
+        if item.get("currencyCode", "USD") != "USD" or "Windows" in str(item.get("productName", "")):
+            continue
+        sku, region, sku_name = item.get("armSkuName"), item.get("armRegionName"), str(item.get("skuName", ""))
+        price = item.get("retailPrice")
+        if not sku or not region or isinstance(price, bool) or not isinstance(price, int | float) or price <= 0:
+            continue
+        if "Low Priority" in sku_name:
+            continue
+        target = spot if "Spot" in sku_name else on_demand
+        key = (str(sku), str(region))
+        target[key] = max(float(price), target.get(key, 0.0))
+    return {key: Price(on_demand.get(key), spot.get(key)) for key in on_demand.keys() | spot.keys()}
+
+
+def _us(size: str, **by_region: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "armSkuName": size,
+            "armRegionName": region,
+            "retailPrice": usd,
+            "unitOfMeasure": "1 Hour",
+            "type": "Consumption",
+            "skuName": size.removeprefix("Standard_").replace("_", " "),
+        }
+        for region, usd in by_region.items()
+    ]
+
+
+# The snapshot, as the API's items (PRICE_SOURCES["vm_on_demand"]): per-size regional figures for US
+# regions. Spot prices are deliberately not included (PRICE_SOURCES["spot"]).
+PRICES: PriceTable = prices_from_retail_items(
+    [
+        *_us("Standard_NC4as_T4_v3", eastus=0.526, eastus2=0.526, northcentralus=0.526, westus2=0.526,
+             westus3=0.526, southcentralus=0.631, centralus=0.594),
+        *_us("Standard_NC8as_T4_v3", eastus=0.752, eastus2=0.752, northcentralus=0.752, westus2=0.752,
+             westus3=0.752, southcentralus=0.902),
+        *_us("Standard_NC16as_T4_v3", eastus=1.204, eastus2=1.204, northcentralus=1.204, westus2=1.204,
+             westus3=1.204, southcentralus=1.445, centralus=1.36),
+        *_us("Standard_NC64as_T4_v3", eastus=4.352, eastus2=4.352, northcentralus=4.352, westus2=4.352,
+             westus3=4.352, southcentralus=5.222, centralus=4.907),
+        *_us("Standard_NC24ads_A100_v4", eastus=3.673, eastus2=3.673, westus2=3.673, westus3=3.673,
+             southcentralus=4.408),
+        *_us("Standard_NC48ads_A100_v4", eastus=7.346, eastus2=7.346, westus2=7.346, westus3=7.346,
+             southcentralus=8.815),
+        *_us("Standard_NC96ads_A100_v4", eastus=14.692, eastus2=14.692, westus2=14.692, westus3=14.692,
+             southcentralus=17.63),
+        *_us("Standard_ND96asr_v4", eastus=27.197, westus2=27.197, southcentralus=32.63),
+        *_us("Standard_ND96isr_H100_v5", eastus=98.32, eastus2=98.32),
+        *_us("Standard_NV36ads_A10_v5", eastus=3.2, westus2=3.2, westus3=3.2, southcentralus=3.84),
+    ]
+)  # fmt: skip
+
+
+def vm_prices(size: VmSize, region: str, table: Mapping[tuple[str, str], Price] | None = None) -> Price:
+    """On-demand and spot USD per hour for `size` in `region`, filling gaps from documented factors."""
+    known = (PRICES if table is None else table).get((size.name, region), Price())
+    on_demand = known.on_demand
+    if on_demand is None:
+        on_demand = size.usd_per_hour * REGION_PRICE_FACTOR.get(region, 1.0)
+    spot = known.spot if known.spot is not None else on_demand * size.spot_factor
+    return Price(on_demand, spot)
+
+
+def price_per_hour(size: VmSize, region: str, spot: bool) -> float:
+    p = vm_prices(size, region)
+    value = p.spot if spot else p.on_demand
+    assert value is not None  # vm_prices fills both
+    return value
+
+
+# Premium SSD LRS tiers (size GiB, tier, USD per month in eastus); PRICE_SOURCES["os_disk"].
+PREMIUM_SSD_TIERS: tuple[tuple[int, str, float], ...] = (
+    (32, "P4", 5.28),
+    (64, "P6", 10.21),
+    (128, "P10", 19.71),
+    (256, "P15", 38.02),
+    (512, "P20", 73.22),
+    (1024, "P30", 135.17),
+    (2048, "P40", 259.05),
+    (4096, "P50", 495.57),
+)
+
+
+def disk_tier(disk_gb: int) -> tuple[str, float]:
+    """The Premium SSD tier a disk of `disk_gb` is billed as, and its monthly eastus price."""
+    for size, tier, monthly in PREMIUM_SSD_TIERS:
+        if disk_gb <= size:
+            return tier, monthly
+    raise ValueError(f"no Premium SSD tier holds {disk_gb} GB")
+
+
+def os_disk_usd_per_hour(disk_gb: int, region: str) -> float:
+    """An OS disk's Premium SSD price per hour (billed whether the VM runs or not)."""
+    _, monthly = disk_tier(disk_gb)
+    return monthly * REGION_PRICE_FACTOR.get(region, 1.0) / HOURS_PER_MONTH
+
+
+def node_usd_per_hour(size: VmSize, region: str, spot: bool, disk_gb: int) -> float:
+    """One node's estimate: the VM, its OS disk and its Standard public IP."""
+    return price_per_hour(size, region, spot) + os_disk_usd_per_hour(disk_gb, region) + STANDARD_PUBLIC_IP_USD_PER_HOUR
+
+
+def region_has_zones(region: str) -> bool:
+    return region not in REGIONS_WITHOUT_ZONES
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
 
 
 @dataclass(frozen=True)
@@ -137,6 +515,7 @@ class Image:
     offer: str
     sku: str
     version: str = "latest"
+    os_disk_gb: int | None = None  # the image's OS disk: the smallest diskSizeGB Azure accepts
 
     @property
     def urn(self) -> str:
@@ -144,11 +523,11 @@ class Image:
 
 
 # GPU sizes get an image that already carries the NVIDIA driver and CUDA (no 10-minute driver
-# install on every VM); CPU sizes get plain Ubuntu.
+# install on every VM); CPU sizes get plain Ubuntu. OS disk sizes: PRICE_SOURCES["image_os_disk"].
 IMAGE_ALIASES: dict[str, Image] = {
-    "ubuntu-24.04": Image("Canonical", "ubuntu-24_04-lts", "server"),
-    "ubuntu-22.04": Image("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"),
-    "ubuntu-hpc-22.04": Image("microsoft-dsvm", "ubuntu-hpc", "2204"),
+    "ubuntu-24.04": Image("Canonical", "ubuntu-24_04-lts", "server", os_disk_gb=30),
+    "ubuntu-22.04": Image("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", os_disk_gb=30),
+    "ubuntu-hpc-22.04": Image("microsoft-dsvm", "ubuntu-hpc", "2204", os_disk_gb=64),
 }
 DEFAULT_GPU_IMAGE = "ubuntu-hpc-22.04"
 DEFAULT_CPU_IMAGE = "ubuntu-24.04"
@@ -166,17 +545,8 @@ TYPICAL_SECONDS: dict[str, float] = {
 TYPICAL_BOOT_TO_SSH_SECONDS = 45.0
 
 
-def price_per_hour(size: VmSize, region: str, spot: bool) -> float:
-    base = size.usd_per_hour * REGIONS.get(region, 1.0)
-    return base * size.spot_factor if spot else base
-
-
-def region_has_zones(region: str) -> bool:
-    return region not in REGIONS_WITHOUT_ZONES
-
-
 def resolve_image(name: str, gpu: bool) -> Image:
-    """An alias, 'auto', or a publisher:offer:sku:version URN."""
+    """An alias, 'auto', or a publisher:offer:sku:version URN (a URN of a known image keeps its OS disk size)."""
     if name == "auto":
         name = DEFAULT_GPU_IMAGE if gpu else DEFAULT_CPU_IMAGE
     if name in IMAGE_ALIASES:
@@ -184,4 +554,20 @@ def resolve_image(name: str, gpu: bool) -> Image:
     parts = name.split(":")
     if len(parts) != 4 or not all(parts):
         raise ValueError(name)
-    return Image(*parts)
+    publisher, offer, sku, version = parts
+    for known in IMAGE_ALIASES.values():
+        if (known.publisher.lower(), known.offer.lower(), known.sku.lower()) == (
+            publisher.lower(),
+            offer.lower(),
+            sku.lower(),
+        ):
+            return Image(publisher, offer, sku, version, os_disk_gb=known.os_disk_gb)
+    return Image(publisher, offer, sku, version)
+
+
+def image_label(name: str, gpu: bool) -> str:
+    """How to name the image `name` resolves to in a message: the alias, plus what `auto` chose."""
+    if name == "auto":
+        alias = DEFAULT_GPU_IMAGE if gpu else DEFAULT_CPU_IMAGE
+        return f"{alias} (what `image: auto` picks for a {'GPU' if gpu else 'CPU'} size)"
+    return name

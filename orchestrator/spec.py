@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -245,6 +246,13 @@ class Resources(_Strict):
     def _size(cls, v: str) -> str:
         if v in catalog.VM_SIZES:
             return v
+        retired = catalog.retired_size(v)
+        if retired is not None and retired.retired is not None:
+            r = retired.retired
+            raise ValueError(
+                f"{retired.name} was retired by Azure on {r.date} and can no longer be created; use a current "
+                f"size such as {r.replacement} instead (migration guide: {r.guide})"
+            )
         by_lower = {k.lower(): k for k in catalog.VM_SIZES}
         if v.lower() in by_lower:
             raise ValueError(f"unknown VM size '{v}'; did you mean '{by_lower[v.lower()]}'? (case matters)")
@@ -273,9 +281,28 @@ class Resources(_Strict):
             raise ValueError(f"image must be one of {aliases} or publisher:offer:sku:version") from None
         return v
 
+    @field_validator("disk_gb")
+    @classmethod
+    def _disk_holds_image(cls, v: int, info: ValidationInfo) -> int:
+        # Runs after vm_size and image (field order), whether they came from the file or a flag.
+        size = catalog.VM_SIZES.get(info.data.get("vm_size", ""))
+        name = info.data.get("image")
+        if size is None or name is None:
+            return v  # those fields failed and say so themselves
+        image = catalog.resolve_image(name, gpu=size.is_gpu)
+        if image.os_disk_gb is not None and v < image.os_disk_gb:
+            raise ValueError(
+                f"{v} GB is smaller than the {image.os_disk_gb} GB OS disk of image "
+                f"{catalog.image_label(name, size.is_gpu)} ({image.urn}) used with {size.name}; Azure refuses a "
+                f"smaller disk. Set resources.disk_gb to at least {image.os_disk_gb}"
+            )
+        return v
+
     @model_validator(mode="after")
     def _fits(self) -> Resources:
         size = catalog.VM_SIZES[self.vm_size]
+        if self.spot and not size.spot_supported:
+            raise ValueError(f"{self.vm_size} cannot run as a Spot VM (Azure offers no Spot for B-series); drop `spot`")
         if self.region not in size.regions:
             where = ", ".join(sorted(size.regions))
             raise ValueError(f"{self.vm_size} is not offered in {self.region}; it is offered in: {where}")
@@ -401,9 +428,9 @@ class JobSpec(_Strict):
         return (Path(self.base_dir) / self.workdir).resolve()
 
     def hourly_usd(self) -> float:
-        size = self.resources.size
-        vm = catalog.price_per_hour(size, self.resources.region, self.resources.spot)
-        return self.nodes * (vm + catalog.STANDARD_PUBLIC_IP_USD_PER_HOUR)
+        """The run's estimate per hour: every node's VM, Premium SSD OS disk and Standard public IP."""
+        res = self.resources
+        return self.nodes * catalog.node_usd_per_hour(res.size, res.region, res.spot, res.disk_gb)
 
 
 @dataclass

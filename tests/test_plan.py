@@ -109,7 +109,25 @@ def test_bad_run_id_is_refused() -> None:
 def test_critical_path_and_cost() -> None:
     plan = make_plan(make_spec(nodes=2))
     assert plan.critical_path_seconds() == pytest.approx(1 + 7 + 120)
-    assert plan.hourly_usd == pytest.approx(2 * (0.526 + 0.005))
+    # per node: the VM, its 128 GB Premium SSD OS disk (billed as P10, 19.71 USD a month of 730 h), its IP
+    assert plan.hourly_usd == pytest.approx(2 * (0.526 + 19.71 / 730 + 0.005))
+
+
+def test_the_estimate_includes_the_os_disk_tier_and_the_public_ip() -> None:
+    small = make_plan(make_spec(resources={"disk_gb": 64})).hourly_usd
+    large = make_plan(make_spec(resources={"disk_gb": 1000})).hourly_usd
+    assert small == pytest.approx(0.526 + 10.21 / 730 + 0.005)  # P6
+    assert large == pytest.approx(0.526 + 135.17 / 730 + 0.005)  # P30
+    assert make_plan(make_spec(nodes=3, resources={"disk_gb": 64})).hourly_usd == pytest.approx(3 * small)
+
+
+def test_the_estimate_uses_regional_and_spot_prices() -> None:
+    south = make_plan(make_spec(resources={"region": "southcentralus", "disk_gb": 64})).hourly_usd
+    # southcentralus has its own NC4as_T4_v3 figure; its disk uses the region's factor
+    assert south == pytest.approx(0.631 + 10.21 * 1.2 / 730 + 0.005)
+    spot = make_plan(make_spec(resources={"spot": True, "disk_gb": 64})).hourly_usd
+    # no published spot figure in the snapshot: 0.3 of pay-as-you-go, never the old 0.2
+    assert spot == pytest.approx(0.526 * 0.3 + 10.21 / 730 + 0.005)
 
 
 def test_each_vm_gets_an_auto_shutdown_schedule_at_its_expiry() -> None:

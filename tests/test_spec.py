@@ -145,10 +145,10 @@ def test_several_problems_are_listed_each_with_its_line(job_dir: Callable[[str],
 
 def test_command_line_overrides_win_and_are_blamed_by_flag(job_dir: Callable[[str], Path]) -> None:
     path = job_dir("name: demo\nrun: x\nresources:\n  region: eastus\n")
-    spec = load_spec(path, Overrides(region="westeurope", vm_size="Standard_NC6s_v3", spot=True, nodes=3))
+    spec = load_spec(path, Overrides(region="westeurope", vm_size="Standard_NC24ads_A100_v4", spot=True, nodes=3))
     assert (spec.resources.region, spec.resources.vm_size, spec.resources.spot, spec.nodes) == (
         "westeurope",
-        "Standard_NC6s_v3",
+        "Standard_NC24ads_A100_v4",
         True,
         3,
     )
@@ -181,3 +181,62 @@ def test_env_flags_override_and_are_blamed_by_flag(job_dir: Callable[[str], Path
     assert spec.env == {"DATASET": "digits", "EXTRA": "1"}
     assert "not KEY=VALUE" in error_of(job_dir, "name: demo\nrun: x\n", Overrides(env=("NOEQUALS",)))
     assert error_of(job_dir, "name: demo\nrun: x\n", Overrides(env=("ORCH_X=1",))).startswith("--env: env.ORCH_X")
+
+
+@pytest.mark.parametrize("size", ["Standard_NC6s_v3", "Standard_NC12s_v3", "Standard_NC24s_v3", "Standard_NC24rs_v3"])
+def test_a_retired_size_is_refused_with_its_date_and_a_replacement(job_dir: Callable[[str], Path], size: str) -> None:
+    message = error_of(job_dir, f"name: demo\nrun: x\nresources:\n  vm_size: {size}\n  region: eastus\n")
+    assert "/" + f"job.yaml:4: resources.vm_size: {size} was retired by Azure on 2025-09-30" in message
+    assert "Standard_NC24ads_A100_v4" in message
+    flagged = error_of(job_dir, "name: demo\nrun: x\n", Overrides(vm_size=size))
+    assert flagged.startswith(f"--vm-size: resources.vm_size: {size} was retired")
+
+
+def test_retired_sizes_are_never_suggested_or_listed(job_dir: Callable[[str], Path]) -> None:
+    typo = error_of(job_dir, "name: demo\nrun: x\nresources:\n  vm_size: Standard_NC6s_v4\n")
+    assert "NC6s_v3" not in typo and "NC12s_v3" not in typo
+    unknown = error_of(job_dir, "name: demo\nrun: x\nresources:\n  vm_size: Zeta\n")
+    assert "Known GPU sizes" in unknown and "_v3," not in unknown.replace("T4_v3", "")
+    lower = error_of(job_dir, "name: demo\nrun: x\nresources:\n  vm_size: standard_nc6s_v3\n")
+    assert "was retired by Azure on 2025-09-30" in lower
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # GPU size -> image auto -> ubuntu-hpc 2204, whose OS disk is 64 GB
+        ("resources:\n  disk_gb: 40\n", "40 GB is smaller than the 64 GB OS disk of image ubuntu-hpc-22.04"),
+        (
+            "resources:\n  image: microsoft-dsvm:ubuntu-hpc:2204:latest\n  disk_gb: 63\n",
+            "63 GB is smaller than the 64 GB OS disk of image microsoft-dsvm:ubuntu-hpc:2204:latest",
+        ),
+        (
+            "resources:\n  vm_size: Standard_D4s_v5\n  image: ubuntu-hpc-22.04\n  disk_gb: 32\n",
+            "32 GB is smaller than the 64 GB OS disk of image ubuntu-hpc-22.04",
+        ),
+    ],
+)
+def test_a_disk_smaller_than_the_image_is_refused(job_dir: Callable[[str], Path], text: str, says: str) -> None:
+    message = error_of(job_dir, "name: demo\nrun: x\n" + text)
+    line = 2 + text.count("\n")  # disk_gb is the last line
+    assert "/" + f"job.yaml:{line}: resources.disk_gb: {says}" in message
+    assert "at least 64" in message
+
+
+def test_cpu_images_accept_their_own_minimum(job_dir: Callable[[str], Path]) -> None:
+    spec = load_spec(job_dir("name: demo\nrun: x\nresources:\n  vm_size: Standard_D4s_v5\n  disk_gb: 30\n"))
+    assert spec.resources.disk_gb == 30  # ubuntu-24.04's OS disk is 30 GB
+    assert load_spec(job_dir("name: demo\nrun: x\nresources:\n  disk_gb: 64\n")).resources.disk_gb == 64
+
+
+def test_the_vm_size_flag_applies_the_image_minimum(job_dir: Callable[[str], Path]) -> None:
+    text = "name: demo\nrun: x\nresources:\n  vm_size: Standard_D4s_v5\n  disk_gb: 32\n"
+    assert load_spec(job_dir(text)).resources.disk_gb == 32
+    message = error_of(job_dir, text, Overrides(vm_size="Standard_NC4as_T4_v3"))
+    assert "/" + "job.yaml:5: resources.disk_gb: 32 GB is smaller than the 64 GB OS disk" in message
+    assert "Standard_NC4as_T4_v3" in message
+
+
+def test_b_series_cannot_be_spot(job_dir: Callable[[str], Path]) -> None:
+    message = error_of(job_dir, "name: demo\nrun: x\nresources:\n  vm_size: Standard_B2s\n  spot: true\n")
+    assert "job.yaml:3: resources: Standard_B2s cannot run as a Spot VM" in message
