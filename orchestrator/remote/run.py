@@ -20,6 +20,7 @@ from pathlib import Path
 from orchestrator.bootstrap import TEMPLATES, render
 from orchestrator.remote.connect import ConnectionLost, Node, SshError
 from orchestrator.remote.layout import RemoteLayout, rq
+from orchestrator.remote.masking import StreamMasker
 
 EXIT_NO_STATUS = 254  # the wrapper died without recording an exit code (VM killed, OOM...)
 
@@ -93,50 +94,105 @@ def start_phase(node: Node, layout: RemoteLayout, phase: str, commands: list[str
 
 
 class LogSink:
-    """Turns a node's raw log bytes into masked, optionally prefixed lines for the user."""
+    """Turns a node's raw log bytes into masked, optionally prefixed lines for the user.
+
+    Masking works on the byte stream (remote/masking.py), so a multi-line secret or one cut across
+    two reads is masked too; the local log file (`raw`) and `emit` only ever see masked bytes. Bytes
+    that could begin a secret are held back at most `hold_s`: a timer releases them, and a progress
+    bar redrawn with `\\r` is emitted frame by frame (the latest frame at each tick) so it stays live.
+    """
 
     def __init__(
         self,
         emit: Callable[[str], None],
         *,
         secrets: Sequence[str] = (),
-        prefix: str = "",  # type: ignore[assignment]
+        prefix: str = "",
         raw: Path | None = None,
+        hold_s: float = 0.1,
     ) -> None:
         self.emit = emit
-        self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
+        self.secrets = [s for s in secrets if s]
         self.prefix = prefix
         self.raw = open(raw, "ab") if raw else None  # noqa: SIM115 - closed in close()
-        self._buf = b""
+        self.hold_s = hold_s
+        self._masker = StreamMasker(self.secrets, hold_s=hold_s)
+        self._file_buf = b""  # masked, not yet in the file: the rest of a line
+        self._line_buf = b""  # masked, not yet emitted: the rest of a line
         self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+        self._frames_shown = False  # frames of the current line were emitted by the timer
 
     def mask(self, text: str) -> str:
-        for s in self.secrets:
-            text = text.replace(s, "****")
-        return text
+        """Mask a complete piece of text (not a stream)."""
+        masker = StreamMasker(self.secrets)
+        return (masker.feed(text.encode()) + masker.flush()).decode("utf-8", errors="replace")
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            self._buf += data
-            while b"\n" in self._buf:
-                line, self._buf = self._buf.split(b"\n", 1)
-                self._line(line)
-            if len(self._buf) > 1 << 16:  # a progress bar without newlines: show it anyway
-                self._line(self._buf)
-                self._buf = b""
+            self._out(self._masker.feed(data))
+            self._arm()
 
-    def _line(self, line: bytes) -> None:
-        text = self.mask(line.decode("utf-8", errors="replace").rstrip("\r"))
+    def _out(self, masked: bytes, *, final: bool = False) -> None:
+        if not masked and not final:
+            return
         if self.raw:
-            self.raw.write(text.encode() + b"\n")
-            self.raw.flush()
-        self.emit(self.prefix + text)
+            self._file_buf += masked
+            cut = max(self._file_buf.rfind(b"\n"), self._file_buf.rfind(b"\r")) + 1
+            if final or len(self._file_buf) > 1 << 16:
+                cut = len(self._file_buf)
+            if cut:
+                self.raw.write(self._file_buf[:cut])
+                self.raw.flush()
+                self._file_buf = self._file_buf[cut:]
+        self._line_buf += masked
+        while b"\n" in self._line_buf:
+            line, self._line_buf = self._line_buf.split(b"\n", 1)
+            self._line(line, end=True)
+        if (final and self._line_buf) or len(self._line_buf) > 1 << 16:
+            self._line(self._line_buf, end=True)  # a progress bar without newlines: show it anyway
+            self._line_buf = b""
+
+    def _line(self, line: bytes, *, end: bool) -> None:
+        # A line redrawn with \r shows as its last frame, as a terminal would show it.
+        frames = [f for f in line.split(b"\r") if f]
+        if not frames and self._frames_shown:
+            self._frames_shown = not end  # the line's frames were shown by the timer already
+            return
+        self._frames_shown = not end
+        text = frames[-1] if frames else b""
+        self.emit(self.prefix + text.decode("utf-8", errors="replace"))
+
+    def _tick(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._closed:
+                return
+            self._out(self._masker.poll())
+            # A progress bar: emit its latest complete frame, keep the frame being drawn.
+            cut = self._line_buf.rfind(b"\r")
+            if cut > 0:
+                self._line(self._line_buf[:cut], end=False)
+                self._line_buf = self._line_buf[cut + 1 :]
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None or self._closed:
+            return
+        if not self._masker.holding and self._line_buf.rfind(b"\r") <= 0:
+            return
+        self._timer = threading.Timer(self.hold_s, self._tick)
+        self._timer.daemon = True
+        self._timer.start()
 
     def close(self) -> None:
         with self._lock:
-            if self._buf:
-                self._line(self._buf)
-                self._buf = b""
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._out(self._masker.flush(), final=True)
             if self.raw:
                 self.raw.close()
                 self.raw = None
