@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from typing import Any
@@ -10,8 +11,9 @@ import pytest
 
 from orchestrator.azure.session import emulator_session
 from orchestrator.clock import VirtualClock
-from orchestrator.emulator import Emulator, Fault, Store
-from orchestrator.emulator.arm import HOST
+from orchestrator.emulator import Emulator, Fault, Store, VmEvent
+from orchestrator.emulator.core import FINISHED_OPERATION_TTL, MAX_FINISHED_OPERATIONS
+from orchestrator.emulator.store import HOST
 from tests.conftest import NOW, SUB, make_plan, make_spec
 
 AUTH = {"Authorization": "Bearer t"}
@@ -277,3 +279,71 @@ def test_a_vm_cannot_reference_a_vnet_that_is_still_being_written(
     assert (r.status, r.json()["error"]["code"]) == (400, "ReferencedResourceNotProvisioned")
     clock.advance(8)
     assert call(emu, "PUT", f"{VM_URL}/{vm.name}", vm.body).status == 201
+
+
+def test_vm_listeners_hear_running_and_deleted_with_the_vms_addresses(emu: Emulator) -> None:
+    heard: list[VmEvent] = []
+    emu.add_vm_listener(heard.append)
+    put_network(emu)
+    vm = make_plan().resources[3]
+    body = json.loads(json.dumps(vm.body))
+    os_profile = body["properties"]["osProfile"]
+    os_profile["customData"] = base64.b64encode(b"#cloud-config\nruncmd: []\n").decode()
+    assert call(emu, "PUT", f"{VM_URL}/{vm.name}", body).status == 201
+    (running,) = heard
+    assert running.kind == "running"
+    assert (running.name, running.resource_group, running.location) == (vm.name, "orch-demo-abc123", "eastus")
+    assert running.vm_id.lower() == f"{VM_URL}/{vm.name}".removeprefix(HOST).lower()
+    assert running.vm_size == vm.body["properties"]["hardwareProfile"]["vmSize"]
+    assert running.admin_user == os_profile["adminUsername"]
+    assert running.authorized_keys == tuple(k["keyData"] for k in os_profile["linuxConfiguration"]["ssh"]["publicKeys"])
+    assert running.custom_data == os_profile["customData"]  # as sent, though GET never returns it
+    # The addresses are the ones ARM shows: VM -> NIC -> ipConfiguration -> public IP.
+    got = call(emu, "GET", f"{VM_URL}/{vm.name}").json()
+    nic = call(emu, "GET", HOST + got["properties"]["networkProfile"]["networkInterfaces"][0]["id"]).json()
+    ipc = nic["properties"]["ipConfigurations"][0]["properties"]
+    pip = call(emu, "GET", HOST + ipc["publicIPAddress"]["id"]).json()
+    assert running.private_ip == ipc["privateIPAddress"] and running.private_ip
+    assert running.public_ip == pip["properties"]["ipAddress"] and running.public_ip
+    late: list[VmEvent] = []
+    emu.add_vm_listener(late.append)  # replays the VMs already running
+    quiet: list[VmEvent] = []
+    emu.add_vm_listener(quiet.append, replay=False)
+    assert late == [running] and quiet == []
+    assert call(emu, "DELETE", f"{VM_URL}/{vm.name}").status == 202
+    deleted = heard[-1]
+    assert late[-1] == quiet[-1] == deleted
+    assert deleted.kind == "deleted" and deleted.name == vm.name
+    assert (deleted.public_ip, deleted.private_ip) == (running.public_ip, running.private_ip)
+
+
+def test_finished_operations_are_forgotten_and_then_polls_answer_404(
+    slow: tuple[Emulator, VirtualClock],
+) -> None:
+    emu, clock = slow
+    put_network(emu)
+    nsg = make_plan().resources[2]
+    op_url = call(emu, "PUT", f"{NET}/networkSecurityGroups/n2", nsg.body).headers["Azure-AsyncOperation"]
+    clock.advance(30)
+    assert emu.handle("GET", op_url, AUTH, None).json()["status"] == "Succeeded"
+    finished = emu.store.operations[op_url.split("?")[0].rsplit("/", 1)[1]]["end"]
+    clock.advance(finished + FINISHED_OPERATION_TTL - 5 - clock.now())  # still readable before the deadline
+    assert emu.handle("GET", op_url, AUTH, None).json()["status"] == "Succeeded"
+    clock.advance(5)
+    gone = emu.handle("GET", op_url, AUTH, None)
+    assert (gone.status, gone.json()["error"]["code"]) == (404, "NotFound")
+    clock.advance(FINISHED_OPERATION_TTL)
+    call(emu, "GET", RG)
+    assert emu.store.operations == {}  # put_network's operations are gone too
+
+
+def test_at_most_so_many_finished_operations_are_kept(emu: Emulator) -> None:
+    put_network(emu)  # the instant profile: operations finish at once and the clock stands still
+    nsg = make_plan().resources[2]
+    urls = [
+        call(emu, "PUT", f"{NET}/networkSecurityGroups/n{i}", nsg.body).headers["Azure-AsyncOperation"]
+        for i in range(MAX_FINISHED_OPERATIONS + 10)
+    ]
+    assert emu.handle("GET", urls[-1], AUTH, None).json()["status"] == "Succeeded"
+    assert len(emu.store.operations) == MAX_FINISHED_OPERATIONS
+    assert emu.handle("GET", urls[0], AUTH, None).status == 404

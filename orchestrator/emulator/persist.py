@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.emulator.arm import Store
+from orchestrator.emulator.store import Store
 
 
 class StoreFile:

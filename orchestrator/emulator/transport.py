@@ -17,7 +17,8 @@ from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
-from orchestrator.emulator.arm import HOST, Emulator
+from orchestrator.emulator.arm import Emulator
+from orchestrator.emulator.store import HOST
 
 
 class _EmulatorAdapter(BaseAdapter):

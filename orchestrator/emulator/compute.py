@@ -1,0 +1,222 @@
+"""Microsoft.Compute: virtual machines, with inline NICs and public IPs (networkInterfaceConfigurations)
+or attached ones, their OS disk, deleteOption cascades, vCPU quota per family and region, and the
+cloud-init check of customData. Whoever serves the emulated VMs subscribes with `add_vm_listener`."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator import catalog
+from orchestrator.emulator import validation as v
+from orchestrator.emulator.cloudinit import CloudInitError, parse_cloud_init
+from orchestrator.emulator.faults import DEFAULT_MESSAGES
+from orchestrator.emulator.network import NetworkRP
+from orchestrator.emulator.store import T_DISK, T_NIC, T_VM, base, now_iso, rid
+from orchestrator.emulator.typed import Write, Written
+from orchestrator.emulator.validation import ArmFault
+
+
+@dataclass(frozen=True)
+class VmEvent:
+    """A VM became running (its create or update succeeded) or was deleted."""
+
+    kind: str  # "running" | "deleted"
+    name: str  # VM name
+    resource_group: str
+    vm_id: str  # ARM id
+    location: str
+    vm_size: str
+    admin_user: str
+    authorized_keys: tuple[str, ...]  # osProfile.linuxConfiguration.ssh.publicKeys[].keyData
+    custom_data: str | None  # base64 customData as sent (never returned on GET)
+    public_ip: str | None
+    private_ip: str | None  # the NIC's privateIPAddress (e.g. 10.42.0.4)
+
+
+VmListener = Callable[[VmEvent], None]
+
+
+class ComputeRP(NetworkRP):
+    _vm_listeners: list[VmListener]
+
+    def add_vm_listener(self, listener: VmListener, *, replay: bool = True) -> None:
+        """Called on every VM that becomes running or is deleted; replay=True also calls it now
+        (kind "running") for every VM that is already running.
+
+        "running" comes again after each successful update of a VM, so a listener must treat a VM it
+        already knows as a no-op. Listeners run in the request's thread with the store locked: they
+        must not call the emulator."""
+        with self._locked():
+            self._vm_listeners.append(listener)
+            if replay:
+                for res in list(self.store.resources.values()):
+                    if res["type"] == T_VM and res["properties"].get("provisioningState") == "Succeeded":
+                        listener(self._vm_event("running", res))
+
+    def _on_provisioned(self, res: dict[str, Any]) -> None:
+        super()._on_provisioned(res)
+        if res["type"] == T_VM:
+            self._notify("running", res)
+
+    def _on_removed(self, res: dict[str, Any]) -> None:
+        super()._on_removed(res)
+        if res["type"] != T_VM:
+            return
+        self._notify("deleted", res)  # before the cascade: the event still finds the VM's addresses
+        for child, option in res.get("_cascade", {}).items():
+            if option == "Delete":
+                self._remove_resource(child)
+            elif child in self.store.resources:
+                self.store.resources[child]["properties"].pop("virtualMachine", None)
+
+    def _notify(self, kind: str, vm: dict[str, Any]) -> None:
+        if self._vm_listeners:
+            event = self._vm_event(kind, vm)
+            for listener in list(self._vm_listeners):
+                listener(event)
+
+    def _vm_event(self, kind: str, vm: dict[str, Any]) -> VmEvent:
+        props = vm["properties"]
+        os_profile = props.get("osProfile") or {}
+        keys = ((os_profile.get("linuxConfiguration") or {}).get("ssh") or {}).get("publicKeys") or []
+        public_ip, private_ip = self._vm_addresses(vm)
+        return VmEvent(
+            kind=kind,
+            name=vm["name"],
+            resource_group=vm["id"].split("/")[4],
+            vm_id=vm["id"],
+            location=vm["location"],
+            vm_size=props.get("hardwareProfile", {}).get("vmSize", ""),
+            admin_user=os_profile.get("adminUsername", ""),
+            authorized_keys=tuple(str(k["keyData"]) for k in keys if k.get("keyData")),
+            custom_data=vm.get("_customData"),
+            public_ip=public_ip,
+            private_ip=private_ip,
+        )
+
+    def _vm_addresses(self, vm: dict[str, Any]) -> tuple[str | None, str | None]:
+        """(public, private) address of a VM, found as Azure documents it: networkProfile's
+        networkInterfaces[].id -> the NIC -> its ipConfigurations -> publicIPAddress.id -> the
+        public IP. Primary NICs and IP configurations first."""
+        public_ip: str | None = None
+        private_ip: str | None = None
+        refs = vm["properties"].get("networkProfile", {}).get("networkInterfaces", [])
+        for ref in sorted(refs, key=lambda r: not (r.get("properties") or {}).get("primary", False)):
+            nic = self.store.resources.get(str(ref.get("id", "")).lower())
+            ipcs = (nic or {}).get("properties", {}).get("ipConfigurations", [])
+            for ipc in sorted(ipcs, key=lambda c: not c["properties"].get("primary", True)):
+                private_ip = private_ip or ipc["properties"].get("privateIPAddress")
+                pip_ref = (ipc["properties"].get("publicIPAddress") or {}).get("id", "")
+                pip = self.store.resources.get(pip_ref.lower())
+                if public_ip is None and pip is not None:
+                    public_ip = str(pip["properties"]["ipAddress"])
+        return public_ip, private_ip
+
+    # ------------------------------------------------------------------ the writer
+
+    def _quota_check(self, size: catalog.VmSize, location: str, spot: bool, exclude: str) -> None:
+        family = "lowPriorityCores" if spot else size.family
+        limit = self.store.quotas.get(f"{location}/{family}", self.default_quota)
+        usage = 0
+        for key, r in self.store.resources.items():
+            if r["type"] != T_VM or key == exclude or r["location"] != location:
+                continue
+            if r["properties"].get("provisioningState") in {"Failed", "Deleting"}:
+                continue
+            other = catalog.VM_SIZES[r["properties"]["hardwareProfile"]["vmSize"]]
+            other_spot = r["properties"].get("priority") == "Spot"
+            if ("lowPriorityCores" if other_spot else other.family) == family:
+                usage += other.vcpus
+        if usage + size.vcpus > limit:
+            message = DEFAULT_MESSAGES["OperationNotAllowed"].format(
+                family=family,
+                location=location,
+                limit=limit,
+                usage=usage,
+                required=size.vcpus,
+                new_limit=usage + size.vcpus,
+            )
+            raise ArmFault(409, "OperationNotAllowed", message)
+
+    def _put_vm(self, w: Write) -> Written:
+        sub, rg, vm_id, name, location, body, existing, rec = w
+        size = v.check_vm(body, location)
+        props = body["properties"]
+        if location not in size.regions:
+            raise ArmFault(
+                409,
+                "SkuNotAvailable",
+                DEFAULT_MESSAGES["SkuNotAvailable"].format(size=size.name, location=location),
+            )
+        if existing is not None and existing["properties"].get("osProfile") != _strip_secrets(props.get("osProfile")):
+            raise ArmFault(409, "PropertyChangeNotAllowed", "Changing property 'osProfile' is not allowed.")
+        self._fault("PUT", T_VM, rec, size=size.name, location=location)
+        self._quota_check(size, location, props.get("priority") == "Spot", vm_id.lower())
+        res = base(vm_id, name, T_VM, location, body)
+        if body.get("zones"):
+            res["zones"] = list(body["zones"])
+        out = copy.deepcopy(props)
+        custom = props["osProfile"].get("customData")
+        if custom is not None:
+            try:
+                parse_cloud_init(custom)
+            except CloudInitError as e:
+                raise v.invalid(f"The custom data of VM {name} is not a valid cloud-init document: {e}.") from None
+            res["_customData"] = custom  # kept for the VM's boot, never returned (as ARM does)
+        elif existing is not None and existing.get("_customData"):
+            res["_customData"] = existing["_customData"]
+        out["osProfile"] = _strip_secrets(out["osProfile"])
+        out["vmId"] = existing["properties"]["vmId"] if existing else str(uuid.uuid4())
+        out["timeCreated"] = existing["properties"]["timeCreated"] if existing else now_iso(self.clock.now())
+        children: list[dict[str, Any]] = []
+        cascade: dict[str, str] = {}
+        nic_refs = []
+        for cfg in props["networkProfile"].get("networkInterfaceConfigurations") or []:
+            nic, pips = self._nic(rid(sub, rg, T_NIC, cfg["name"]), cfg["name"], location, cfg.get("properties", {}),
+                                  body, vm_id)  # fmt: skip
+            nic["properties"]["virtualMachine"] = {"id": vm_id}
+            children.append(nic)
+            children.extend(pips)
+            option = cfg.get("properties", {}).get("deleteOption", "Detach")
+            cascade[nic["id"].lower()] = option
+            for pip in pips:
+                cascade[pip["id"].lower()] = pip.pop("_deleteOption")
+            primary = cfg["properties"].get("primary", True)
+            nic_refs.append({"id": nic["id"], "properties": {"primary": primary, "deleteOption": option}})
+        for ref in props["networkProfile"].get("networkInterfaces") or []:
+            attached = self._referenced(str(ref.get("id", "")), vm_id, location)
+            attached["properties"]["virtualMachine"] = {"id": vm_id}
+            nic_refs.append(ref)
+            cascade[attached["id"].lower()] = (ref.get("properties") or {}).get("deleteOption", "Detach")
+        out["networkProfile"]["networkInterfaces"] = nic_refs
+        os_disk = out["storageProfile"]["osDisk"]
+        disk_name = os_disk.get("name") or f"{name}_OsDisk_1_{uuid.uuid4().hex}"
+        disk_id = rid(sub, rg, T_DISK, disk_name)
+        os_disk["name"] = disk_name
+        os_disk.setdefault("managedDisk", {})["id"] = disk_id
+        if existing is None:
+            disk = base(disk_id, disk_name, T_DISK, location, body)
+            disk["properties"] = {
+                "diskSizeGB": os_disk.get("diskSizeGB", 30),
+                "osType": "Linux",
+                "diskState": "Attached",
+            }
+            disk["managedBy"] = vm_id
+            children.append(disk)
+        cascade[disk_id.lower()] = os_disk.get("deleteOption", "Detach")
+        out["provisioningState"] = "Creating"
+        res["properties"] = out
+        res["_cascade"] = cascade
+        seconds = self.profile.create_seconds(T_VM) if existing is None else 2.0 * self.profile.scale
+        return Written(res, children, seconds)
+
+
+def _strip_secrets(os_profile: Any) -> Any:
+    """ARM never returns adminPassword or customData on GET; neither does the emulator."""
+    if not isinstance(os_profile, dict):
+        return os_profile
+    return {k: val for k, val in os_profile.items() if k not in {"adminPassword", "customData"}}

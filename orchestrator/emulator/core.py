@@ -1,0 +1,330 @@
+"""The provider-independent half of the emulator: the HTTP entry point, the store's lock, routing,
+authentication, ARM's error shape, fault injection, and the long-running operations every provider's
+writes go through (created, settled as the clock passes their end, polled, pruned).
+
+`ArmCore` is a mixin: `arm.Emulator` sets the attributes declared here and combines it with one
+class per resource provider (resources.py, network.py, compute.py, devtestlab.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from orchestrator.clock import Clock
+from orchestrator.emulator import validation as v
+from orchestrator.emulator.faults import DEFAULT_MESSAGES, Fault, FaultInjector
+from orchestrator.emulator.latency import LatencyProfile
+from orchestrator.emulator.store import (
+    HOST,
+    EmuResponse,
+    FormatDefault,
+    LoggedRequest,
+    Store,
+    gid,
+    now_iso,
+    query_string,
+)
+from orchestrator.emulator.validation import ArmFault
+
+# A finished operation stays pollable this long (emulated seconds after it finished), and at most
+# this many finished operations are kept; then it is forgotten and a poll answers 404, as ARM does.
+FINISHED_OPERATION_TTL = 600.0
+MAX_FINISHED_OPERATIONS = 200
+
+_SUB = r"/subscriptions/(?P<sub>[^/]+)"
+_RG = _SUB + r"/resourcegroups/(?P<rg>[^/]+)"
+_LOC = _SUB + r"/providers/(?P<ns>[^/]+)/locations/(?P<loc>[^/]+)"
+_VNET = _RG + r"/providers/microsoft\.network/virtualnetworks/(?P<vnet>[^/]+)"
+# Each route is served by the method `_h_<route>`.
+_ROUTES: list[tuple[str, re.Pattern[str]]] = [
+    ("rg_list", re.compile(_SUB + r"/resourcegroups/?$", re.I)),
+    ("rg", re.compile(_RG + r"/?$", re.I)),
+    ("rg_resources", re.compile(_RG + r"/resources/?$", re.I)),
+    ("subnet", re.compile(_VNET + r"/subnets/(?P<name>[^/]+)$", re.I)),
+    ("typed_list", re.compile(_RG + r"/providers/(?P<ns>[^/]+)/(?P<type>[^/]+)/?$", re.I)),
+    ("typed", re.compile(_RG + r"/providers/(?P<ns>[^/]+)/(?P<type>[^/]+)/(?P<name>[^/]+)$", re.I)),
+    ("async_op", re.compile(_LOC + r"/operations/(?P<op>[^/]+)$", re.I)),
+    ("op_result", re.compile(_LOC + r"/operationresults/(?P<op>[^/]+)$", re.I)),
+    ("rg_op_result", re.compile(_SUB + r"/operationresults/(?P<op>[^/]+)$", re.I)),
+]  # fmt: skip
+_POLLS = {"async_op", "op_result", "rg_op_result"}
+
+
+class ArmCore:
+    """Thread-safe: the SDK's pollers call in from several threads at once."""
+
+    profile: LatencyProfile
+    clock: Clock
+    faults: FaultInjector
+    store: Store
+    default_quota: int
+    accept_token: Callable[[str], bool] | None
+    backing: Any  # a persist.StoreFile shared with other processes, or None
+    log: list[LoggedRequest]
+    _lock: threading.RLock
+
+    # ------------------------------------------------------------------ public helpers for tests
+
+    def inject(self, fault: Fault) -> Fault:
+        return self.faults.add(fault)
+
+    def set_quota(self, region: str, family: str, vcpus: int) -> None:
+        with self._locked():
+            self.store.quotas[f"{region}/{family}"] = vcpus
+
+    def live_resources(self) -> list[dict[str, Any]]:
+        """Every group and resource that exists now (after settling due operations)."""
+        with self._locked():
+            self._settle()
+            return [copy.deepcopy(x) for x in (*self.store.groups.values(), *self.store.resources.values())]
+
+    def requests(self, *, include_polls: bool = True) -> list[LoggedRequest]:
+        with self._lock:
+            return [r for r in self.log if include_polls or r.kind not in {"poll"}]
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store, current and exclusive: across threads always, across processes when backed
+        by a file (read before, written after if anything changed)."""
+        with self._lock:
+            if self.backing is None:
+                yield
+                return
+            with self.backing.locked():
+                self.store = self.backing.load()
+                before = self.store.to_json()
+                try:
+                    yield
+                finally:
+                    if self.store.to_json() != before:
+                        self.backing.save(self.store)
+
+    # ------------------------------------------------------------------ the HTTP entry point
+
+    def handle(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> EmuResponse:
+        method = method.upper()
+        delay = self.profile.request_seconds()
+        if delay:
+            self.clock.sleep(delay)  # outside the lock: a slow front door must not serialise threads
+        parts = urlsplit(url)
+        query = {k: vals[-1] for k, vals in parse_qs(parts.query).items()}
+        lower_headers = {k.lower(): val for k, val in headers.items()}
+        request_id = str(uuid.uuid4())
+        with self._locked():
+            self._settle()
+            rec = LoggedRequest(
+                len(self.log) + 1,
+                self.clock.now(),
+                method,
+                parts.path,
+                query.get("api-version"),
+                0,
+                "read",
+                None,
+                None,
+                request_id,
+                query=query,
+            )
+            try:
+                parsed = self._parse_body(body) if method in {"PUT", "PATCH", "POST"} else None
+                rec.body = parsed
+                self._authenticate(lower_headers)
+                resp = self._route(method, parts.path, query, parsed, rec)
+            except ArmFault as f:
+                resp = self._error(f.status, f.code, f.message, f.retry_after)
+                rec.error_code = f.code
+            rec.status = resp.status
+            self.log.append(rec)
+        resp.headers.setdefault("x-ms-request-id", request_id)
+        resp.headers["x-ms-correlation-request-id"] = lower_headers.get("x-ms-client-request-id", request_id)
+        resp.headers.setdefault("Content-Type", "application/json; charset=utf-8")
+        return resp
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _parse_body(body: bytes | None) -> Any:
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise v.invalid(
+                "The request content was invalid and could not be deserialized.", "InvalidRequestContent"
+            ) from None
+
+    def _authenticate(self, headers: dict[str, str]) -> None:
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            raise ArmFault(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing.")
+        if self.accept_token is not None and not self.accept_token(auth[7:].strip()):
+            raise ArmFault(401, "InvalidAuthenticationToken", "The access token is invalid.")
+
+    @staticmethod
+    def _error(status: int, code: str, message: str, retry_after: float | None = None) -> EmuResponse:
+        headers = {}
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(0, round(retry_after, 3))).removesuffix(".0")
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        return EmuResponse(status, headers, body)
+
+    @staticmethod
+    def _ok(status: int, payload: Any, headers: dict[str, str] | None = None) -> EmuResponse:
+        return EmuResponse(status, headers or {}, json.dumps(payload).encode() if payload is not None else b"")
+
+    def _fault(self, method: str, rtype: str | None, rec: LoggedRequest, **fmt: Any) -> None:
+        """Raise the injected synchronous fault that matches this request, if any."""
+        f = self.faults.take(method, rtype, "sync")
+        if f is None:
+            return
+        message = f.message or DEFAULT_MESSAGES.get(f.code, f.code).format_map(FormatDefault(fmt))
+        raise ArmFault(
+            f.status,
+            f.code,
+            message,
+            f.retry_after if f.retry_after is not None else (1.0 if f.status == 429 else None),
+        )
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest) -> EmuResponse:
+        route, m = "", None
+        for route, pattern in _ROUTES:  # noqa: B007 - the matching route is used after the loop
+            m = pattern.match(path)
+            if m:
+                break
+        else:
+            raise ArmFault(404, "InvalidResourceType", f"The resource type could not be found for path {path}.")
+        if route not in _POLLS and "api-version" not in query:
+            raise ArmFault(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
+        handler = getattr(self, f"_h_{route}")
+        result: EmuResponse = handler(method, m.groupdict(), query, body, rec)
+        return result
+
+    def _group(self, sub: str, rg: str) -> dict[str, Any]:
+        group = self.store.groups.get(gid(sub, rg))
+        if group is None:
+            raise ArmFault(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+        return group
+
+    # ------------------------------------------------------------------ resource life cycle hooks
+
+    def _on_provisioned(self, res: dict[str, Any]) -> None:
+        """A create or update of `res` has just succeeded (providers override)."""
+
+    def _on_removed(self, res: dict[str, Any]) -> None:
+        """`res` has just left the store (providers override, e.g. to cascade)."""
+
+    def _remove_resource(self, res_id: str) -> None:
+        res = self.store.resources.pop(res_id, None)
+        if res is not None:
+            self._on_removed(res)
+
+    # ------------------------------------------------------------------ long-running operations
+
+    def _new_op(
+        self,
+        kind: str,
+        res_id: str,
+        seconds: float,
+        error: dict[str, str] | None = None,
+        children: list[str] | None = None,
+    ) -> str:
+        op_id = str(uuid.uuid4())
+        now = self.clock.now()
+        # The store's JSON sorts keys, so the order operations were made in is kept as a number.
+        seq = 1 + max((op.get("seq", 0) for op in self.store.operations.values()), default=0)
+        self.store.operations[op_id] = {
+            "kind": kind, "resource": res_id, "start": now, "end": now + seconds, "status": "InProgress",
+            "error": error, "children": children or [], "seq": seq,
+        }  # fmt: skip
+        if seconds <= 0:
+            self._finish(op_id, self.store.operations[op_id])
+        return op_id
+
+    def _settle(self) -> None:
+        """Finish every operation whose end time has passed, then forget old finished ones."""
+        now = self.clock.now()
+        for op_id, op in list(self.store.operations.items()):
+            if op["status"] == "InProgress" and op["end"] <= now:
+                self._finish(op_id, op)
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        finished = sorted(
+            (op["end"], op.get("seq", 0), op_id)
+            for op_id, op in self.store.operations.items()
+            if op["status"] != "InProgress"
+        )
+        excess = len(finished) - MAX_FINISHED_OPERATIONS
+        for i, (end, _, op_id) in enumerate(finished):
+            if i < excess or now - end >= FINISHED_OPERATION_TTL:
+                del self.store.operations[op_id]
+
+    def _finish(self, op_id: str, op: dict[str, Any]) -> None:
+        op["status"] = "Failed" if op.get("error") else "Succeeded"
+        kind, res_id = op["kind"], op["resource"]
+        if kind in {"create", "update"}:
+            state = "Failed" if op.get("error") else "Succeeded"
+            for child in [res_id, *op.get("children", [])]:
+                res = self.store.resources.get(child)
+                if res is not None:
+                    res["properties"]["provisioningState"] = state
+            res = self.store.resources.get(res_id)
+            if res is not None and state == "Succeeded":
+                self._on_provisioned(res)
+        elif kind == "delete":
+            self._remove_resource(res_id)
+        elif kind == "group-delete":
+            prefix = res_id + "/"
+            for child in [r for r in self.store.resources if r.startswith(prefix)]:
+                self._remove_resource(child)
+            self.store.groups.pop(res_id, None)
+
+    def _op_headers(
+        self, sub: str, rtype: str, location: str, op_id: str, query: dict[str, str], *, result: bool
+    ) -> dict[str, str]:
+        ns = rtype.split("/")[0]
+        api = query.get("api-version", "")
+        base_url = f"{HOST}/subscriptions/{sub}/providers/{ns}/locations/{location}"
+        headers = {"Azure-AsyncOperation": f"{base_url}/operations/{op_id}?api-version={api}"}
+        if result:
+            headers["Location"] = f"{base_url}/operationresults/{op_id}?api-version={api}"
+        return headers
+
+    def _operation(self, op_id: str, rec: LoggedRequest) -> dict[str, Any]:
+        rec.kind = "poll"
+        op = self.store.operations.get(op_id)
+        if op is None:  # never existed, or finished long enough ago to be forgotten
+            raise ArmFault(404, "NotFound", "The operation was not found.")
+        return op
+
+    def _h_async_op(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
+        op = self._operation(g["op"], rec)
+        rec.resource_id = op["resource"]
+        payload: dict[str, Any] = {"name": g["op"], "status": op["status"], "startTime": now_iso(op["start"])}
+        if op["status"] != "InProgress":
+            payload["endTime"] = now_iso(op["end"])
+        if op["status"] == "Failed" and op.get("error"):
+            payload["error"] = op["error"]
+        return self._ok(200, payload)
+
+    def _h_op_result(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
+        op = self._operation(g["op"], rec)
+        if op["status"] == "InProgress":
+            return EmuResponse(202, {"Location": f"{HOST}{rec.path}?{query_string(query)}"})
+        return EmuResponse(204, {})
