@@ -98,9 +98,12 @@ def test_log_sink_never_writes_or_emits_a_secret(tmp_path: Path) -> None:
         lines: list[str] = []
         raw = tmp_path / f"run-{chunk}.log"
         sink = run.LogSink(lines.append, secrets=[TOKEN, PEM], prefix="[node0] ", raw=raw)
-        writer = threading.Thread(
-            target=lambda s=sink: [s.write(text[i : i + chunk]) for i in range(0, len(text), chunk)]  # type: ignore[misc]
-        )
+
+        def write(sink: run.LogSink = sink, chunk: int = chunk) -> None:
+            for i in range(0, len(text), chunk):
+                sink.write(text[i : i + chunk])
+
+        writer = threading.Thread(target=write)
         writer.start()
         writer.join()
         sink.close()
