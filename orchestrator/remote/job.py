@@ -184,15 +184,23 @@ class JobRunner:
         return PhaseResult(name, dict(on_all(self.nodes, one)))
 
     def collect(self, dest: Path) -> artifacts.CollectReport:
-        """Rank 0's outputs into dest, the other ranks' into dest/nodes/<rank>. Rank 0 goes first:
-        its collection replaces dest as a whole, which would remove the others' if it came later."""
+        """Rank 0's outputs into dest, the other ranks' into dest/nodes/<rank>; dest is resolved once
+        (artifacts.resolve_destination: `<dest>/<run id>` when dest holds files the tool did not
+        put there), so every rank lands under the same folder. The order does not matter: replacing
+        rank 0's folder carries the other ranks' folders of the same run over. The report is rank
+        0's, with every rank's skipped members (prefixed nodes/<rank>/ for the others)."""
+        base = artifacts.resolve_destination(dest, self.layout.run_id)
         first, others = self.nodes[0], self.nodes[1:]
-        report = artifacts.collect(first, self.layout, dest, self.spec.artifacts)
+        report = artifacts.collect(first, self.layout, base, self.spec.artifacts, rank=first.ep.rank)
         if others:
-            on_all(
+            reports = on_all(
                 others,
-                lambda n: artifacts.collect(n, self.layout, dest / "nodes" / str(n.ep.rank), self.spec.artifacts),
+                lambda n: artifacts.collect(
+                    n, self.layout, base / "nodes" / str(n.ep.rank), self.spec.artifacts, rank=n.ep.rank
+                ),
             )
+            for node, other in zip(others, reports, strict=True):
+                report.skipped += [(f"nodes/{node.ep.rank}/{path}", why) for path, why in other.skipped]
         return report
 
     def execute(self, artifacts_dir: Path) -> JobOutcome:
