@@ -14,6 +14,23 @@ from tests.conftest import make_plan, make_spec
 
 ROLE = Path(__file__).resolve().parents[1] / "templates" / "azure-role.json"
 
+# Granted for the preflight (issue 12) before the code that sends these requests exists: a full run
+# does not make them yet, so the comparison below adds them. Each is an action Azure documents:
+# registering the providers a run uses (a new subscription has them unregistered:
+# MissingSubscriptionRegistration), reading registration state, quota (Compute usages), offered sizes
+# (Resource SKUs), the image (VirtualMachineImages GET/list versions) and the auto-shutdown schedules.
+# When the preflight lands, its requests appear in `needed` and this set may only shrink.
+RESERVED_FOR_PREFLIGHT = {
+    "Microsoft.Compute/register/action",
+    "Microsoft.Network/register/action",
+    "Microsoft.DevTestLab/register/action",
+    "Microsoft.Resources/subscriptions/providers/read",
+    "Microsoft.Compute/locations/usages/read",
+    "Microsoft.Compute/skus/read",
+    "Microsoft.Compute/locations/publishers/artifacttypes/offers/skus/versions/read",
+    "Microsoft.DevTestLab/schedules/read",
+}
+
 
 def test_the_role_covers_a_full_run_and_grants_nothing_more(emu: Emulator, session: AzureSession) -> None:
     emu.inject(Fault("TooManyRequests", status=429, count=2, retry_after=1))  # retries change nothing
@@ -24,9 +41,8 @@ def test_the_role_covers_a_full_run_and_grants_nothing_more(emu: Emulator, sessi
     group_exists(session, plan.resource_group)  # down's check
     needed = required_actions(emu.requests())
     role = json.loads(ROLE.read_text())
-    assert set(role["Actions"]) == needed, (
-        f"missing: {sorted(needed - set(role['Actions']))}; not needed: {sorted(set(role['Actions']) - needed)}"
-    )
+    granted, expected = set(role["Actions"]), needed | RESERVED_FOR_PREFLIGHT
+    assert granted == expected, f"missing: {sorted(expected - granted)}; not needed: {sorted(granted - expected)}"
     assert (
         role["IsCustom"]
         and role["NotActions"] == []
