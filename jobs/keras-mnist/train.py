@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         keras.utils.set_random_seed(args.seed)
         x_tr, y_tr, x_te, y_te = data(args)
+        if args.repeat_data > 1:  # throughput figures only (see --repeat-data)
+            x_tr, y_tr = np.tile(x_tr, (args.repeat_data, 1, 1, 1)), np.tile(y_tr, (args.repeat_data, 1))
         ckpt, state = rt.checkpoint_dir / "keras-last.keras", rt.checkpoint_dir / "keras-last.json"
         if ckpt.exists() and state.exists():
             model = keras.models.load_model(ckpt)
