@@ -2,14 +2,18 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+WHEELHOUSE := $(VENV)/share/orchestrator/wheelhouse
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard jobs/*/requirements.txt)
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==26.3
 	$(BIN)/pip install --quiet -e '.[dev,jobs]'
+	@# The local target's "image": a wheelhouse with the example jobs' pinned requirements, so local
+	@# VMs install them for real but offline (orchestrator/targets/localvm/image.py).
+	$(BIN)/pip download --quiet --dest $(WHEELHOUSE) pip==26.3 $(foreach r,$(wildcard jobs/*/requirements.txt),-r $(r))
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +35,12 @@ test: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench jobs
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The inner loop: everything but the slow tier (model training, whole multi-node cycles).
+test-fast: $(STAMP)
+	$(BIN)/ruff check orchestrator tests bench jobs
+	$(BIN)/mypy
+	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench jobs

@@ -22,11 +22,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.azure.provision import Provisioner
-from orchestrator.azure.session import AzureSession, emulator_session
+from orchestrator.azure.session import AzureSession
 from orchestrator.clock import ScaledClock
 from orchestrator.emulator import Emulator, get_profile
 from orchestrator.plan import T_NSG, T_RG, T_VM, T_VNET, ResourcePlan, build_plan
 from orchestrator.spec import JobSpec
+from orchestrator.targets.emulated import emulator_session
 
 SUB = "33333333-3333-3333-3333-333333333333"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchmarkKeyBenchmarkKeyBenchmarkKey00000000 bench"

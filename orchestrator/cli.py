@@ -20,8 +20,9 @@ from orchestrator import __version__
 from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchestratorError
 
 if TYPE_CHECKING:
-    from orchestrator.lifecycle import Target
+    from orchestrator.lifecycle import RunOutcome
     from orchestrator.spec import JobSpec
+    from orchestrator.targets import Target
 
 
 @dataclass
@@ -34,14 +35,10 @@ class Ctx:
     dry_run: bool
 
     def target_obj(self) -> Target:
-        from orchestrator.lifecycle import Target
         from orchestrator.paths import state_dir
+        from orchestrator.targets import open_target
 
-        return Target(
-            kind="local" if self.target == "local" else "azure",
-            state=state_dir(self.state_dir),
-            subscription=self.subscription,
-        )
+        return open_target(self.target, state_dir(self.state_dir), self.subscription)
 
 
 def _job_command(f: Any) -> Any:
@@ -74,7 +71,7 @@ def _job_command(f: Any) -> Any:
             from orchestrator import lifecycle
             from orchestrator.ui import print_plan
 
-            print_plan(lifecycle.dry_run(spec), as_json=obj.as_json)
+            print_plan(lifecycle.dry_run(spec, of=obj.target), as_json=obj.as_json)
             return
         f(obj, spec, **extra)
 
@@ -166,68 +163,57 @@ def cli(
     help="Refuse to upload a job folder larger than this.",
 )
 @click.option("--keep", is_flag=True, help="Leave the resources up afterwards (their expiry tag still stands).")
+@click.option(
+    "--collect-deadline",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="After Ctrl-C, how long to spend bringing the outputs home before tearing down (seconds).",
+)
 @_job_command
-def run(obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, keep: bool) -> None:
+def run(
+    obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, keep: bool, collect_deadline: float
+) -> None:
     """Provision, sync the code, set up, train with live logs, collect artifacts, tear down.
 
     Teardown always runs, also when training fails or you press Ctrl-C (unless --keep).
     """
     from orchestrator import lifecycle
-    from orchestrator.ui import progress
 
-    printer = progress(obj.as_json)
+    printer, report = _reporters(obj)
     try:
         outcome = lifecycle.run(
             spec,
             obj.target_obj(),
-            on_event=printer.event,
-            emit=printer.log,
-            say=printer.say,
+            report,
             keep=keep,
             upload_limit=max_upload_mb << 20,
             artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
+            collect_deadline=collect_deadline,
         )
     finally:
         printer.stop()
-    printer.finished(outcome)
-    _write_step_summary(obj, outcome)
-    _fail_if_job_failed(outcome)
+    _exit_with(outcome)
 
 
-def _write_step_summary(obj: Ctx, outcome: Any) -> None:
-    """On GitHub Actions, the run's phases, resources, cost, metrics and gates on the job's page."""
+def _reporters(obj: Ctx, summary: bool = True) -> tuple[Any, Any]:
+    """The progress printer (terminal panel, plain lines or JSON events) and, on GitHub Actions, the
+    step summary: one Reporter for the lifecycle."""
+    from orchestrator.lifecycle import Fanout
+    from orchestrator.ui import StepSummary, progress
+
+    printer = progress(obj.as_json)
+    reporters: list[Any] = [printer]
     path = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not path:
-        return
-    from orchestrator.ui import step_summary
-
-    store = _store(obj)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(step_summary(outcome, store.events(outcome.run_id), store.resources(outcome.run_id)))
+    if path and summary:
+        reporters.append(StepSummary(path, _store(obj)))
+    return printer, Fanout(reporters)
 
 
-def _fail_if_job_failed(outcome: Any) -> None:
-    """Exit 1 with one paragraph when the job (or bringing its outputs home, or a gate) failed."""
-    from orchestrator.errors import EXIT_JOB_FAILED
-
-    if outcome.error:
-        raise JobFailed(outcome.error, EXIT_JOB_FAILED)
-    failed = [g for g in getattr(outcome, "gates", []) if not g.passed]
-    if outcome.exit_code == 0 and failed:
-        raise JobFailed(
-            "The job ran, but its metrics missed the gates in `expect`: "
-            + "; ".join(g.describe() for g in failed)
-            + ".",
-            EXIT_JOB_FAILED,
-        )
+def _exit_with(outcome: RunOutcome) -> None:
+    """The one place a run's verdict becomes the command's exit code."""
     if outcome.exit_code != 0:
-        found = getattr(outcome.artifacts, "destination", outcome.artifacts)  # a path, or a collect report
-        where = found.parent if found else "the run folder"
-        raise JobFailed(
-            f"The job failed in {outcome.failed_phase} with exit code {outcome.exit_code}. "
-            f"Its log and artifacts are in {where}.",
-            EXIT_JOB_FAILED,
-        )
+        raise click.exceptions.Exit(outcome.exit_code)
 
 
 class JobFailed(OrchestratorError):
@@ -241,11 +227,10 @@ class JobFailed(OrchestratorError):
 def provision(obj: Ctx, spec: JobSpec) -> None:
     """Create the run's resource group, network and VM(s), and print how to reach them."""
     from orchestrator import lifecycle
-    from orchestrator.ui import progress
 
-    printer = progress(obj.as_json)
+    printer, report = _reporters(obj, summary=False)
     try:
-        result = lifecycle.provision(spec, obj.target_obj(), on_event=printer.event, say=printer.say)
+        result = lifecycle.provision(spec, obj.target_obj(), report)
     finally:
         printer.stop()
     printer.provisioned(result)
@@ -261,7 +246,7 @@ def down(obj: Ctx, run_id: str) -> None:
     existed = lifecycle.down(run_id, obj.target_obj())
     _say(
         obj,
-        {"event": "down", "run": run_id, "deleted": existed},
+        {"schema": 1, "event": "down", "run": run_id, "deleted": existed},
         f"Deleted {run_id}: nothing of it is left." if existed else f"Nothing to delete: {run_id} has no resources.",
     )
 
@@ -269,21 +254,33 @@ def down(obj: Ctx, run_id: str) -> None:
 @cli.command()
 @click.option("--run", "run_id", help="Only this run's resources.")
 @click.option("--all", "include_unexpired", is_flag=True, help="Also runs whose expiry has not passed yet.")
+@click.option("--force", is_flag=True, help="With --all: also runs whose watching process is alive.")
 @click.option("--owner", help="Only groups whose orchestrator-owner tag is this (e.g. one CI run's).")
 @click.option("--dry-run", "dry_run_here", is_flag=True, help="List what would be deleted.")
 @click.pass_obj
-def gc(obj: Ctx, run_id: str | None, include_unexpired: bool, owner: str | None, dry_run_here: bool) -> None:
-    """Delete resources that crashed or abandoned runs left behind (found by their tags)."""
+def gc(
+    obj: Ctx, run_id: str | None, include_unexpired: bool, force: bool, owner: str | None, dry_run_here: bool
+) -> None:
+    """Delete resources that crashed or abandoned runs left behind (found by their tags).
+
+    Plain gc: expired runs, and runs whose watching process on this machine is gone. --all: every run
+    without a live watching process. --all --force: every run."""
     from orchestrator import lifecycle
 
     dry = obj.dry_run or dry_run_here
     groups = lifecycle.gc(
-        obj.target_obj(), run_id=run_id, include_unexpired=include_unexpired, dry_run=dry, owner=owner
+        obj.target_obj(),
+        run_id=run_id,
+        include_unexpired=include_unexpired,
+        force=force,
+        dry_run=dry,
+        owner=owner,
     )
     if obj.as_json:
         _say(
             obj,
             {
+                "schema": 1,
                 "event": "gc",
                 "dry_run": dry,
                 "groups": [
@@ -340,7 +337,18 @@ _RECORD_FIELDS = (
 
 
 def _record_json(r: Any) -> dict[str, Any]:
-    return {**{k: getattr(r, k) for k in _RECORD_FIELDS}, "orphaned": r.orphaned}
+    from orchestrator.verdict import Verdict, exit_code
+
+    verdict = r.verdict
+    return {
+        "schema": 1,
+        **{k: getattr(r, k) for k in _RECORD_FIELDS},
+        "verdict": verdict,
+        "verdict_exit_code": exit_code(Verdict(verdict)) if verdict else None,
+        "detail": r.detail,
+        "holds_resources": r.holds_resources,
+        "orphaned": r.orphaned,
+    }
 
 
 @cli.command()
@@ -350,19 +358,18 @@ def _record_json(r: Any) -> dict[str, Any]:
 def train(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
     """Sync the code, set up and train again on a provisioned run's VMs (they stay up)."""
     from orchestrator import lifecycle
-    from orchestrator.ui import ProgressPrinter
 
-    printer = ProgressPrinter(obj.as_json)
-    outcome = lifecycle.train(
-        run_id,
-        obj.target_obj(),
-        emit=printer.log,
-        say=printer.say,
-        artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
-    )
-    if outcome.metrics:
-        printer.say("metrics: " + ", ".join(f"{k}={v}" for k, v in outcome.metrics.items()))
-    _fail_if_job_failed(outcome)
+    printer, report = _reporters(obj)
+    try:
+        outcome = lifecycle.train(
+            run_id,
+            obj.target_obj(),
+            report,
+            artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
+        )
+    finally:
+        printer.stop()
+    _exit_with(outcome)
 
 
 @cli.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -377,13 +384,16 @@ def exec_(obj: Ctx, run_id: str, command: tuple[str, ...], node: int | None) -> 
     from orchestrator import lifecycle
     from orchestrator.errors import EXIT_JOB_FAILED
 
+    lines: list[str] = []
     code = lifecycle.exec_command(
         run_id,
         obj.target_obj(),
         " ".join(shlex.quote(c) for c in command) if len(command) > 1 else command[0],
-        emit=click.echo,
+        emit=lines.append if obj.as_json else click.echo,
         node_rank=node,
     )
+    if obj.as_json:
+        click.echo(json.dumps({"schema": 1, "event": "exec", "run": run_id, "exit_code": code, "output": lines}))
     if code != 0:
         raise JobFailed(f"the command exited with {code}", EXIT_JOB_FAILED)
 
@@ -395,11 +405,21 @@ def exec_(obj: Ctx, run_id: str, command: tuple[str, ...], node: int | None) -> 
 def collect(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
     """Bring a provisioned run's outputs home now (verified against the VM's manifest)."""
     from orchestrator import lifecycle
+    from orchestrator.lifecycle import Quiet
 
-    report = lifecycle.collect(run_id, obj.target_obj(), Path(artifacts_dir).resolve() if artifacts_dir else None)
+    report = lifecycle.collect(
+        run_id, obj.target_obj(), Quiet(), Path(artifacts_dir).resolve() if artifacts_dir else None
+    )
     _say(
         obj,
-        {"event": "collected", "files": report.files, "bytes": report.bytes, "path": str(report.destination)},
+        {
+            "schema": 1,
+            "event": "collected",
+            "files": report.files,
+            "bytes": report.bytes,
+            "path": str(report.destination),
+            "skipped": [{"path": p, "reason": r} for p, r in getattr(report, "skipped", [])],
+        },
         f"collected {report.files} files ({report.bytes / (1 << 20):.1f} MB) into {report.destination}",
     )
 
@@ -408,35 +428,35 @@ def collect(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.pass_obj
 def ls_(obj: Ctx, limit: int) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first, with their verdicts."""
     import time
 
     runs = _store(obj).runs(limit)
     if obj.as_json:
-        click.echo(json.dumps([_record_json(r) for r in runs]))
+        click.echo(json.dumps({"schema": 1, "runs": [_record_json(r) for r in runs]}))
         return
     if not runs:
         click.echo("No runs yet. Try: orchestrator --target local run jobs/smoke/job.yaml")
         return
     now = time.time()
-    click.echo(f"{'RUN':<28} {'JOB':<16} {'TARGET':<7} {'STATE':<13} {'AGE':>5}  EXIT")
+    click.echo(f"{'RUN':<28} {'JOB':<16} {'TARGET':<7} {'STATE':<22} {'AGE':>5}  EXIT")
     for r in runs:
         code = "" if r.exit_code is None else str(r.exit_code)
-        click.echo(f"{r.run_id:<28} {r.job:<16} {r.target:<7} {r.shown_state:<13} {_age(now - r.created):>5}  {code}")
+        click.echo(f"{r.run_id:<28} {r.job:<16} {r.target:<7} {r.shown_state:<22} {_age(now - r.created):>5}  {code}")
 
 
 @cli.command()
 @click.argument("run_id", metavar="[RUN]", required=False)
 @click.pass_obj
 def status(obj: Ctx, run_id: str | None) -> None:
-    """What is running or still holds resources; with RUN, that run's phases and resources."""
+    """What is running or still holds resources; with RUN, that run's verdict, phases and resources."""
     import time
 
     store = _store(obj)
     if run_id is None:
-        live = [r for r in store.runs(500) if r.active or r.state == "kept"]
+        live = [r for r in store.runs(500) if r.active or r.holds_resources]
         if obj.as_json:
-            click.echo(json.dumps({"running": [_record_json(r) for r in live]}))
+            click.echo(json.dumps({"schema": 1, "runs": [_record_json(r) for r in live]}))
             return
         if not live:
             click.echo("Nothing running; no run holds resources.")
@@ -444,70 +464,88 @@ def status(obj: Ctx, run_id: str | None) -> None:
         now = time.time()
         for r in live:
             click.echo(
-                f"{r.run_id:<28} {r.shown_state:<13} {r.target:<7} {r.resource_group}  since {_age(now - r.updated)}"
+                f"{r.run_id:<28} {r.shown_state:<22} {r.target:<7} {r.resource_group}  since {_age(now - r.updated)}"
             )
+            if r.holds_resources and not r.active and r.state != "kept":
+                cause = (r.error or "teardown was not confirmed").replace("\n", " ")
+                click.echo(f"    holds resources: {cause}")
+                click.echo(f"    remove them with: orchestrator down {r.run_id}")
         if any(r.orphaned for r in live):
             click.echo("A run whose process is gone may still hold resources: `orchestrator down RUN` removes them.")
         return
-    record = store.get(run_id)
-    if record is None:
-        raise click.ClickException(f"no run {run_id} in {store.path}; `orchestrator ls` lists runs")
-    events = store.events(run_id)
+    from orchestrator.lifecycle import record_of
+
+    record = record_of(run_id, obj.target_obj())
+    phases = store.phases(run_id)
     resources = store.resources(run_id)
     if obj.as_json:
         click.echo(
             json.dumps(
                 {
                     **_record_json(record),
+                    "phases": [
+                        {"phase": p.phase, "node": p.node, "started": p.started, "ended": p.ended, "seconds": p.seconds}
+                        for p in phases
+                    ],
                     "resources": [{"type": t, "name": n, "status": st} for t, n, st in resources],
-                    "events": [{"at": at, "kind": k, **d} for at, k, d in events],
                 }
             )
         )
         return
     click.echo(f"run {record.run_id} ({record.job}, {record.target}): {record.shown_state}")
-    states = [(at, d["state"]) for at, k, d in events if k == "state"]
-    for (at, st), nxt in zip(states, [*states[1:], (None, None)], strict=True):
-        took = f"{nxt[0] - at:6.1f} s" if nxt[0] is not None else "   ..."
-        click.echo(f"  {st:<13} {took}")
+    for p in phases:
+        where = "" if p.node is None else f" node{p.node}"
+        took = f"{p.seconds:7.1f} s" if p.seconds is not None else "    ..."
+        click.echo(f"  {p.phase + where:<16} {took}")
     for t, n, st in resources:
         click.echo(f"  {t.rsplit('/', 1)[-1]:<22} {n:<32} {st}")
     if record.exit_code is not None:
-        click.echo(f"  exit code {record.exit_code}")
+        click.echo(f"  job exit code {record.exit_code}")
     if record.metrics:
         click.echo("  metrics: " + ", ".join(f"{k}={v}" for k, v in record.metrics.items()))
     if record.artifacts:
         click.echo(f"  artifacts: {record.artifacts}")
     if record.error:
-        click.echo(f"  error: {record.error}")
+        click.echo(f"  {record.verdict or 'error'}: {record.error}")
+    if record.holds_resources and record.state not in {"kept", "running", "provisioning"}:
+        click.echo(f"  holds resources: remove them with `orchestrator down {record.run_id}`")
 
 
 @cli.command()
 @click.argument("run_id", metavar="RUN")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing while the run is active.")
-@click.option("--phase", type=click.Choice(["setup", "run"]), default="run", show_default=True)
+@click.option(
+    "--phase", type=click.Choice(["setup", "run", "all"]), default="all", show_default=True, help="Which output."
+)
 @click.pass_obj
 def logs(obj: Ctx, run_id: str, follow: bool, phase: str) -> None:
     """Print a run's job output (masked), as the process running it recorded it."""
     import time
 
-    from orchestrator.paths import state_dir
+    from orchestrator.lifecycle import record_of
+    from orchestrator.runfiles import RunFiles
 
     store = _store(obj)
-    if store.get(run_id) is None:
-        raise click.ClickException(f"no run {run_id}; `orchestrator ls` lists runs")
-    folder = state_dir(obj.state_dir) / "runs" / run_id / "logs"
+    record_of(run_id, obj.target_obj())
+    folder = RunFiles(store.path.parent, run_id).logs
+    phases = ["setup", "run"] if phase == "all" else [phase]
     offsets: dict[Path, int] = {}
     while True:
-        files = sorted(folder.glob(f"{phase}-node*.log")) if folder.exists() else []
-        prefix = len(files) > 1
+        files = [f for ph in phases for f in (sorted(folder.glob(f"{ph}-node*.log")) if folder.exists() else [])]
+        prefix = len({f.stem.split("-")[-1] for f in files}) > 1
         for path in files:
             with open(path, "rb") as f:
                 f.seek(offsets.get(path, 0))
                 data = f.read()
                 offsets[path] = f.tell()
             for line in data.decode(errors="replace").splitlines():
-                click.echo((f"[{path.stem.split('-')[-1]}] " if prefix else "") + line)
+                text = (f"[{path.stem.split('-')[-1]}] " if prefix else "") + line
+                if obj.as_json:
+                    click.echo(
+                        json.dumps({"schema": 1, "event": "log", "phase": path.stem.split("-")[0], "line": text})
+                    )
+                else:
+                    click.echo(text)
         record = store.get(run_id)
         if not follow or record is None or not record.active:
             return
@@ -519,54 +557,58 @@ def emulator() -> None:
     """The built-in emulator behind --target local: what it holds, and a reset.
 
     There is no daemon to start or stop: its Azure is a file in the state directory that every
-    command reads and writes under a lock, and each command serves the emulated VMs' SSH itself."""
+    command reads and writes under a lock, and each emulated VM is a host process that lives as long
+    as the VM."""
+
+
+def _local(obj: Ctx) -> Any:
+    from orchestrator.paths import state_dir
+    from orchestrator.targets.local import LocalTarget
+
+    return LocalTarget(state_dir(obj.state_dir))
 
 
 @emulator.command(name="status")
 @click.pass_obj
 def emulator_status(obj: Ctx) -> None:
-    """Resource groups and VMs the local emulator holds, with each VM's sandbox folder."""
-    from orchestrator.emulator.persist import StoreFile
-    from orchestrator.paths import state_dir
-
-    root = state_dir(obj.state_dir) / "emulator"
-    store = StoreFile(root / "store.json").load()
-    vms = [r for r in store.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]
+    """Resource groups and VMs the local emulator holds, with each VM's address and folder."""
+    inventory = _local(obj).inventory()
     if obj.as_json:
         click.echo(
             json.dumps(
                 {
-                    "groups": [g["name"] for g in store.groups.values()],
+                    "schema": 1,
+                    "groups": [g for g, _, _ in inventory.groups],
                     "vms": [
-                        {
-                            "name": v["name"],
-                            "state": v["properties"].get("provisioningState"),
-                            "sandbox": str(root / "vms" / v["name"]),
-                        }
-                        for v in vms
+                        {"name": v.name, "state": v.state, "address": v.address, "folder": str(v.folder)}
+                        for v in inventory.vms
                     ],
                 }
             )
         )
         return
-    if not store.groups:
-        click.echo(f"The local emulator holds nothing ({root}).")
+    if not inventory.groups:
+        click.echo(f"The local emulator holds nothing ({inventory.root}).")
         return
-    for g in store.groups.values():
-        click.echo(f"{g['name']}  ({g['properties']['provisioningState']}, {g['location']})")
-    for v in vms:
-        click.echo(f"  VM {v['name']}: {v['properties'].get('provisioningState')}, sandbox {root / 'vms' / v['name']}")
+    for name, state, location in inventory.groups:
+        click.echo(f"{name}  ({state}, {location})")
+    for v in inventory.vms:
+        click.echo(f"  VM {v.name}: {v.state}, address {v.address or '-'}, folder {v.folder}")
 
 
 @emulator.command(name="reset")
 @click.confirmation_option(prompt="Delete everything the local emulator holds (VMs, their jobs and files)?")
 @click.pass_obj
 def emulator_reset(obj: Ctx) -> None:
-    """Delete every resource group orchestrator made in the local emulator (killing what its VMs run)."""
+    """Delete every resource group orchestrator made in the local emulator (ending what its VMs run)."""
     from orchestrator import lifecycle
 
-    groups = lifecycle.gc(lifecycle.Target(kind="local", state=obj.target_obj().state), include_unexpired=True)
-    click.echo(f"Reset: deleted {len(groups)} resource group(s).")
+    groups = lifecycle.gc(_local(obj), include_unexpired=True, force=True)
+    _say(
+        obj,
+        {"schema": 1, "event": "reset", "groups": [g.name for g in groups]},
+        f"Reset: deleted {len(groups)} resource group(s).",
+    )
 
 
 def _say(obj: Ctx, payload: dict[str, Any], text: str) -> None:
@@ -615,8 +657,10 @@ def _sigterm_as_interrupt() -> None:
     inherits SIGINT ignored, and then Ctrl-C (or a CI runner's interrupt) could never stop a run."""
     import signal
 
+    from orchestrator.errors import Terminated
+
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -625,14 +669,26 @@ def _sigterm_as_interrupt() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     _sigterm_as_interrupt()
+
+    def fail(kind: str, message: str, code: int) -> int:
+        """Errors are one paragraph on stderr, or one JSON object on stdout under --json."""
+        if as_json:
+            click.echo(json.dumps({"schema": 1, "event": "error", "kind": kind, "message": message, "exit_code": code}))
+        else:
+            click.echo(message, err=True)
+        return code
+
     try:
-        cli.main(args=argv, prog_name="orchestrator", standalone_mode=False)
-        return 0
+        # click returns (not raises) an Exit's code when standalone_mode is off: a run's verdict.
+        code = cli.main(args=argv, prog_name="orchestrator", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except click.exceptions.Abort:
-        click.echo("Interrupted.", err=True)
-        return EXIT_INTERRUPTED
+        return fail("interrupted", "Interrupted.", EXIT_INTERRUPTED)
     except click.ClickException as e:
+        if as_json:
+            return fail("bad-input", e.format_message(), EXIT_BAD_INPUT if e.exit_code == 2 else e.exit_code)
         e.show()
         return EXIT_BAD_INPUT if e.exit_code == 2 else e.exit_code
     except click.exceptions.Exit as e:
@@ -640,21 +696,20 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestratorError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        return EXIT_INTERRUPTED
+        return fail(type(e).__name__, f"error: {e}", e.exit_code)
+    except KeyboardInterrupt as e:
+        from orchestrator.errors import Terminated
+
+        return fail("interrupted", "Interrupted.", 143 if isinstance(e, Terminated) else EXIT_INTERRUPTED)
     except Exception as e:  # a bug of ours: say so plainly, and how to see more
         if debug:
             traceback.print_exc()
-        else:
-            click.echo(
-                f"internal error: {type(e).__name__}: {e}\nRe-run with --debug for the traceback, and "
-                "please report it.",
-                err=True,
-            )
-        return 1
+            return 1
+        return fail(
+            "internal",
+            f"internal error: {type(e).__name__}: {e}\nRe-run with --debug for the traceback, and please report it.",
+            1,
+        )
 
 
 def entry() -> None:

@@ -39,3 +39,7 @@ class CloudError(OrchestratorError):
         super().__init__(message)
         self.code = code
         self.resource = resource
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, killed seconds later): tear down at once, collect nothing."""

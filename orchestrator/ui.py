@@ -25,8 +25,9 @@ def _console(stderr: bool = False) -> Any:
     return Console(file=stream, highlight=False, soft_wrap=False, width=width)
 
 
-def describe(r: PlannedResource) -> str:
+def describe(r: PlannedResource, labels: dict[str, str] | None = None) -> str:
     """The properties a person checks before paying for a resource."""
+    labels = labels or {}
     props = r.body.get("properties", {})
     if r.short_type == "resourceGroups":
         return f"location {r.body['location']}"
@@ -37,7 +38,10 @@ def describe(r: PlannedResource) -> str:
         parts = []
         for rule in props.get("securityRules", []):
             p = rule["properties"]
-            src = ", ".join(p.get("sourceAddressPrefixes") or [p.get("sourceAddressPrefix", "")])
+            src = ", ".join(
+                labels.get(a, labels.get(a.removesuffix("/32"), a))
+                for a in (p.get("sourceAddressPrefixes") or [p.get("sourceAddressPrefix", "")])
+            )
             port = p.get("destinationPortRange", "*")
             proto = p["protocol"].replace("*", "any")
             parts.append(f"{p['priority']} {p['access'].lower()} {proto} port {port} from {src}")
@@ -90,7 +94,7 @@ def print_plan(report: DryRunReport, as_json: bool = False) -> None:
     table.add_column("what", overflow="fold")
     for i, stage in enumerate(plan.stages):
         for r in stage:
-            table.add_row(str(i), r.short_type, r.name, describe(r))
+            table.add_row(str(i), r.short_type, r.name, describe(r, report.source_labels))
     con.print(table)
     con.print("Resources in one stage are created in parallel; each stage waits only for what it uses.")
     con.print("Tags on every resource: " + ", ".join(f"{k}={v}" for k, v in plan.tags.items()))
@@ -127,23 +131,34 @@ class ProgressPrinter:
         self.t0 = time.monotonic()
         self._lock = threading.Lock()  # events arrive from the provisioner's threads
 
-    def event(self, e: ResourceEvent) -> None:
+    def resource(self, e: ResourceEvent) -> None:
         with self._lock:
             self._event(e)
 
+    def phase(self, name: str, node: int | None, started: bool, seconds: float | None) -> None:
+        if self.as_json:
+            self._json(
+                {
+                    "event": "phase.started" if started else "phase.ended",
+                    "phase": name,
+                    "node": node,
+                    "seconds": None if seconds is None else round(seconds, 2),
+                }
+            )
+
+    def _json(self, payload: dict[str, Any]) -> None:
+        print(json.dumps({"schema": 1, **payload}), flush=True)
+
     def _event(self, e: ResourceEvent) -> None:
         if self.as_json:
-            print(
-                json.dumps(
-                    {
-                        "event": f"resource.{e.status}",
-                        "type": e.resource.type,
-                        "name": e.resource.name,
-                        "elapsed": round(e.elapsed, 2),
-                        "error": e.error or None,
-                    }
-                ),
-                flush=True,
+            self._json(
+                {
+                    "event": f"resource.{e.status}",
+                    "type": e.resource.type,
+                    "name": e.resource.name,
+                    "elapsed": round(e.elapsed, 2),
+                    "error": e.error or None,
+                }
             )
             return
         if e.status == "failed":
@@ -162,48 +177,38 @@ class ProgressPrinter:
         """The orchestrator's own progress, between the job's lines."""
         with self._lock:
             if self.as_json:
-                print(json.dumps({"event": "progress", "message": text}), flush=True)
+                self._json({"event": "progress", "message": text})
             else:
                 print(f"[{time.monotonic() - self.t0:7.1f}s] {text}", file=sys.stderr, flush=True)
 
     def log(self, line: str) -> None:
         """One line of the job's output (already masked and prefixed)."""
         if self.as_json:
-            print(json.dumps({"event": "log", "line": line}), flush=True)
+            self._json({"event": "log", "line": line})
         else:
             print(line, flush=True)
 
-    def finished(self, outcome: RunOutcome) -> None:
+    def result(self, outcome: RunOutcome) -> None:
         if self.as_json:
-            print(
-                json.dumps(
-                    {
-                        "event": "finished",
-                        "run_id": outcome.run_id,
-                        "exit_code": outcome.exit_code,
-                        "failed_phase": outcome.failed_phase,
-                        "metrics": outcome.metrics,
-                        "artifacts": str(outcome.artifacts) if outcome.artifacts else None,
-                        "seconds": round(outcome.seconds, 2),
-                        "torn_down": outcome.torn_down,
-                        "gates": [g.__dict__ for g in outcome.gates],
-                        "cost_usd": round(outcome.cost_usd, 4),
-                    }
-                ),
-                flush=True,
-            )
+            self._json({"event": "result", **outcome.to_json()})
             return
-        status = "succeeded" if outcome.exit_code == 0 else f"failed ({outcome.failed_phase}, exit {outcome.exit_code})"
-        self.say(
-            f"run {outcome.run_id} {status} in {outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} "
-            f"of compute at list price"
-        )
+        took = f"in {outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} of compute at list price"
+        verdict = str(outcome.verdict)
+        if outcome.job_exit_code not in (None, 0):
+            verdict += f" ({outcome.failed_phase}, exit {outcome.job_exit_code})"
+        self.say(f"run {outcome.run_id} {verdict} {took}")
         if outcome.metrics:
             self.say("metrics: " + ", ".join(f"{k}={v}" for k, v in outcome.metrics.items()))
         if outcome.artifacts:
             self.say(f"artifacts: {outcome.artifacts}")
+        for path, reason in outcome.skipped:
+            self.say(f"left out: {path} ({reason})")
         if outcome.torn_down:
             self.say("all resources deleted")
+        elif outcome.kept:
+            self.say(f"kept: the VMs stay up; `orchestrator down {outcome.run_id}` deletes them")
+        if outcome.message:
+            print(("error: " if not outcome.verdict.ok else "") + outcome.message, file=sys.stderr, flush=True)
 
     def provisioned(self, result: ProvisionResult) -> None:
         plan = result.plan
@@ -288,9 +293,9 @@ class LiveProgress(ProgressPrinter):
     def stop(self) -> None:
         self.live.stop()
 
-    def finished(self, outcome: RunOutcome) -> None:
+    def result(self, outcome: RunOutcome) -> None:
         self.stop()
-        super().finished(outcome)
+        super().result(outcome)
 
 
 def progress(as_json: bool) -> ProgressPrinter:
@@ -300,22 +305,43 @@ def progress(as_json: bool) -> ProgressPrinter:
     return ProgressPrinter(as_json)
 
 
-def step_summary(
-    outcome: RunOutcome, events: list[tuple[float, str, dict[str, Any]]], resources: list[tuple[str, str, str]]
-) -> str:
-    """A run as Markdown for a CI job's summary page (GITHUB_STEP_SUMMARY)."""
-    ok = outcome.exit_code == 0 and not outcome.error and all(g.passed for g in outcome.gates)
-    lines = [f"## orchestrator run `{outcome.run_id}`: {'passed' if ok else 'failed'}", ""]
+class StepSummary:
+    """On GitHub Actions: the run's verdict, phases, resources, cost, metrics and gates as Markdown
+    on the job's summary page (GITHUB_STEP_SUMMARY), written when the run ends."""
+
+    def __init__(self, path: str, store: Any) -> None:
+        self.path, self.store = path, store
+
+    def say(self, text: str) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass
+
+    def resource(self, event: Any) -> None:
+        pass
+
+    def phase(self, name: str, node: int | None, started: bool, seconds: float | None) -> None:
+        pass
+
+    def result(self, outcome: RunOutcome) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(step_summary(outcome, self.store.phases(outcome.run_id), self.store.resources(outcome.run_id)))
+
+
+def step_summary(outcome: RunOutcome, phases: list[Any], resources: list[tuple[str, str, str]]) -> str:
+    """A run as Markdown for a CI job's summary page."""
+    lines = [f"## orchestrator run `{outcome.run_id}`: {outcome.verdict}", ""]
     lines += [
         f"{outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} of compute; "
         + ("all resources deleted" if outcome.torn_down else "**resources kept**"),
         "",
     ]
-    states = [(at, d["state"]) for at, kind, d in events if kind == "state"]
-    lines += ["| phase | seconds |", "|---|---:|"]
-    for (at, state), (nxt, _) in zip(states, [*states[1:], (None, None)], strict=True):
-        if nxt is not None:
-            lines.append(f"| {state} | {nxt - at:.1f} |")
+    if phases:
+        lines += ["| phase | node | seconds |", "|---|---|---:|"]
+        for p in phases:
+            took = "" if p.seconds is None else f"{p.seconds:.1f}"
+            lines.append(f"| {p.phase} | {'' if p.node is None else p.node} | {took} |")
     if resources:
         lines += ["", "| resource | name | status |", "|---|---|---|"]
         lines += [f"| {t.rsplit('/', 1)[-1]} | `{n}` | {s} |" for t, n, s in resources]
@@ -329,6 +355,6 @@ def step_summary(
             f"{'pass' if g.passed else '**FAIL**'} |"
             for g in outcome.gates
         ]
-    if outcome.error:
-        lines += ["", f"**error:** {outcome.error}"]
+    if outcome.message:
+        lines += ["", f"**{outcome.verdict}:** {outcome.message}"]
     return "\n".join(lines) + "\n"

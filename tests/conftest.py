@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator.azure.session import AzureSession, emulator_session
+from orchestrator.azure.session import AzureSession
 from orchestrator.clock import VirtualClock
 from orchestrator.emulator import Emulator
 from orchestrator.plan import ResourcePlan, build_plan
 from orchestrator.spec import JobSpec
+from orchestrator.targets.emulated import emulator_session
 
 pytest_plugins = ["tests.remote_fixtures"]
 

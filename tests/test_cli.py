@@ -199,8 +199,9 @@ def test_hostile_outputs_fail_the_run_but_not_the_teardown(tmp_path: Path) -> No
     job = write_job(tmp_path, script)
     state = tmp_path / "state"
     r = cli("--target", "local", "--state-dir", str(state), "run", str(job), env={"API_TOKEN": "x"})
-    assert r.returncode == 1 and "Refusing the artifacts" in r.stderr and "unsafe" in r.stderr
-    assert "all resources deleted" in r.stderr
+    # the unsafe member is left out and named; the run ends artifacts-incomplete, never losing the rest
+    assert r.returncode == 1 and "left out" in r.stderr and "link leaves the outputs" in r.stderr, r.stderr
+    assert "artifacts-incomplete" in r.stderr and "all resources deleted" in r.stderr
     assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
 
 
@@ -211,14 +212,17 @@ def test_run_flags_artifacts_dir_upload_limit_and_keep(tmp_path: Path) -> None:
     state = tmp_path / "state"
     base = ["--target", "local", "--state-dir", str(state), "--json", "run", str(job)]
     r = cli(*base, "--max-upload-mb", "1", env={"API_TOKEN": "x"})
-    assert r.returncode == 2 and "over the 1 MB upload limit" in r.stderr and "data.bin" in r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert r.returncode == 2 and result["event"] == "result" and result["verdict"] == "bad-input"
+    assert "over the 1 MB upload limit" in result["message"] and "data.bin" in result["message"]
     assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}, "torn down"
     (job.parent / ".orchestratorignore").write_text("*.bin\n")
     dest = tmp_path / "mine"
     r = cli(*base, "--artifacts", str(dest), "--keep", env={"API_TOKEN": "x"})
     assert r.returncode == 0, r.stderr
     finished = json.loads(r.stdout.splitlines()[-1])
-    assert finished["event"] == "finished" and finished["torn_down"] is False
+    assert finished["event"] == "result" and finished["torn_down"] is False and finished["kept"] is True
+    assert finished["schema"] == 1 and finished["verdict"] == "succeeded"
     assert (dest / "out.txt").read_text() == "o"
     assert json.loads((state / "emulator" / "store.json").read_text())["resources"] != {}, "kept"
     assert cli("--target", "local", "--state-dir", str(state), "down", finished["run_id"]).returncode == 0
@@ -265,8 +269,11 @@ def test_sigint_during_training_tears_down_and_kills_the_job(tmp_path: Path) -> 
     assert store_of(state)["resources"] == {} and store_of(state)["groups"] == {}
     listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert str(state) not in listing, "the job died with its VM"
-    run = json.loads(cli("--state-dir", str(state), "--json", "ls").stdout)[0]
-    assert run["state"] == "failed" and run["error"] == "interrupted" and run["torn_down"]
+    run = json.loads(cli("--state-dir", str(state), "--json", "ls").stdout)["runs"][0]
+    assert run["state"] == "gone" and run["verdict"] == "interrupted" and run["torn_down"]
+    assert run["verdict_exit_code"] == 130
+    # the first Ctrl-C brought home what the job had written before tearing down
+    assert "outputs written so far" in run["error"]
 
 
 def test_sigterm_during_provisioning_leaves_nothing(tmp_path: Path) -> None:
@@ -309,15 +316,15 @@ def test_iterating_on_a_kept_vm_with_separate_commands(tmp_path: Path) -> None:
     local = ["--target", "local", "--state-dir", str(tmp_path / "state")]
     env = {"API_TOKEN": "x"}
     assert cli(*local, "provision", str(job), env=env).returncode == 0
-    run_id = json.loads(cli(*local, "--json", "ls").stdout)[0]["run_id"]
+    run_id = json.loads(cli(*local, "--json", "ls").stdout)["runs"][0]["run_id"]
     first = cli(*local, "train", run_id, env=env)
     assert first.returncode == 0 and "version 1" in first.stdout, first.stderr
     (job.parent / "VERSION").write_text("2\n")
     second = cli(*local, "train", run_id, env=env)
     assert second.returncode == 0 and "version 2" in second.stdout and "sent 1 files" in second.stderr
-    r = cli(*local, "exec", run_id, "--", "cat", "VERSION")
+    r = cli(*local, "exec", run_id, "--", "cat", "VERSION", env=env)
     assert r.returncode == 0 and r.stdout.strip() == "2"
-    assert cli(*local, "exec", run_id, "--", "false").returncode == 1
+    assert cli(*local, "exec", run_id, "--", "false", env=env).returncode == 1
     r = cli(*local, "collect", run_id)
     assert r.returncode == 0 and (tmp_path / "state" / "runs" / run_id / "artifacts" / "v.txt").read_text() == "2\n"
     assert cli(*local, "down", run_id).returncode == 0
@@ -374,10 +381,10 @@ def test_step_summary_for_github_actions(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     text = summary.read_text()
-    assert text.startswith("## orchestrator run `clitest-") and ": passed" in text
+    assert text.startswith("## orchestrator run `clitest-") and ": succeeded" in text
     for part in (
-        "| provisioning |",
-        "| training |",
+        "| provision |  |",
+        "| train |  |",
         "| virtualMachines |",
         "| acc | 0.97 |",
         "| acc | 0.97 | >= 0.9 | pass |",
@@ -407,8 +414,8 @@ def test_emulator_status_and_reset(tmp_path: Path) -> None:
     assert cli(*state, "--target", "local", "provision", str(SMOKE)).returncode == 0
     held = json.loads(cli(*state, "--json", "emulator", "status").stdout)
     assert len(held["groups"]) == 1 and held["vms"][0]["state"] == "Succeeded"
-    assert Path(held["vms"][0]["sandbox"]).is_dir()
+    assert Path(held["vms"][0]["folder"]).is_dir()
     r = cli(*state, "emulator", "reset", "--yes")
     assert r.returncode == 0 and "deleted 1 resource group" in r.stdout
     assert "holds nothing" in cli(*state, "emulator", "status").stdout
-    assert not Path(held["vms"][0]["sandbox"]).exists()
+    assert not Path(held["vms"][0]["folder"]).exists()

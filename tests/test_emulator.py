@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.azure.session import emulator_session
 from orchestrator.clock import VirtualClock
 from orchestrator.emulator import Emulator, Fault, Store, VmEvent
 from orchestrator.emulator.core import FINISHED_OPERATION_TTL, MAX_FINISHED_OPERATIONS
 from orchestrator.emulator.store import HOST
+from orchestrator.targets.emulated import emulator_session
 from tests.conftest import NOW, SUB, make_plan, make_spec
 
 AUTH = {"Authorization": "Bearer t"}

@@ -147,7 +147,7 @@ def test_cloud_init_carries_the_host_key_the_watchdog_and_the_gpu_check() -> Non
     import yaml
 
     from orchestrator.bootstrap import as_custom_data, cloud_init
-    from orchestrator.emulator.sshhost import parse_cloud_init
+    from orchestrator.emulator.cloudinit import parse_cloud_init
     from orchestrator.sshkeys import generate_host_key
 
     key = generate_host_key()
@@ -182,47 +182,3 @@ def test_cloud_init_carries_the_host_key_the_watchdog_and_the_gpu_check() -> Non
     )
     assert "nvidia-smi" not in str(cpu["runcmd"])
     assert base64.b64decode(as_custom_data(doc)).decode().startswith("#cloud-config")
-
-
-def test_ssh_sources_are_resolved_before_a_real_run() -> None:
-    import http.server
-    import threading
-
-    import pytest
-
-    from orchestrator.errors import UserInputError
-    from orchestrator.lifecycle import with_ssh_sources
-
-    said: list[str] = []
-    with pytest.raises(UserInputError, match="allowed_cidrs is empty"):
-        with_ssh_sources(make_spec(), "azure", said.append)
-    assert with_ssh_sources(make_spec(), "local").ssh.allowed_cidrs == ["127.0.0.1/32"]
-    opened = with_ssh_sources(make_spec(ssh={"allowed_cidrs": ["any"]}), "azure", said.append)
-    assert "open to the whole Internet" in said[-1]
-    assert (
-        make_plan(opened).stages[1][1].body["properties"]["securityRules"][0]["properties"]["sourceAddressPrefix"]
-        == "Internet"
-    )
-
-    class Echo(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"203.0.113.9\n")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        import os
-
-        os.environ["ORCH_IP_ECHO_URL"] = f"http://127.0.0.1:{server.server_port}/"
-        detected = with_ssh_sources(make_spec(ssh={"allowed_cidrs": ["auto", "198.51.100.0/24"]}), "azure", said.append)
-    finally:
-        os.environ.pop("ORCH_IP_ECHO_URL", None)
-        server.shutdown()
-    assert detected.ssh.allowed_cidrs == ["198.51.100.0/24", "203.0.113.9/32"]
-    rules = make_plan(detected).stages[1][1].body["properties"]["securityRules"]
-    assert rules[0]["properties"]["sourceAddressPrefixes"] == ["198.51.100.0/24", "203.0.113.9/32"]

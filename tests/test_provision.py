@@ -16,11 +16,12 @@ from orchestrator.azure.errors import (
     ThrottledError,
 )
 from orchestrator.azure.provision import Provisioner, ProvisionFailed, ResourceEvent
-from orchestrator.azure.session import AzureSession, emulator_session
+from orchestrator.azure.session import AzureSession
 from orchestrator.azure.teardown import delete_group, gc, group_exists, list_run_groups
 from orchestrator.clock import ScaledClock, VirtualClock
 from orchestrator.emulator import Emulator, Fault
 from orchestrator.errors import EXIT_AZURE_REFUSED
+from orchestrator.targets.emulated import emulator_session
 from tests.conftest import NOW, SUB, make_plan, make_spec
 
 

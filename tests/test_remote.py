@@ -31,7 +31,7 @@ def test_connect_waits_through_the_boot_delay(tmp_path: Path) -> None:
         assert attempts, "the first attempts during boot must have been refused and retried"
         conn.close()
     finally:
-        env.hosts.close()
+        env.close()
 
 
 def test_a_wrong_host_key_is_refused_never_accepted(vms: EmulatedVms) -> None:
@@ -166,7 +166,7 @@ def test_a_connection_dropped_mid_sync_is_retried_to_a_correct_tree(vms: Emulate
 
     def drop() -> None:
         time.sleep(0.15)
-        vms.hosts.drop_connections(vms.nodes[0].ep.name)
+        vms.drop_connections(0)
         dropped.set()
 
     threading.Thread(target=drop, daemon=True).start()
@@ -232,7 +232,7 @@ def test_training_survives_a_dropped_connection_and_the_log_resumes_exactly(vms:
     def drop_twice() -> None:
         for _ in range(2):
             time.sleep(0.35)
-            vms.hosts.drop_connections(vms.nodes[0].ep.name)
+            vms.drop_connections(0)
 
     threading.Thread(target=drop_twice, daemon=True).start()
     result = run.follow(vms.nodes[0], vms.layout, "run", sink)
@@ -333,14 +333,15 @@ def test_outputs_alone_come_home(vms: EmulatedVms, tmp_path: Path) -> None:
     assert report.files == 1 and (tmp_path / "artifacts" / "only.txt").read_text() == "x"
 
 
-def test_an_escaping_symlink_in_outputs_refuses_the_whole_collection(vms: EmulatedVms, tmp_path: Path) -> None:
+def test_an_escaping_symlink_is_left_out_and_named_and_the_rest_comes_home(vms: EmulatedVms, tmp_path: Path) -> None:
     out = vms.home() / "orch" / vms.run_id / "outputs"
     out.mkdir(parents=True)
     (out / "fine.txt").write_text("fine")
     os.symlink("/etc/passwd", out / "passwd")
-    with pytest.raises(artifacts.ArtifactError, match="unsafe"):
-        artifacts.collect(vms.nodes[0], vms.layout, tmp_path / "artifacts")
-    assert not (tmp_path / "artifacts").exists()
+    report = artifacts.collect(vms.nodes[0], vms.layout, tmp_path / "artifacts")
+    assert (tmp_path / "artifacts" / "fine.txt").read_text() == "fine"
+    assert ("passwd", "link leaves the outputs: /etc/passwd") in report.skipped
+    assert not (tmp_path / "artifacts" / "passwd").exists() and not (tmp_path / "artifacts" / "passwd").is_symlink()
 
 
 def _stream(members: list[tuple[tarfile.TarInfo, bytes]], manifest: str) -> io.BytesIO:
@@ -379,10 +380,14 @@ def _member(
         _member("fifo", tarfile.FIFOTYPE),
     ],
 )
-def test_hostile_tar_members_are_refused(tmp_path: Path, member: tuple[tarfile.TarInfo, bytes]) -> None:
-    with pytest.raises(artifacts.ArtifactError):
-        artifacts.extract_verified(_stream([member], ""), tmp_path / "dest")
+def test_hostile_tar_members_are_skipped_and_listed_never_written(
+    tmp_path: Path, member: tuple[tarfile.TarInfo, bytes]
+) -> None:
+    result = artifacts.extract_verified(_stream([member], ""), tmp_path / "dest")
+    assert member[0].name in [p for p, _ in result.skipped]
     assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "escape.txt").exists()
+    written = [p for p in (tmp_path / "dest").rglob("*")] if (tmp_path / "dest").exists() else []
+    assert not [p for p in written if p.is_file() or p.is_symlink()], written
 
 
 def test_a_stream_without_its_manifest_is_refused(tmp_path: Path) -> None:
@@ -395,10 +400,11 @@ def test_a_stream_without_its_manifest_is_refused(tmp_path: Path) -> None:
         artifacts.extract_verified(buf, tmp_path / "d")
 
 
-def test_a_file_that_does_not_match_the_manifest_is_refused(tmp_path: Path) -> None:
-    manifest = "0" * 64 + "  ./a.txt\n"
-    with pytest.raises(artifacts.ArtifactError, match="do not match"):
-        artifacts.extract_verified(_stream([_member("a.txt", data=b"hello")], manifest), tmp_path / "d")
+def test_a_file_that_does_not_match_the_manifest_is_left_out_and_named(tmp_path: Path) -> None:
+    manifest = "F\0a.txt\0" + "0" * 64 + "\0"
+    result = artifacts.extract_verified(_stream([_member("a.txt", data=b"hello")], manifest), tmp_path / "d")
+    assert ("a.txt", "does not match the manifest made on the VM") in result.skipped
+    assert not (tmp_path / "d" / "a.txt").exists()
 
 
 # ------------------------------------------------------------------------------------ real sshd
@@ -462,7 +468,10 @@ def test_every_node_s_outputs_come_home_without_overwriting_each_other(vms2: Emu
         out.mkdir(parents=True)
         (out / "rank.txt").write_text(str(rank))
     spec = JobSpec.model_validate({"name": "job", "run": "true", "base_dir": str(tmp_path)})
-    runner = JobRunner(spec, vms2.nodes, vms2.layout, tmp_path, master_addr="", emit=print, say=print, secrets={})
+    from orchestrator.runfiles import RunFiles
+
+    files = RunFiles(tmp_path / "state", vms2.run_id).ensure()
+    runner = JobRunner(spec, vms2.nodes, vms2.layout, files, network_env={}, emit=print, say=print, secrets={})
     runner.collect(tmp_path / "artifacts")
     assert (tmp_path / "artifacts" / "rank.txt").read_text() == "0"
     assert (tmp_path / "artifacts" / "nodes" / "1" / "rank.txt").read_text() == "1"

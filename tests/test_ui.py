@@ -17,8 +17,8 @@ def test_live_panel_shows_resources_and_job_output_above_it() -> None:
     plan = make_plan()
     live.say("provisioning orch-demo-abc123 in eastus")
     for r in plan.resources:
-        live.event(ResourceEvent(r, "creating", 0.0))
-    live.event(ResourceEvent(plan.resources[0], "created", 1.0))
+        live.resource(ResourceEvent(r, "creating", 0.0))
+    live.resource(ResourceEvent(plan.resources[0], "created", 1.0))
     live.live.refresh()
     panel = out.getvalue()
     assert "resourceGroups" in panel and "demo-abc123-0" in panel and "✓" in panel

@@ -1,7 +1,8 @@
-"""Credentials, subscription and SDK clients for one target (real Azure or the emulator).
+"""Credentials, subscription and SDK clients.
 
-The emulator is chosen here, at client construction, and nowhere else: the provisioner and teardown
-code run unchanged against either.
+An AzureSession is what the provisioner, teardown and preflight talk to. Which ARM answers (real
+Azure, or the emulator behind a transport) is the target's business (orchestrator/targets/): this
+module knows nothing of the emulator.
 """
 
 from __future__ import annotations
@@ -10,21 +11,12 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.azure.polling import make_polling, schedule_for
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import CredentialsError
-
-if TYPE_CHECKING:
-    from orchestrator.emulator import Emulator
-
-DRY_RUN_SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
-LOCAL_SUBSCRIPTION = "11111111-1111-1111-1111-111111111111"
 
 
 @dataclass
@@ -34,8 +26,6 @@ class AzureSession:
     clock: Clock = field(default_factory=SystemClock)
     transport: Any = None  # None: azure-core's default HTTP transport
     poll_scale: float = 1.0
-    backend: str = "azure"
-    emulator: Emulator | None = None
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -80,12 +70,6 @@ class AzureSession:
     def network(self) -> Any:
         return self._client("network")
 
-    def ssh_endpoint(self, public_ip: str) -> tuple[str, int]:
-        """Where to dial a VM's SSH: on Azure always its public IP and port 22."""
-        if self.emulator is not None and self.emulator.ssh_resolver is not None:
-            return self.emulator.ssh_resolver(public_ip)
-        return public_ip, 22
-
     def polling(self, kind: str) -> Any:
         """A fresh poller strategy for one LRO of `kind` (an ARM type, 'delete' or 'group-delete')."""
         return make_polling(schedule_for(kind, self.poll_scale), self.clock)
@@ -124,57 +108,3 @@ def azure_session(subscription: str | None) -> AzureSession:
     sub = resolve_subscription(subscription)
     credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
     return AzureSession(subscription_id=sub, credential=credential)
-
-
-def emulator_session(
-    emulator: Emulator, subscription: str = DRY_RUN_SUBSCRIPTION, poll_scale: float = 1.0
-) -> AzureSession:
-    from orchestrator.emulator.transport import EmulatorCredential, EmulatorTransport
-
-    return AzureSession(
-        subscription_id=subscription,
-        credential=EmulatorCredential(),
-        clock=emulator.clock,
-        transport=EmulatorTransport(emulator),
-        poll_scale=poll_scale,
-        backend="emulator",
-        emulator=emulator,
-    )
-
-
-@contextmanager
-def local_session(state: Path) -> Iterator[AzureSession]:
-    """--target local: the emulator, its store a file in the state directory that every process shares.
-
-    ORCH_EMULATOR_PROFILE (instant or azure-like) and ORCH_EMULATOR_SPEED (emulated seconds per real
-    second) make it slow like Azure, for trying interruptions by hand; keep the speed at 1 across
-    separate commands, since each process starts its clock at the wall time.
-    """
-    from orchestrator.clock import ScaledClock, SystemClock
-    from orchestrator.emulator import Emulator
-    from orchestrator.emulator.persist import StoreFile
-    from orchestrator.emulator.sshhost import SshHosts
-
-    profile = os.environ.get("ORCH_EMULATOR_PROFILE", "instant")
-    speed = float(os.environ.get("ORCH_EMULATOR_SPEED", "1"))
-    clock = SystemClock() if speed == 1 else ScaledClock(speed)
-    emulator = Emulator(profile, clock=clock, backing=StoreFile(state / "emulator" / "store.json"))
-    # Each emulated VM's SSH server lives as long as this process; its sandbox (and any job running
-    # there) stays on disk, so the next command serves the same VM again.
-    hosts = SshHosts(state / "emulator" / "vms", emulator.clock, emulator.profile.boot_seconds)
-    emulator.attach_hosts(hosts)
-    try:
-        # Operations on the instant profile finish at once: poll without waiting.
-        yield emulator_session(
-            emulator, subscription=LOCAL_SUBSCRIPTION, poll_scale=0.0 if profile == "instant" else 1.0
-        )
-    finally:
-        hosts.close(kill=False)
-
-
-def dry_run_session(start: float) -> AzureSession:
-    """--dry-run: a throwaway emulator on a virtual clock; nothing leaves the process."""
-    from orchestrator.clock import VirtualClock
-    from orchestrator.emulator import Emulator
-
-    return emulator_session(Emulator("instant", clock=VirtualClock(start)))

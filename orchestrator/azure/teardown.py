@@ -119,8 +119,11 @@ def select_for_gc(
     run_id: str | None = None,
     include_unexpired: bool = False,
     owner: str | None = None,
+    include: frozenset[str] = frozenset(),
+    protect: frozenset[str] = frozenset(),
 ) -> list[RunGroup]:
-    """What gc deletes: the named run's groups, or every expired one (or all, when asked)."""
+    """What gc deletes: the named run's groups, or every expired one (or all, when asked), plus the
+    runs in `include` (their watching process is gone), never the runs in `protect` (alive)."""
     chosen = []
     for g in groups:
         if g.state == "Deleting" or (owner is not None and g.owner != owner):
@@ -128,7 +131,9 @@ def select_for_gc(
         if run_id is not None:
             if g.run_id == run_id:
                 chosen.append(g)
-        elif include_unexpired or g.expired(now):
+        elif g.run_id in protect:
+            continue
+        elif include_unexpired or g.expired(now) or g.run_id in include:
             chosen.append(g)
     return chosen
 
@@ -142,9 +147,13 @@ def gc(
     dry_run: bool = False,
     wait: bool = True,
     owner: str | None = None,
+    include: frozenset[str] = frozenset(),
+    protect: frozenset[str] = frozenset(),
 ) -> list[RunGroup]:
     """Delete abandoned run groups; all deletions start before any is waited on."""
-    chosen = select_for_gc(list_run_groups(session, run_id), now, run_id, include_unexpired, owner)
+    chosen = select_for_gc(
+        list_run_groups(session, run_id), now, run_id, include_unexpired, owner, include=include, protect=protect
+    )
     if dry_run or not chosen:
         return chosen
     from azure.core.exceptions import HttpResponseError

@@ -229,6 +229,11 @@ class Node:
             self._cancelled = True
             self._close()
 
+    def resume(self) -> None:
+        """Allow connections again after cancel (an interrupted run still collects its outputs)."""
+        with self._lock:
+            self._cancelled = False
+
     def transport(self) -> Any:
         return self.connection().transport
 

@@ -19,6 +19,7 @@ from orchestrator.errors import UserInputError
 from orchestrator.remote import artifacts, run, sync
 from orchestrator.remote.connect import Node, SshError
 from orchestrator.remote.layout import RemoteLayout
+from orchestrator.runfiles import RunFiles
 from orchestrator.spec import JobSpec
 
 T = TypeVar("T")
@@ -85,9 +86,9 @@ class JobRunner:
         spec: JobSpec,
         nodes: list[Node],
         layout: RemoteLayout,
-        run_dir: Path,
+        files: RunFiles,
         *,
-        master_addr: str,
+        network_env: Mapping[str, str],
         emit: Say,
         say: Say,
         secrets: Mapping[str, str],
@@ -97,8 +98,8 @@ class JobRunner:
         self.spec = spec
         self.nodes = nodes
         self.layout = layout
-        self.run_dir = run_dir
-        self.master_addr = master_addr
+        self.files = files
+        self.network_env = dict(network_env)  # ORCH_MASTER_ADDR/PORT and the target's pins
         self.emit = emit  # job output lines
         self.say = say  # orchestrator's own progress lines
         self.secrets = dict(secrets)
@@ -106,14 +107,17 @@ class JobRunner:
         self.on_phase = on_phase  # run states for the store: syncing, setup, training, collecting
 
     def env(self, node: Node) -> dict[str, str]:
-        return run.job_env(
-            run_id=self.layout.run_id,
-            layout=self.layout,
-            rank=node.ep.rank,
-            num_nodes=len(self.nodes),
-            master_addr=self.master_addr,
-            user_env=self.spec.env,
-            secrets=self.secrets,
+        return (
+            run.job_env(
+                run_id=self.layout.run_id,
+                layout=self.layout,
+                rank=node.ep.rank,
+                num_nodes=len(self.nodes),
+                master_addr=self.network_env.get("ORCH_MASTER_ADDR", ""),
+                user_env=self.spec.env,
+                secrets=self.secrets,
+            )
+            | self.network_env
         )
 
     def connect(self) -> None:
@@ -121,7 +125,7 @@ class JobRunner:
 
     def upload(self) -> list[sync.SyncReport]:
         # The last sync's state, so a re-sync to a kept VM is one guarded command (see sync.upload).
-        state_file = self.run_dir / "sync-state.json"
+        state_file = self.files.sync_state
         previous = _load_state(state_file)
 
         def one(node: Node) -> sync.SyncReport:
@@ -165,15 +169,14 @@ class JobRunner:
 
     def follow(self, name: str, offsets: Mapping[int, int] | None = None) -> PhaseResult:
         multi = len(self.nodes) > 1
-        logs = self.run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        self.files.logs.mkdir(parents=True, exist_ok=True)
 
         def one(node: Node) -> tuple[int, int]:
             sink = run.LogSink(
                 self.emit,
                 secrets=list(self.secrets.values()),
                 prefix=f"[{node.label}] " if multi else "",
-                raw=logs / f"{name}-{node.label}.log",
+                raw=self.files.log(name, node.label),
             )
             try:
                 result = run.follow(node, self.layout, name, sink, offset=(offsets or {}).get(node.ep.rank, 0))

@@ -1,0 +1,120 @@
+"""--dry-run: the real provisioner and teardown against the dry-run target; what they would send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator import catalog
+from orchestrator.lifecycle.steps import owner_name
+from orchestrator.plan import ResourcePlan, build_plan, new_run_id
+from orchestrator.spec import JobSpec
+
+# A syntactically valid key for the dry-run's plan; a real run generates a key pair per run.
+PLACEHOLDER_PUBLIC_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlaceholderKeyGeneratedPerRunAtProvisionTime0 generated-per-run"
+)
+
+
+@dataclass
+class RequestLine:
+    method: str
+    path: str
+    api_version: str
+    status: int
+    phase: str  # provision or teardown
+
+
+@dataclass
+class DryRunReport:
+    plan: ResourcePlan
+    requests: list[RequestLine]
+    polls: int
+    estimate_seconds: float
+    boot_seconds: float
+    hourly_usd: float
+    max_cost_usd: float
+    budget_usd: float | None
+    warnings: list[str] = field(default_factory=list)
+    source_labels: dict[str, str] = field(default_factory=dict)  # SSH source -> how to show it
+
+    def to_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "schema": 1,
+            "run_id": plan.run_id,
+            "resource_group": plan.resource_group,
+            "region": plan.region,
+            "tags": plan.tags,
+            "stages": [
+                [
+                    {"type": r.type, "name": r.name, "id": r.id, "depends_on": list(r.depends_on), "body": r.body}
+                    for r in stage
+                ]
+                for stage in plan.stages
+            ],
+            "requests": [r.__dict__ for r in self.requests],
+            "polls": self.polls,
+            "ssh_sources": self.source_labels,
+            "estimate": {
+                "provision_seconds": round(self.estimate_seconds, 1),
+                "boot_to_ssh_seconds": self.boot_seconds,
+                "usd_per_hour": round(self.hourly_usd, 4),
+                "max_cost_usd": round(self.max_cost_usd, 2),
+                "budget_usd": self.budget_usd,
+                "price_snapshot": catalog.PRICE_SNAPSHOT_DATE,
+            },
+            "warnings": self.warnings,
+        }
+
+
+def dry_run(
+    spec: JobSpec, *, of: str = "azure", now: datetime | None = None, run_id: str | None = None
+) -> DryRunReport:
+    """Run the real provisioner and teardown against a throwaway emulator and report what they sent."""
+    from pathlib import Path
+
+    from orchestrator.azure.provision import Provisioner
+    from orchestrator.azure.teardown import delete_group
+    from orchestrator.targets.dryrun import DRY_RUN_SUBSCRIPTION, DryRunTarget
+
+    now = now or datetime.now(UTC)
+    run_id = run_id or new_run_id(spec.name)
+    target = DryRunTarget(Path("."), of=of, start=now.timestamp())
+    warnings: list[str] = []
+    sources = target.ssh_sources(list(spec.ssh.allowed_cidrs), spec.source, warnings.append)
+    warnings = [*sources.warnings, *warnings]
+    spec = spec.model_copy(update={"ssh": spec.ssh.model_copy(update={"allowed_cidrs": sources.cidrs})})
+    plan = build_plan(
+        spec,
+        run_id,
+        subscription_id=DRY_RUN_SUBSCRIPTION,
+        owner=owner_name(),
+        now=now,
+        ssh_public_key=PLACEHOLDER_PUBLIC_KEY,
+    )
+    with target.session() as session:
+        Provisioner(session).provision(plan)
+        provision_count = len(target.requests())
+        delete_group(session, plan.resource_group, wait=True)
+    lines, polls = [], 0
+    for i, r in enumerate(target.requests()):
+        if r.poll:
+            polls += 1
+            continue
+        lines.append(
+            RequestLine(r.method, r.path, r.api_version, r.status, "provision" if i < provision_count else "teardown")
+        )
+    return DryRunReport(
+        plan=plan,
+        requests=lines,
+        polls=polls,
+        estimate_seconds=plan.critical_path_seconds(),
+        boot_seconds=catalog.TYPICAL_BOOT_TO_SSH_SECONDS,
+        hourly_usd=plan.hourly_usd,
+        max_cost_usd=plan.hourly_usd * spec.max_duration / 3600,
+        budget_usd=spec.budget_usd,
+        warnings=[*warnings, *(w for w in plan.warnings if w not in warnings)],
+        source_labels=sources.labels,
+    )

@@ -1,0 +1,77 @@
+"""Signals during a run: held back while the DELETE is sent, and the run's time and budget limits."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from orchestrator.lifecycle.outcome import LimitReached
+from orchestrator.spec import JobSpec
+from orchestrator.verdict import Verdict
+
+
+@contextmanager
+def held_interrupts(tell: Callable[[], None], *, second_stops: bool) -> Iterator[None]:
+    """While the block runs, SIGINT/SIGTERM print `tell`; with second_stops the second one raises
+    KeyboardInterrupt. Only the main thread can own signals; elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    count = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        count[0] += 1
+        if second_stops and count[0] > 1:
+            raise KeyboardInterrupt
+        tell()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Limits:
+    """Stops a run when max_duration passes or the projected cost would pass budget_usd: `on_fire`
+    cancels the nodes, so the run unwinds into its collection and teardown. The clock starts before
+    provisioning."""
+
+    def __init__(self, spec: JobSpec, on_fire: Callable[[], None], say: Callable[[str], None]) -> None:
+        hourly = spec.hourly_usd()
+        limit, why, verdict = (
+            float(spec.max_duration),
+            f"max_duration ({spec.max_duration} s) passed",
+            Verdict.TIMED_OUT,
+        )
+        if spec.budget_usd is not None and hourly > 0:
+            by_budget = spec.budget_usd / hourly * 3600
+            if by_budget < limit:
+                limit, verdict = by_budget, Verdict.OVER_BUDGET
+                why = (
+                    f"the projected cost would pass budget_usd ${spec.budget_usd:,.2f} "
+                    f"(${hourly:,.3f}/hour for {spec.nodes} node(s), stopped after {by_budget:,.0f} s)"
+                )
+        self.error: LimitReached | None = None
+        self._why, self._verdict, self._on_fire, self._say = why, verdict, on_fire, say
+        self._timer = threading.Timer(limit, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.error = LimitReached(f"Stopped and torn down: {self._why}.", self._verdict)
+        self._say(str(self.error))
+        self._on_fire()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self._timer.cancel()

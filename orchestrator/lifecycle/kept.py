@@ -1,0 +1,208 @@
+"""Working on a provisioned (kept) run from a separate process: train, exec, collect."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserInputError
+from orchestrator.gates import evaluate
+from orchestrator.lifecycle import steps
+from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
+from orchestrator.lifecycle.reporter import Reporter
+from orchestrator.runfiles import NodeRecord, RunFiles
+from orchestrator.state import RunRecord, open_store
+from orchestrator.targets import Target, target_for
+from orchestrator.verdict import Verdict
+
+
+def unknown_run(run_id: str, known: list[str]) -> UserInputError:
+    close = difflib.get_close_matches(run_id, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return UserInputError(f"no run {run_id}; `orchestrator ls` lists runs.{hint}")
+
+
+def record_of(run_id: str, target: Target) -> RunRecord:
+    store = open_store(target.state)
+    record = store.get(run_id)
+    if record is None:
+        raise unknown_run(run_id, store.run_ids())
+    return record
+
+
+@contextmanager
+def attached(run_id: str, target: Target) -> Iterator[tuple[RunRecord, list[NodeRecord], list[Any], Target]]:
+    """(record, node records, SSH nodes, target) of a provisioned run, reachable with its own keys."""
+    record = record_of(run_id, target)
+    files = RunFiles(target.state, run_id)
+    records = files.read_nodes()
+    if records is None:
+        raise UserInputError(
+            f"run {run_id} has no provisioned nodes; `orchestrator provision JOB` (or `run --keep`) makes "
+            "one you can work on."
+        )
+    if record.torn_down:
+        raise UserInputError(f"run {run_id} has been torn down; provision a new one.")
+    where = target_for(record, target)
+    with where.session():  # the local target serves its VMs while this session is open
+        nodes = steps.ssh_nodes(where, records, files.client_key)
+        try:
+            yield record, records, nodes, where
+        finally:
+            for node in nodes:
+                node.cancel()
+
+
+def job_env_secrets(spec: Any) -> dict[str, str]:
+    """Secrets are re-read from the local environment each time, never stored."""
+    from orchestrator.remote.job import forwarded_secrets
+
+    return forwarded_secrets(spec)
+
+
+def _spec_of(record: RunRecord) -> Any:
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(record.source)
+    if record.env:  # --env given at provision time
+        spec = spec.model_copy(update={"env": {**spec.env, **record.env}})
+    return spec
+
+
+def exec_command(run_id: str, target: Target, command: str, *, emit: Any, node_rank: int | None = None) -> int:
+    """Run a command in the job folder on the run's VMs (all, or one), with the job's environment;
+    the first non-zero exit code."""
+    from orchestrator.remote.job import on_all
+    from orchestrator.remote.layout import RemoteLayout, rq
+    from orchestrator.remote.masking import StreamMasker
+    from orchestrator.remote.run import env_file
+
+    layout = RemoteLayout(run_id)
+    with attached(run_id, target) as (record, records, nodes, where):
+        spec = _spec_of(record)
+        secrets = job_env_secrets(spec)
+        chosen = [n for n in nodes if node_rank is None or n.ep.rank == node_rank]
+        if not chosen:
+            raise UserInputError(f"run {run_id} has no node {node_rank}; it has {len(nodes)}.")
+        multi = len(chosen) > 1
+        network = where.job_network_env(records)
+
+        def one(node: Any) -> int:
+            from orchestrator.remote.run import job_env
+
+            env = (
+                job_env(
+                    run_id=run_id,
+                    layout=layout,
+                    rank=node.ep.rank,
+                    num_nodes=len(nodes),
+                    master_addr=network["ORCH_MASTER_ADDR"],
+                    user_env=spec.env,
+                    secrets=secrets,
+                )
+                | network
+            )
+            script = (
+                f"set -a; . /dev/stdin; set +a; mkdir -p {rq(layout.job_dir)} && cd {rq(layout.job_dir)} && {command}"
+            )
+            result = node.exec(f"bash -c {_q(script)}", stdin=env_file(env))
+            masker = StreamMasker(list(secrets.values()))
+            text = (masker.feed(result.stdout + result.stderr) + masker.flush()).decode(errors="replace")
+            for line in text.splitlines():
+                emit((f"[{node.label}] " if multi else "") + line)
+            return int(result.exit_code)
+
+        codes = on_all(chosen, one)
+        return next((c for c in codes if c != 0), 0)
+
+
+def _q(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def collect(run_id: str, target: Target, report: Reporter, dest: Path | None = None) -> Any:
+    from orchestrator.lifecycle.run import artifacts_destination
+
+    with attached(run_id, target) as (record, records, nodes, where):
+        spec = _spec_of(record)
+        files = RunFiles(target.state, run_id)
+        runner = steps.runner_for(spec, where, records, nodes, files, report, {})
+        out = steps.collect(runner, artifacts_destination(dest, files))
+        if out.error:
+            raise UserInputError(f"collecting {run_id}'s outputs failed: {out.error}")
+        open_store(target.state).update(run_id, artifacts=str(out.report.destination))
+        return out.report
+
+
+def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path | None = None) -> RunOutcome:
+    """sync + setup + run + collect on a kept run's VMs, gates applied, verdict recorded; the VMs stay."""
+    from orchestrator.lifecycle.run import artifacts_destination
+
+    t0 = time.monotonic()
+    store = open_store(target.state)
+    with attached(run_id, target) as (record, records, nodes, where):
+        spec = _spec_of(record)
+        files = RunFiles(target.state, run_id)
+        store.claim(run_id, os.getpid())
+        store.transition(run_id, "running")
+        runner = steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
+        phases: list[Any] = []
+        error: BaseException | None = None
+        collected = steps.Collected()
+        try:
+            runner.connect()
+            runner.restart_phases()
+            runner.upload()
+            if spec.setup:
+                phases.append(steps.job_phase(None, runner, "setup", spec.setup, report))
+            if all(p.exit_code == 0 for p in phases):
+                phases.append(steps.job_phase(None, runner, "run", [spec.run], report))
+        except BaseException as e:
+            error = e
+        try:
+            collected = steps.collect(runner, artifacts_destination(artifacts_dir, files), deadline=None)
+        except KeyboardInterrupt as e:
+            error = error or e
+        job_code = next((p.exit_code for p in phases if p.exit_code != 0), 0 if phases else None)
+        gates = evaluate(spec.expect, collected.metrics or {}) if job_code == 0 and spec.expect else []
+        for g in gates:
+            report.say(f"gate {g.describe()}")
+        skipped = list(getattr(collected.report, "skipped", []) or [])
+        verdict, message = verdict_of(
+            error=error, job_exit_code=job_code, gates=gates, artifacts_error=collected.error, skipped=skipped
+        )
+        failed_phase = next((p.name for p in phases if p.exit_code != 0), None)
+        if verdict is Verdict.JOB_FAILED and not message:
+            message = f"The job failed in {failed_phase} with exit code {job_code}. Its log is in {files.logs}."
+        outcome = RunOutcome(
+            run_id,
+            verdict,
+            job_exit_code=job_code,
+            failed_phase=failed_phase,
+            artifacts=Path(collected.report.destination) if collected.report is not None else None,
+            skipped=skipped,
+            metrics=collected.metrics or {},
+            seconds=time.monotonic() - t0,
+            kept=True,
+            message=message,
+            gates=gates,
+        )
+        store.decide(
+            run_id,
+            verdict,
+            outcome.detail(),
+            exit_code=job_code,
+            error=message or None,
+            artifacts=str(outcome.artifacts) if outcome.artifacts else None,
+            metrics=outcome.metrics,
+        )
+        store.transition(run_id, "kept")
+        report.result(outcome)
+        return outcome

@@ -1,0 +1,210 @@
+"""`run` and `provision`: the steps composed, one verdict at the end, teardown always.
+
+Interrupts follow DESIGN.md's run model: the first Ctrl-C stops the job and brings home what it
+wrote (bounded by the collection deadline), then tears down; a second one abandons the collection;
+SIGTERM tears down at once without collecting.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import Terminated
+from orchestrator.gates import evaluate
+from orchestrator.lifecycle import steps
+from orchestrator.lifecycle.context import RunContext
+from orchestrator.lifecycle.interrupts import Limits
+from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
+from orchestrator.lifecycle.reporter import Reporter
+from orchestrator.plan import new_run_id
+from orchestrator.spec import JobSpec
+from orchestrator.targets import Target
+from orchestrator.verdict import Verdict
+
+DEFAULT_COLLECT_DEADLINE_S = 30.0
+
+
+def artifacts_destination(dest: Path | None, ctx_files: Any) -> Path:
+    """Where the outputs land: the run folder's artifacts/, or --artifacts DIR (never wiped: a
+    non-empty folder the tool did not fill gets the run's files in a subfolder)."""
+    from orchestrator.remote.artifacts import resolve_destination
+
+    if dest is None:
+        return Path(ctx_files.artifacts)
+    return resolve_destination(dest, ctx_files.run_id)
+
+
+def run(
+    spec: JobSpec,
+    target: Target,
+    report: Reporter,
+    *,
+    keep: bool = False,
+    run_id: str | None = None,
+    upload_limit: int = 2 << 30,
+    artifacts_dir: Path | None = None,
+    collect_deadline: float = DEFAULT_COLLECT_DEADLINE_S,
+) -> RunOutcome:
+    """Provision, sync, set up, train, collect, and always tear down (unless keep)."""
+    t0 = time.monotonic()
+    spec, secrets, warnings = steps.check(spec, target, report.say)
+    for w in warnings:
+        report.say(f"warning: {w}")
+    run_id = run_id or new_run_id(spec.name)
+    with target.session() as session:
+        ctx = RunContext(spec, target, session, run_id, report)
+        dest = artifacts_destination(artifacts_dir, ctx.files)
+        nodes: list[Any] = []
+        runner: Any = None
+
+        def stop_nodes() -> None:
+            for n in nodes:
+                n.cancel()
+
+        limits = Limits(spec, stop_nodes, report.say)
+        error: BaseException | None = None
+        phases: list[Any] = []
+        collected = steps.Collected()
+        interrupted_in_job = False
+        try:
+            result, records, keys = steps.provision(ctx)
+            report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
+            nodes.extend(steps.ssh_nodes(target, records, keys.client_key))
+            runner = steps.runner_for(spec, target, records, nodes, ctx.files, report, secrets, upload_limit)
+            steps.connect(ctx, runner)
+            steps.sync(ctx, runner)
+            interrupted_in_job = True
+            if spec.setup:
+                phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
+            if all(p.exit_code == 0 for p in phases):
+                phases.append(steps.job_phase(ctx, runner, "run", [spec.run], report))
+            limits.check()
+        except BaseException as e:  # decided into a verdict below; the CLI maps it to an exit code
+            error = limits.error or e
+        finally:
+            limits.cancel()
+        sigterm = isinstance(error, Terminated)
+        if runner is not None and interrupted_in_job and not sigterm:
+            try:
+                collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
+            except KeyboardInterrupt as e:
+                error = error or e
+                collected = steps.Collected(error="collection abandoned (interrupt)")
+        job_code = next((p.exit_code for p in phases if p.exit_code != 0), 0 if phases else None)
+        failed_phase = next((p.name for p in phases if p.exit_code != 0), None)
+        gate_results = evaluate(spec.expect, collected.metrics or {}) if job_code == 0 and spec.expect else []
+        for g in gate_results:
+            report.say(f"gate {g.describe()}")
+        skipped = list(getattr(collected.report, "skipped", []) or [])
+        verdict, message = verdict_of(
+            error=error,
+            job_exit_code=job_code,
+            gates=gate_results,
+            artifacts_error=collected.error,
+            skipped=skipped,
+        )
+        if verdict is Verdict.JOB_FAILED and not message:
+            message = f"The job failed in {failed_phase} with exit code {job_code}. Its log is in {ctx.files.logs}"
+            message += f" and what it wrote is in {dest}." if collected.report is not None else "."
+        if verdict is Verdict.INTERRUPTED and collected.report is not None and not sigterm:
+            message = f"Interrupted; the outputs written so far are in {collected.report.destination}."
+        for node in nodes:
+            node.cancel()
+        kept = keep and verdict is Verdict.SUCCEEDED
+        torn_down, teardown_error = (False, "") if kept else ctx.teardown()
+        if teardown_error:
+            message = "\n".join(
+                m
+                for m in (
+                    message,
+                    f"Teardown did not finish: {teardown_error}. `orchestrator down {run_id}` removes what is left.",
+                )
+                if m
+            )
+        outcome = RunOutcome(
+            run_id,
+            verdict,
+            job_exit_code=job_code,
+            failed_phase=failed_phase,
+            artifacts=Path(collected.report.destination) if collected.report is not None else None,
+            skipped=skipped,
+            metrics=collected.metrics or {},
+            seconds=time.monotonic() - t0,
+            torn_down=torn_down,
+            kept=kept,
+            message=message,
+            gates=gate_results,
+            cost_usd=spec.hourly_usd() * (time.monotonic() - t0) / 3600,
+            sigterm=sigterm,
+        )
+        _record(ctx, outcome)
+        ctx.close()
+        report.result(outcome)
+        return outcome
+
+
+def _collect(
+    ctx: RunContext,
+    runner: Any,
+    nodes: list[Any],
+    dest: Path,
+    error: BaseException | None,
+    deadline: float,
+    run_id: str,
+) -> steps.Collected:
+    interrupted = isinstance(error, KeyboardInterrupt) or error is not None
+    with ctx.phase("collect"):
+        if not interrupted:
+            return steps.collect(runner, dest)
+        ctx.report.say(f"stopping the job and collecting what it wrote (up to {deadline:.0f} s; Ctrl-C again skips)")
+        try:
+            steps.stop_job(nodes, run_id)
+        except Exception as e:  # a node that cannot be told still has its outputs
+            ctx.report.say(f"could not stop the job everywhere: {e}")
+        except KeyboardInterrupt:
+            return steps.Collected(error="collection abandoned (second interrupt)")
+        return steps.collect(runner, dest, deadline=deadline)
+
+
+def _record(ctx: RunContext, outcome: RunOutcome) -> None:
+    ctx.store.end_open_phases(ctx.run_id)
+    ctx.store.decide(
+        ctx.run_id,
+        outcome.verdict,
+        outcome.detail(),
+        exit_code=outcome.job_exit_code,
+        error=outcome.message or None,
+        artifacts=str(outcome.artifacts) if outcome.artifacts else None,
+        metrics=outcome.metrics,
+        torn_down=outcome.torn_down,
+    )
+    ctx.state("kept" if outcome.kept else ("gone" if outcome.torn_down else "tearing-down"))
+
+
+def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | None = None) -> Any:
+    """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them."""
+    spec, _, warnings = steps.check(spec, target, report.say)
+    for w in warnings:
+        report.say(f"warning: {w}")
+    run_id = run_id or new_run_id(spec.name)
+    with target.session() as session:
+        ctx = RunContext(spec, target, session, run_id, report)
+        try:
+            result, records, _ = steps.provision(ctx)
+        except BaseException as e:
+            verdict, message = verdict_of(error=e, job_exit_code=None, gates=[], artifacts_error="", skipped=[])
+            torn, teardown_error = ctx.teardown()
+            if teardown_error:
+                message += f"\nTeardown did not finish: {teardown_error}. `orchestrator down {run_id}` removes it."
+            ctx.store.end_open_phases(run_id)
+            ctx.store.decide(run_id, verdict, {"message": message}, error=message, torn_down=torn)
+            ctx.state("gone" if torn else "tearing-down")
+            ctx.close()
+            raise
+        ctx.state("kept")
+        ctx.close()
+        for r in records:  # the address a user (and `ssh`) dials, on this target
+            report.say(f"node {r.rank}: {r.vm_name} reachable at {':'.join(map(str, target.endpoint(r)))}")
+        return result

@@ -1,0 +1,249 @@
+"""The named steps of a run, each a small function: check, provision, connect, sync, setup, train,
+collect (teardown is RunContext.teardown). run.py composes them."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from orchestrator.lifecycle.context import RunContext
+from orchestrator.plan import build_plan
+from orchestrator.runfiles import NodeRecord, RunFiles
+from orchestrator.spec import JobSpec
+from orchestrator.targets import Target
+
+
+def owner_name() -> str:
+    """Who the resources belong to: the CI actor, or user@host."""
+    for var in ("ORCH_OWNER", "GITHUB_ACTOR"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def connect_options() -> Any:
+    from orchestrator.remote.connect import ConnectOptions
+
+    return ConnectOptions(keepalive_s=int(float(os.environ.get("ORCH_SSH_KEEPALIVE", "15"))))
+
+
+# ---------------------------------------------------------------------------------------- check
+
+
+def check(spec: JobSpec, target: Target, say: Any) -> tuple[JobSpec, dict[str, str], list[str]]:
+    """Before anything is created: forwarded secrets exist, SSH sources resolve. A problem here costs
+    nothing. Returns the spec with its SSH sources resolved, the secrets, and warnings."""
+    from orchestrator.remote.job import forwarded_secrets
+
+    secrets = forwarded_secrets(spec)
+    sources = target.ssh_sources(list(spec.ssh.allowed_cidrs), spec.source, say)
+    spec = spec.model_copy(update={"ssh": spec.ssh.model_copy(update={"allowed_cidrs": sources.cidrs})})
+    return spec, secrets, sources.warnings
+
+
+# ------------------------------------------------------------------------------------ provision
+
+
+@dataclass
+class RunKeys:
+    client_key: Path  # private key the runner logs in with
+    client_public: str
+    host_keys: dict[int, str]  # rank -> pinned public host key
+    custom_data: dict[int, str]  # rank -> base64 cloud-init carrying that host key
+
+
+def make_keys(spec: JobSpec, run_id: str, files: RunFiles) -> RunKeys:
+    """The run's login key pair and one host key per VM, all made here and kept in the run folder."""
+    from orchestrator.bootstrap import as_custom_data, cloud_init
+    from orchestrator.sshkeys import generate_host_key, generate_keypair, public_key_of
+
+    if spec.ssh.private_key:
+        key = Path(spec.ssh.private_key).expanduser()
+        key = key if key.is_absolute() else Path(spec.base_dir) / key
+        public = public_key_of(key)
+    else:
+        key, public = generate_keypair(files.root, files.client_key.name)
+    files.hostkeys.mkdir(mode=0o700, exist_ok=True)
+    host_keys, custom = {}, {}
+    for rank in range(spec.nodes):
+        vm = f"{run_id}-{rank}"
+        hk = generate_host_key(files.hostkey(vm))
+        host_keys[rank] = hk.public
+        custom[rank] = as_custom_data(
+            cloud_init(
+                run_id=run_id,
+                vm_name=vm,
+                rank=rank,
+                host_private_key=hk.private_openssh,
+                host_public_key=hk.public,
+                user=spec.ssh.user,
+                max_duration=spec.max_duration,
+                gpu=spec.resources.size.is_gpu,
+            )
+        )
+    return RunKeys(key, public, host_keys, custom)
+
+
+def provision(ctx: RunContext) -> tuple[Any, list[NodeRecord], RunKeys]:
+    from orchestrator.azure.provision import Provisioner
+
+    ctx.state("provisioning")
+    ctx.report.say(f"provisioning {ctx.group} in {ctx.spec.resources.region}")
+    with ctx.phase("provision"):
+        keys = make_keys(ctx.spec, ctx.run_id, ctx.files)
+        plan = build_plan(
+            ctx.spec,
+            ctx.run_id,
+            subscription_id=ctx.session.subscription_id,
+            owner=owner_name(),
+            now=datetime.now(UTC),
+            ssh_public_key=keys.client_public,
+            custom_data=keys.custom_data,
+        )
+        result = Provisioner(ctx.session, on_event=ctx.resource_event).provision(plan)
+    nodes = [
+        NodeRecord(n.rank, n.vm_name, n.public_ip, n.private_ip, ctx.spec.ssh.user, keys.host_keys[n.rank])
+        for n in result.nodes
+    ]
+    ctx.files.write_nodes(nodes)
+    ctx.files.forget_host_private_keys()  # pinned in nodes.json; the VMs have theirs
+    return result, nodes, keys
+
+
+# ------------------------------------------------------------------------------ on the nodes
+
+
+def ssh_nodes(target: Target, nodes: list[NodeRecord], key: Path) -> list[Any]:
+    from orchestrator.remote.connect import Endpoint, Node
+
+    opts = connect_options()
+    out = []
+    for n in nodes:
+        host, port = target.endpoint(n)
+        out.append(Node(Endpoint(n.vm_name, host, port, n.user, n.host_key, key, n.rank), opts))
+    return out
+
+
+def runner_for(
+    ctx_spec: JobSpec,
+    target: Target,
+    records: list[NodeRecord],
+    nodes: list[Any],
+    files: RunFiles,
+    report: Any,
+    secrets: dict[str, str],
+    upload_limit: int | None = None,
+) -> Any:
+    from orchestrator.remote.job import JobRunner
+    from orchestrator.remote.layout import RemoteLayout
+    from orchestrator.remote.sync import DEFAULT_LIMIT_BYTES
+
+    return JobRunner(
+        ctx_spec,
+        nodes,
+        RemoteLayout(files.run_id),
+        files,
+        network_env=target.job_network_env(records),
+        emit=report.log,
+        say=report.say,
+        secrets=secrets,
+        upload_limit=upload_limit or DEFAULT_LIMIT_BYTES,
+    )
+
+
+def connect(ctx: RunContext, runner: Any) -> None:
+    ctx.state("running")
+    with ctx.phase("connect"):
+        runner.connect()
+    ctx.report.say("connected")
+
+
+def sync(ctx: RunContext, runner: Any) -> None:
+    with ctx.phase("sync"):
+        runner.upload()
+
+
+def job_phase(ctx: RunContext | None, runner: Any, name: str, commands: list[str], report: Any) -> Any:
+    """setup or run (phase names `setup` and `train`) on every node, following its output."""
+    report.say(f"{name}: " + " && ".join(commands))
+    if ctx is None:
+        return runner.phase(name, commands)
+    with ctx.phase("setup" if name == "setup" else "train"):
+        return runner.phase(name, commands)
+
+
+def stop_job(nodes: list[Any], run_id: str) -> None:
+    """End whatever phase is running on each node (the wrapper's whole process group)."""
+    from orchestrator.remote.job import on_all
+    from orchestrator.remote.layout import RemoteLayout, rq
+
+    phases = rq(f"{RemoteLayout(run_id).root}/phases")
+
+    def one(node: Any) -> None:
+        node.resume()
+        node.exec(
+            f'for p in {phases}/*/pid; do [ -f "$p" ] || continue; '
+            f'd=$(dirname "$p"); [ -e "$d/exit_code" ] || kill -TERM -- -"$(cat "$p")" 2>/dev/null; done; true',
+            timeout=15,
+        )
+
+    on_all(nodes, one)
+
+
+@dataclass
+class Collected:
+    report: Any = None  # artifacts.CollectReport (rank 0's)
+    error: str = ""
+    metrics: dict[str, Any] | None = None
+
+
+def collect(runner: Any, dest: Path, *, deadline: float | None = None) -> Collected:
+    """Bring the outputs home. With a deadline (after an interrupt) the collection runs in a thread
+    and is abandoned when the deadline passes or a second Ctrl-C arrives."""
+    import json
+
+    from orchestrator.remote.artifacts import ArtifactError
+    from orchestrator.remote.connect import SshError
+
+    out = Collected()
+
+    def work() -> None:
+        try:
+            out.report = runner.collect(dest)
+        except (ArtifactError, SshError) as e:
+            out.error = str(e)
+
+    if deadline is None:
+        work()
+    else:
+        for node in runner.nodes:
+            node.resume()
+        thread = threading.Thread(target=work, name="collect", daemon=True)
+        thread.start()
+        try:
+            thread.join(deadline)
+        except KeyboardInterrupt:
+            out.error = "collection abandoned (second interrupt)"
+        if thread.is_alive():
+            out.error = out.error or f"collection did not finish within {deadline:.0f} s"
+            for node in runner.nodes:
+                node.cancel()
+            thread.join(5)
+    where = getattr(out.report, "destination", None)
+    metrics_file = Path(where) / "metrics.json" if where else None
+    if metrics_file is not None and metrics_file.is_file():
+        try:
+            out.metrics = json.loads(metrics_file.read_text())
+        except ValueError:
+            out.error = out.error or "metrics.json is not valid JSON"
+    return out

@@ -1,0 +1,290 @@
+"""One local VM: a host process that lives exactly as long as the VM.
+
+    python -m orchestrator.targets.localvm.host <vm folder>
+
+It reads `vm.json` (written by manager.py when the emulator reports the VM running), makes the VM's
+Python environment if it has none, serves SSH on the VM's own loopback address with the host key
+from the VM's cloud-init (accepting only the osProfile key, for the admin user), and records where
+it listens in `host.json`. Every command runs with the VM's environment (image.vm_environ), in its
+home, never with the tool's. It is the child subreaper of everything it starts, so the detached job
+wrappers stay its descendants: when the VM is deleted (SIGTERM from the manager), its folder or its
+record in the emulator's store disappears, it ends them all, then itself. SIGUSR1 cuts every SSH
+connection, as a network failure would (tests use it). Its own errors go to `host.log`, never to
+the user's terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.targets.localvm.image import VmPaths, make_environment, vm_environ
+
+PR_SET_CHILD_SUBREAPER = 36
+FALLBACK_PORT = 2222
+
+
+class VmHost:
+    def __init__(self, vm: VmPaths) -> None:
+        self.vm = vm
+        self.spec: dict[str, Any] = json.loads(vm.spec.read_text())
+        self.sessions: set[Any] = set()
+        self.server: Any = None
+        self.stopping = asyncio.Event()
+        self.spawned: set[int] = set()  # asyncio waits for these itself
+
+    # ------------------------------------------------------------------ liveness
+
+    def alive(self) -> bool:
+        """The VM exists while its folder does and the emulator's store still holds it."""
+        if not self.vm.spec.exists():
+            return False
+        store = self.spec.get("store")
+        if not store:
+            return True
+        path = Path(store)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return False
+        if stat.st_mtime_ns == getattr(self, "_store_seen", None):
+            return True
+        self._store_seen = stat.st_mtime_ns
+        try:
+            data = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            return True  # being replaced right now: ask again next time
+        return str(self.spec["vm_id"]).lower() in {k.lower() for k in data.get("resources", {})}
+
+    async def watch(self) -> None:
+        while not self.stopping.is_set():
+            if not self.alive():
+                self.stopping.set()
+                return
+            self.reap_orphans()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+
+    def reap_orphans(self) -> None:
+        """Detached job processes that ended were re-parented to us (subreaper): reap them, but never
+        a process asyncio is waiting for."""
+        me = os.getpid()
+        for pid in children_of(me):
+            if pid in self.spawned:
+                continue
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+
+    # ------------------------------------------------------------------ SSH
+
+    async def serve(self) -> int:
+        import asyncssh
+
+        key = asyncssh.import_private_key(Path(self.spec["host_key_file"]).read_text())
+        authorized = [asyncssh.import_public_key(k) for k in self.spec["authorized_keys"]]
+        user = self.spec["user"]
+        boot_after = float(self.spec.get("boot_after", 0.0))
+        host = self
+
+        class Server(asyncssh.SSHServer):  # type: ignore[misc]
+            def connection_made(self, conn: Any) -> None:
+                self._conn = conn
+                if time.time() < boot_after:
+                    conn.abort()  # sshd is not up yet: the client sees the connection drop
+                    return
+                host.sessions.add(conn)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                host.sessions.discard(getattr(self, "_conn", None))
+
+            def begin_auth(self, username: str) -> bool:
+                return True
+
+            def password_auth_supported(self) -> bool:
+                return False
+
+            def public_key_auth_supported(self) -> bool:
+                return True
+
+            def validate_public_key(self, username: str, key: Any) -> bool:
+                return username == user and any(key.public_data == a.public_data for a in authorized)
+
+        address = self.spec["address"]
+        last: OSError | None = None
+        for port in (22, FALLBACK_PORT, 0):
+            try:
+                self.server = await asyncssh.create_server(
+                    Server,
+                    address,
+                    port,
+                    server_host_keys=[key],
+                    process_factory=self.run_command,
+                    encoding=None,
+                    allow_scp=False,
+                    keepalive_interval=float(self.spec.get("keepalive_s", 15)),
+                    keepalive_count_max=4,
+                )
+                break
+            except OSError as e:  # 22 needs root, and either may be taken on this machine
+                last = e
+        if self.server is None:
+            raise OSError(f"cannot listen on {address}: {last}")
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def drop(self) -> None:
+        for conn in list(self.sessions):
+            conn.abort()
+
+    async def run_command(self, process: Any) -> None:
+        try:
+            await self._run(process)
+        except Exception:  # a broken channel ends that command only; the VM goes on
+            logging.getLogger(__name__).exception("command failed")
+            with contextlib.suppress(Exception):
+                process.exit(255)
+
+    async def _run(self, process: Any) -> None:
+        command = process.command
+        if command is None:
+            command = "exec /bin/bash -i"
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/bash",
+            "-c",
+            command,
+            cwd=str(self.vm.home),
+            env=vm_environ(self.vm, self.spec["user"]),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.spawned.add(proc.pid)
+
+        async def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(Exception):
+                while data := await process.stdin.read(1 << 16):
+                    proc.stdin.write(data)
+                    await proc.stdin.drain()
+            with contextlib.suppress(Exception):
+                proc.stdin.close()
+
+        async def pump(src: Any, dst: Any) -> None:
+            while data := await src.read(1 << 16):
+                dst.write(data)
+                await dst.drain()
+
+        async def outputs() -> None:
+            await asyncio.gather(pump(proc.stdout, process.stdout), pump(proc.stderr, process.stderr))
+
+        feeder = asyncio.ensure_future(feed())
+        pumping = asyncio.ensure_future(outputs())
+        closed = asyncio.ensure_future(process.channel.wait_closed())
+        await asyncio.wait({pumping, closed}, return_when=asyncio.FIRST_COMPLETED)
+        broken = not pumping.done() or pumping.exception() is not None
+        if broken:
+            # The client went away: what it ran must not linger (a VM's sshd hangs up the same way).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for task in (pumping, feeder, closed):
+            task.cancel()
+        await asyncio.gather(pumping, feeder, closed, return_exceptions=True)
+        code = await proc.wait()
+        self.spawned.discard(proc.pid)
+        if not broken:
+            process.exit(code)
+
+    # ------------------------------------------------------------------ the VM's processes
+
+    def end_processes(self) -> None:
+        """SIGKILL every descendant (the subreaper keeps detached job wrappers among them)."""
+        me = os.getpid()
+        for _ in range(3):
+            victims = descendants(me)
+            if not victims:
+                return
+            for pid in victims:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            time.sleep(0.05)
+
+
+def _parents() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def children_of(pid: int) -> list[int]:
+    return _parents().get(pid, [])
+
+
+def descendants(root: int) -> list[int]:
+    children = _parents()
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+async def amain(vm: VmPaths) -> None:
+    host = VmHost(vm)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, host.stopping.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # a Ctrl-C in the user's terminal is not for the VM
+    loop.add_signal_handler(signal.SIGUSR1, host.drop)
+    if not (vm.python / "bin" / "python").exists():
+        await asyncio.to_thread(make_environment, vm)
+    port = await host.serve()
+    tmp = vm.host.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "address": host.spec["address"], "port": port}))
+    tmp.replace(vm.host)
+    try:
+        await host.watch()
+    finally:
+        host.drop()
+        host.server.close()
+        host.end_processes()
+
+
+def main() -> None:
+    vm = VmPaths(Path(sys.argv[1]))
+    logging.basicConfig(filename=vm.log, level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.ERROR)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        asyncio.run(amain(vm))
+    except Exception:
+        logging.getLogger(__name__).exception("the VM host stopped")
+        raise SystemExit(1) from None
+    finally:
+        with contextlib.suppress(OSError):
+            vm.host.unlink()
+
+
+if __name__ == "__main__":
+    main()

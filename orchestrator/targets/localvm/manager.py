@@ -1,0 +1,210 @@
+"""Starts and ends local VM host processes as the emulator reports VMs running or deleted.
+
+Any orchestrator process may be the one that sees a VM become running (the one whose poll settles
+the create) or deleted (a `down` from another terminal, `gc`, `emulator reset`): each starts or ends
+the host process the same way, under a per-VM lock, so exactly one host serves a VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.targets.localvm.addresses import AddressBook, loopback_for
+from orchestrator.targets.localvm.image import VmPaths
+
+HOST_MODULE = "orchestrator.targets.localvm.host"
+
+
+class LocalVmError(OrchestratorError):
+    pass
+
+
+class VmHosts:
+    def __init__(self, root: Path, store: Path, *, boot_delay_s: float = 0.0, keepalive_s: float = 15.0) -> None:
+        self.root = root
+        self.store = store
+        self.boot_delay_s = boot_delay_s
+        self.keepalive_s = keepalive_s
+        self.addresses = AddressBook(root)
+
+    def vm(self, name: str) -> VmPaths:
+        return VmPaths(self.root / name)
+
+    # ------------------------------------------------------------------ the emulator's VM events
+
+    def on_event(self, event: Any) -> None:
+        if event.kind == "running":
+            self.ensure(event)
+        elif event.kind == "deleted":
+            self.destroy(event.name)
+
+    def ensure(self, event: Any) -> None:
+        """The VM's host process is running (started now if it is not)."""
+        vm = self.vm(event.name)
+        with self._locked(event.name):
+            if self._host_pid(vm) is not None:
+                return
+            vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key_file = vm.root / "ssh_host_ed25519_key"
+            if not key_file.exists():
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(_host_key(event.custom_data))
+            address = loopback_for(self.addresses.block_of(event.resource_group, self._live_groups()), event.private_ip)
+            spec = {
+                "name": event.name,
+                "vm_id": event.vm_id,
+                "resource_group": event.resource_group,
+                "address": address,
+                "private_ip": event.private_ip,
+                "user": event.admin_user,
+                "authorized_keys": list(event.authorized_keys),
+                "host_key_file": str(key_file),
+                "boot_after": time.time() + self.boot_delay_s,
+                "store": str(self.store),
+                "keepalive_s": self.keepalive_s,
+            }
+            if vm.spec.exists():  # a host that died (a reboot of this machine): same VM, same boot
+                old = json.loads(vm.spec.read_text())
+                spec["boot_after"] = old.get("boot_after", spec["boot_after"])
+            tmp = vm.spec.with_suffix(".tmp")
+            tmp.write_text(json.dumps(spec))
+            tmp.replace(vm.spec)
+            vm.host.unlink(missing_ok=True)
+            with open(vm.log, "ab") as log:
+                subprocess.Popen(
+                    [sys.executable, "-m", HOST_MODULE, str(vm.root)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,  # a Ctrl-C in the user's terminal is not for the VM
+                    close_fds=True,
+                    cwd="/",
+                )
+
+    def destroy(self, name: str) -> None:
+        """The VM was deleted: its host ends everything it ran, then its folder goes."""
+        vm = self.vm(name)
+        with self._locked(name):
+            pid = self._host_pid(vm)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while _running(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _kill_recorded_jobs(vm.home)  # a host killed earlier could not end its jobs itself
+            shutil.rmtree(vm.root, ignore_errors=True)
+        (self.root / f"{name}.lock").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reaching a VM
+
+    def endpoint(self, name: str, timeout: float = 30.0) -> tuple[str, int]:
+        vm = self.vm(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = json.loads(vm.host.read_text())
+                if _running(int(info["pid"])):
+                    return str(info["address"]), int(info["port"])
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                detail = vm.log.read_text(errors="replace")[-1500:] if vm.log.exists() else "no log"
+                raise LocalVmError(f"the local VM {name} did not start within {timeout:.0f} s; its log:\n{detail}")
+            time.sleep(0.02)
+
+    def address(self, name: str) -> str | None:
+        try:
+            return str(json.loads(self.vm(name).spec.read_text())["address"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def drop_connections(self, name: str) -> None:
+        """Cut every SSH connection to a VM, as a network failure would."""
+        pid = self._host_pid(self.vm(name))
+        if pid is not None:
+            os.kill(pid, signal.SIGUSR1)
+
+    def host_pid(self, name: str) -> int | None:
+        return self._host_pid(self.vm(name))
+
+    # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.root / f"{name}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _host_pid(self, vm: VmPaths) -> int | None:
+        try:
+            pid = int(json.loads(vm.host.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return _starting_host(vm)
+        return pid if _is_host(pid, vm) else None
+
+    def _live_groups(self) -> set[str]:
+        groups = set()
+        for spec in self.root.glob("*/vm.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                groups.add(json.loads(spec.read_text())["resource_group"])
+        return groups
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
+
+
+def _is_host(pid: int, vm: VmPaths) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return HOST_MODULE.encode() in cmdline and str(vm.root).encode() in cmdline and _running(pid)
+
+
+def _starting_host(vm: VmPaths) -> int | None:
+    """A host started but not yet listening has no host.json: find it by its command line."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _is_host(int(entry), vm):
+            return int(entry)
+    return None
+
+
+def _host_key(custom_data: str | None) -> str:
+    from orchestrator.emulator.cloudinit import parse_cloud_init
+
+    if custom_data:
+        pem = (parse_cloud_init(custom_data).get("ssh_keys") or {}).get("ed25519_private")
+        if pem:
+            return str(pem)
+    import asyncssh  # no cloud-init host key: the VM makes its own, as sshd would
+
+    return str(asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode())
+
+
+def _kill_recorded_jobs(home: Path) -> None:
+    for pid_file in home.glob("orch/*/phases/*/pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.killpg(int(pid_file.read_text().strip()), signal.SIGKILL)
