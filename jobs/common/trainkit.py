@@ -391,6 +391,20 @@ def _unwrap(m: Any) -> Any:
 # ----------------------------------------------------------------------------------------- outputs
 
 
+def write_rank_report(rt: Runtime, model: torch.nn.Module) -> None:
+    """Every rank (on its own node) says who it was and a digest of its final weights, so a multi-node
+    run can show that DDP kept all ranks identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    rt.output_dir.mkdir(parents=True, exist_ok=True)
+    report = {"rank": rt.rank, "world_size": rt.world_size, "weights_sha256": digest.hexdigest()}
+    (rt.output_dir / f"rank-{rt.rank}.json").write_text(json.dumps(report))
+
+
 def write_metrics(rt: Runtime, metrics: dict[str, Any]) -> None:
     if rt.is_main:
         (rt.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -523,6 +537,7 @@ def fit_classifier(
         ckpt.save(pos, modules)
     if rt.is_main:
         torch.save(model.state_dict(), rt.output_dir / "model.pt")
+    write_rank_report(rt, model)
     plot_history(rt, pos.history)
     return {
         "test_accuracy": pos.history["test_accuracy"][-1],

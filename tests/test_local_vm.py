@@ -1,0 +1,125 @@
+"""The local target's VMs behave like VMs: own Python, own loopback addresses, multi-node for real,
+no traceback ever reaching the user."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import REPO, cli
+
+NO_TRACEBACK = ("Traceback", "was never retrieved")
+
+
+def _wheel(folder: Path) -> Path:
+    """A real, installable wheel built here (tests never download)."""
+    path = folder / "orchtestpkg-1.0-py3-none-any.whl"
+    files = {
+        "orchtestpkg/__init__.py": "VALUE = 42\n",
+        "orchtestpkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: orchtestpkg\nVersion: 1.0\n",
+        "orchtestpkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "orchtestpkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr("orchtestpkg-1.0.dist-info/RECORD", record)
+    return path
+
+
+def _freeze() -> bytes:
+    return subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, check=True).stdout
+
+
+def test_a_job_installs_into_its_vm_never_into_the_tools_environment(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    _wheel(job)
+    (job / "job.yaml").write_text(
+        "name: isolated\n"
+        "setup: python3 -m pip install -q orchtestpkg-1.0-py3-none-any.whl\n"
+        'run: python3 -c "import orchtestpkg, sys, os; print(orchtestpkg.VALUE, sys.prefix, os.environ[\'HOME\'], '
+        "os.environ['TMPDIR'])\"\n"
+    )
+    before = _freeze()
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job / "job.yaml"))
+    assert r.returncode == 0, r.stderr
+    prefix, home, tmp = next(line for line in r.stdout.splitlines() if line.startswith("42 ")).split()[1:]
+    vms = state / "vms"
+    assert Path(prefix).parent.parent == vms and Path(prefix) != Path(sys.prefix)
+    assert Path(home).is_relative_to(vms) and Path(tmp).is_relative_to(vms)
+    assert _freeze() == before, "the tool's own virtualenv must not change"
+    assert not [p for p in vms.iterdir() if p.is_dir()], "the VM's environment goes away with the VM"
+    assert not any(m in r.stderr for m in NO_TRACEBACK)
+
+
+def test_nodes_have_their_own_loopback_addresses_before_anything_connects(tmp_path: Path) -> None:
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    first = cli(*state, "--json", "provision", str(REPO / "jobs" / "smoke" / "job.yaml"), "--nodes", "2")
+    second = cli(*state, "--json", "provision", str(REPO / "jobs" / "smoke" / "job.yaml"), "--nodes", "2")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    held = json.loads(cli(*state, "--json", "emulator", "status").stdout)
+    addresses = [v["address"] for v in held["vms"]]
+    assert len(addresses) == 4 and len(set(addresses)) == 4, "two runs never share an address"
+    assert all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    run_id = json.loads(first.stdout.splitlines()[-1])["run_id"]
+    r = cli(*state, "exec", run_id, "--", "echo $ORCH_MASTER_ADDR $ORCH_MASTER_PORT $GLOO_SOCKET_IFNAME")
+    assert r.returncode == 0, r.stderr
+    masters = {line.split("] ", 1)[1] for line in r.stdout.splitlines()}
+    assert len(masters) == 1, "every node names the same master"
+    addr, port, ifname = masters.pop().split()
+    assert ipaddress.ip_address(addr).is_loopback and addr in addresses and ifname == "lo" and int(port) > 0
+    for line in (first.stdout + second.stdout).splitlines():
+        event = json.loads(line)
+        if event.get("event") == "provisioned":
+            assert cli(*state, "down", event["run_id"]).returncode == 0
+    assert json.loads(cli(*state, "--json", "emulator", "status").stdout)["vms"] == []
+
+
+def test_silence_longer_than_the_keepalive_is_not_an_error(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text('name: quiet\nrun: sleep 4 && echo "done waiting"\n')
+    r = cli(
+        "--target", "local", "--state-dir", str(tmp_path / "state"), "run", str(job / "job.yaml"),
+        env={"ORCH_SSH_KEEPALIVE": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "done waiting" in r.stdout
+    assert not any(m in r.stderr for m in NO_TRACEBACK), r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["mnist-cnn", "seq-lstm"])
+def test_two_node_ddp_training_on_the_local_target(tmp_path: Path, job: str) -> None:
+    jobs = tmp_path / "jobs"
+    for part in ("common", job):
+        shutil.copytree(REPO / "jobs" / part, jobs / part)
+    (jobs / "ddp").mkdir()
+    (jobs / "ddp" / "job.yaml").write_text(
+        f"name: ddp\nworkdir: ..\nnodes: 2\n"
+        f"setup: uv pip install -q -r {job}/requirements.txt\n"
+        "run: >-\n"
+        "  torchrun --nnodes $ORCH_NUM_NODES --node-rank $ORCH_NODE_RANK --nproc-per-node 1\n"
+        "  --master-addr $ORCH_MASTER_ADDR --master-port $ORCH_MASTER_PORT\n"
+        f"  {job}/train.py --dataset digits --epochs 3\n"
+        "expect: {test_accuracy: '>= 0.85'}\n"
+    )
+    state = tmp_path / "state"
+    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(jobs / "ddp" / "job.yaml"))
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert r.returncode == 0 and result["verdict"] == "succeeded", r.stdout[-3000:] + r.stderr[-3000:]
+    assert result["metrics"]["world_size"] == 2 and all(g["passed"] for g in result["gates"])
+    art = Path(result["artifacts"])
+    ranks = [json.loads((art / "rank-0.json").read_text()), json.loads((art / "nodes/1/rank-1.json").read_text())]
+    assert [(x["rank"], x["world_size"]) for x in ranks] == [(0, 2), (1, 2)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "DDP keeps every rank's weights identical"
+    assert not any(m in r.stderr for m in NO_TRACEBACK)
