@@ -85,7 +85,7 @@ main() {
 		ORCH_OUTPUT_DIR=$WORK/ddp/out ORCH_CHECKPOINT_DIR=$WORK/ddp/ckpt
 		echo
 		echo "=== ddp (informative): torchrun, 2 processes, one GPU"
-		timeout 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 mnist-cnn/train.py \
+		timeout 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 mnist-cnn/train.py \
 			--dataset digits --epochs 2 --device "$DEVICE:0" 2>&1 | tail -n 25
 		echo "=== ddp: rc ${PIPESTATUS[0]} (not counted)"
 	fi

@@ -118,6 +118,8 @@ def setup(args: argparse.Namespace) -> Runtime:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None:  # "cuda": this process's GPU (set_device needs one)
+            device = torch.device("cuda", local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
