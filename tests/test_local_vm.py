@@ -98,8 +98,8 @@ def test_silence_longer_than_the_keepalive_is_not_an_error(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["mnist-cnn", "seq-lstm"])
-def test_two_node_ddp_training_on_the_local_target(tmp_path: Path, job: str) -> None:
+@pytest.mark.parametrize(("job", "epochs"), [("mnist-cnn", 3), ("seq-lstm", 10)])
+def test_two_node_ddp_training_on_the_local_target(tmp_path: Path, job: str, epochs: int) -> None:
     jobs = tmp_path / "jobs"
     for part in ("common", job):
         shutil.copytree(REPO / "jobs" / part, jobs / part)
@@ -110,7 +110,7 @@ def test_two_node_ddp_training_on_the_local_target(tmp_path: Path, job: str) -> 
         "run: >-\n"
         "  torchrun --nnodes $ORCH_NUM_NODES --node-rank $ORCH_NODE_RANK --nproc-per-node 1\n"
         "  --master-addr $ORCH_MASTER_ADDR --master-port $ORCH_MASTER_PORT\n"
-        f"  {job}/train.py --dataset digits --epochs 3\n"
+        f"  {job}/train.py --dataset digits --epochs {epochs}\n"
         "expect: {test_accuracy: '>= 0.85'}\n"
     )
     state = tmp_path / "state"
