@@ -170,7 +170,9 @@ def sdk_error(status: int, body: dict[str, Any]) -> BaseException:
         _Credential(), SUB, transport=RequestsTransport(session=session, session_owner=False), retry_total=0
     )
     vm: Any = {"location": "eastus", "properties": {"hardwareProfile": {"vmSize": "Standard_NC4as_T4_v3"}}}
-    with pytest.raises(Exception) as info:
+    from azure.core.exceptions import HttpResponseError
+
+    with pytest.raises(HttpResponseError) as info:
         client.virtual_machines.begin_create_or_update("orch-demo-abc123", "demo-abc123-0", vm)
     return info.value
 

@@ -123,3 +123,88 @@ def test_two_node_ddp_training_on_the_local_target(tmp_path: Path, job: str, epo
     assert [(x["rank"], x["world_size"]) for x in ranks] == [(0, 2), (1, 2)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "DDP keeps every rank's weights identical"
     assert not any(m in r.stderr for m in NO_TRACEBACK)
+
+
+def _job(tmp_path: Path, text: str) -> Path:
+    job = tmp_path / "job"
+    job.mkdir(exist_ok=True)
+    (job / "job.yaml").write_text(text)
+    return job / "job.yaml"
+
+
+TICKING = (
+    "name: ticking\n"
+    "setup: echo setting up && sleep 30\n"
+    "run: for i in $(seq 600); do echo tick $i; echo $i > $ORCH_OUTPUT_DIR/progress.txt; sleep 0.1; done\n"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phase", "marker", "env"),
+    [
+        (
+            "provision",
+            '"resource.creating", "type": "Microsoft.Compute/virtualMachines"',
+            {"ORCH_EMULATOR_PROFILE": "azure-like", "ORCH_EMULATOR_SPEED": "10"},
+        ),
+        ("setup", "setting up", {}),
+        ("train", "tick 5", {}),
+    ],
+)
+def test_ctrl_c_in_each_phase_ends_interrupted_with_nothing_left_and_no_traceback(
+    tmp_path: Path, phase: str, marker: str, env: dict[str, str]
+) -> None:
+    import signal
+
+    from tests.test_cli import start, store_of, wait_for
+
+    text = TICKING.replace("sleep 30", "sleep 0.1") if phase == "train" else TICKING
+    state = tmp_path / "state"
+    proc = start(["--target", "local", "--state-dir", str(state), "--json", "run", str(_job(tmp_path, text))], env)
+    seen: list[str] = []
+    wait_for(proc, marker, seen)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    text_out = "".join(seen) + out
+    assert proc.returncode == 130, text_out
+    result = json.loads(text_out.strip().splitlines()[-1])
+    assert result["event"] == "result" and result["verdict"] == "interrupted" and result["torn_down"]
+    assert store_of(state)["resources"] == {} and store_of(state)["groups"] == {}
+    assert not any(m in text_out for m in NO_TRACEBACK), text_out
+    if phase == "train":  # the first Ctrl-C brought home what the job had written
+        assert int((Path(result["artifacts"]) / "progress.txt").read_text()) >= 5
+
+
+@pytest.mark.slow
+def test_a_budget_stop_and_a_dropped_connection_read_as_verdicts_not_tracebacks(tmp_path: Path) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    # Standard_D2s_v5 at list price: a $0.0003 budget lasts a few seconds.
+    state = tmp_path / "state"
+    job = _job(
+        tmp_path,
+        "name: budget\nresources: {vm_size: Standard_D2s_v5}\nbudget_usd: 0.0003\n"
+        "run: for i in $(seq 300); do echo tick $i; sleep 0.1; done\n",
+    )
+
+    def drop_once() -> None:  # a network failure mid-training: the log resumes, nothing is lost
+        for _ in range(200):
+            hosts = list((state / "vms").glob("*/host.json"))
+            if hosts and any(p.name.startswith("run-") for p in (state / "runs").rglob("*.log")):
+                os.kill(json.loads(hosts[0].read_text())["pid"], signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=drop_once, daemon=True).start()
+    r = cli("--target", "local", "--state-dir", str(state), "run", str(job))
+    assert r.returncode == 1, r.stderr
+    assert "over-budget" in r.stderr and "budget_usd" in r.stderr
+    ticks = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("tick ")]
+    assert ticks == list(range(1, len(ticks) + 1)), "no line lost or repeated across the dropped connection"
+    assert not any(m in r.stderr for m in NO_TRACEBACK), r.stderr
+    listed = json.loads(cli("--state-dir", str(state), "--json", "ls").stdout)["runs"][0]
+    assert listed["verdict"] == "over-budget" and listed["verdict_exit_code"] == 1 and listed["torn_down"]

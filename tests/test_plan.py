@@ -102,7 +102,7 @@ def test_ids_use_the_subscription_and_group() -> None:
 
 
 def test_bad_run_id_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'Bad_Run' is not valid in Azure resource names"):
         make_plan(run_id="Bad_Run")
 
 

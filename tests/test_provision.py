@@ -187,14 +187,18 @@ def test_group_being_deleted_is_explained(emu: Emulator, session: AzureSession) 
     assert "still being deleted" in str(info.value)
 
 
-@pytest.mark.parametrize("code", ["AuthorizationFailed", "InvalidAuthenticationToken"])
-def test_auth_errors(emu: Emulator, session: AzureSession, code: str) -> None:
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [("AuthorizationFailed", "templates/azure-role.json"), ("InvalidAuthenticationToken", "Run `az login`")],
+)
+def test_auth_errors(emu: Emulator, session: AzureSession, code: str, advice: str) -> None:
     status = 403 if code == "AuthorizationFailed" else 401
     emu.inject(Fault(code, status=status, method="PUT", resource_type="Microsoft.Resources/resourceGroups"))
     with pytest.raises(ProvisionFailed) as info:
         provision(session)
     assert isinstance(info.value.cause, AuthError)
-    assert ("az login" in str(info.value)) or ("role" in str(info.value))
+    assert advice in str(info.value) and f"({code})" in str(info.value)
+    assert "while creating resourceGroups orch-" in str(info.value), "the message names the operation"
     assert "Nothing was created" in str(info.value)
     assert [r.method for r in emu.requests()] == ["PUT"]  # no pointless cleanup call
 

@@ -231,7 +231,7 @@ def classify(exc: BaseException, *, resource: str = "", size: str = "", region: 
     from azure.core.exceptions import ClientAuthenticationError
 
     code, message = error_code_and_message(exc)
-    where = f" while creating {resource}" if resource else ""
+    where = f" while {resource}" if resource else ""  # resource names the operation: "creating virtualMachines x"
     status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "status_code", None)
 
     if code in AUTH_CODES or (isinstance(exc, ClientAuthenticationError) and not code):

@@ -181,7 +181,7 @@ class Provisioner:
             pips = {p.name: p for p in self.session.network.public_ip_addresses.list(plan.resource_group)}
             nics = {n.name: n for n in self.session.network.network_interfaces.list(plan.resource_group)}
         except Exception as e:
-            raise classify(e, resource=f"addresses in {plan.resource_group}") from e
+            raise classify(e, resource=f"reading the addresses in {plan.resource_group}") from e
         out = []
         for node in plan.nodes:
             pip, nic = pips.get(node.public_ip_name), nics.get(node.nic_name)
@@ -198,7 +198,7 @@ class Provisioner:
 
 def _classify(exc: BaseException, r: PlannedResource | None, region: str) -> CloudError:
     size = r.body["properties"]["hardwareProfile"]["vmSize"] if r is not None and r.type == T_VM else ""
-    return classify(exc, resource=f"{r.short_type} {r.name}" if r else "", size=size, region=region)
+    return classify(exc, resource=f"creating {r.short_type} {r.name}" if r else "", size=size, region=region)
 
 
 class _Cancelled(Exception):

@@ -61,7 +61,7 @@ def group_exists(session: AzureSession, group: str) -> bool:
     try:
         return bool(session.resources.resource_groups.check_existence(group))
     except Exception as e:
-        raise classify(e, resource=f"resource group {group}") from e
+        raise classify(e, resource=f"checking resource group {group}") from e
 
 
 @dataclass(frozen=True)
