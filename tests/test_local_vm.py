@@ -24,7 +24,9 @@ def _wheel(folder: Path) -> Path:
     files = {
         "orchtestpkg/__init__.py": "VALUE = 42\n",
         "orchtestpkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: orchtestpkg\nVersion: 1.0\n",
-        "orchtestpkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "orchtestpkg-1.0.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = "".join(f"{name},,\n" for name in files) + "orchtestpkg-1.0.dist-info/RECORD,,\n"
     with zipfile.ZipFile(path, "w") as z:
