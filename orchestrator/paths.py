@@ -13,10 +13,7 @@ def state_dir(override: str | Path | None = None) -> Path:
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         path = Path(base) / "orchestrator"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
-
-
-def run_dir(state: Path, run_id: str) -> Path:
-    path = state / "runs" / run_id
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Private also when it already existed: it holds run keys and the local VMs' host keys.
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
