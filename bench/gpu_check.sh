@@ -86,8 +86,10 @@ main() {
 		echo
 		echo "=== ddp (informative): torchrun, 2 processes, one GPU"
 		timeout 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 mnist-cnn/train.py \
-			--dataset digits --epochs 2 --device "$DEVICE:0" 2>&1 | tail -n 25
-		echo "=== ddp: rc ${PIPESTATUS[0]} (not counted)"
+			--dataset digits --epochs 2 --device "$DEVICE:0" >"$WORK/ddp.log" 2>&1
+		echo "=== ddp: rc $? (not counted)"
+		grep -m 8 -E "Error|error:|NCCL WARN|Duplicate|metrics \{" "$WORK/ddp.log"
+		tail -n 5 "$WORK/ddp.log"
 	fi
 	cd "$ROOT"
 
