@@ -6,12 +6,14 @@ import base64
 import json
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from orchestrator.clock import VirtualClock
 from orchestrator.emulator import Emulator, Fault, Store, VmEvent
 from orchestrator.emulator.core import FINISHED_OPERATION_TTL, MAX_FINISHED_OPERATIONS
+from orchestrator.emulator.openapi import request_namespace
 from orchestrator.emulator.store import HOST
 from orchestrator.targets.emulated import emulator_session
 from tests.conftest import NOW, SUB, make_plan, make_spec
@@ -22,14 +24,26 @@ NET = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Mic
 VM_URL = f"{HOST}/subscriptions/{SUB}/resourceGroups/orch-demo-abc123/providers/Microsoft.Compute/virtualMachines"
 
 
+# The api-versions the pinned SDKs send (azure-mgmt-resource 26.0.0, -compute 39.0.0, -network 33.1.0)
+# and the DevTestLab one the provisioner names: the emulator refuses any other (NoRegisteredProviderFound).
+API_VERSIONS = {
+    "Microsoft.Resources": "2025-04-01",
+    "Microsoft.Compute": "2026-04-01",
+    "Microsoft.Network": "2026-03-01",
+    "Microsoft.DevTestLab": "2018-09-15",
+}
+
+
 def call(
     emu: Emulator,
     method: str,
     url: str,
     body: Any = None,
-    api: str | None = "2025-01-01",
+    api: str | None = "auto",
     headers: dict[str, str] | None = None,
 ) -> Any:
+    if api == "auto":
+        api = API_VERSIONS[request_namespace(urlsplit(url).path)]
     if api:
         url += ("&" if "?" in url else "?") + f"api-version={api}"
     data = json.dumps(body).encode() if body is not None else None

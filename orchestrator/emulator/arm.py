@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.clock import Clock, VirtualClock
+from orchestrator.emulator import openapi
 from orchestrator.emulator.compute import ComputeRP, VmEvent
 from orchestrator.emulator.devtestlab import DevTestLabRP
 from orchestrator.emulator.faults import FaultInjector
@@ -38,6 +39,7 @@ from orchestrator.emulator.store import (
     LoggedRequest,
     Store,
 )
+from orchestrator.emulator.subscription import SubscriptionRP
 from orchestrator.emulator.typed import Writer
 
 DEFAULT_QUOTA_VCPUS = 96  # per family and region; real new subscriptions often have 0 for GPUs
@@ -45,8 +47,12 @@ DEFAULT_QUOTA_VCPUS = 96  # per family and region; real new subscriptions often 
 __all__ = ["DEFAULT_QUOTA_VCPUS", "HOST", "EmuResponse", "Emulator", "LoggedRequest", "Store", "VmEvent"]
 
 
-class Emulator(ResourcesRP, ComputeRP, DevTestLabRP):
-    """Thread-safe: the SDK's pollers call in from several threads at once."""
+class Emulator(ResourcesRP, ComputeRP, DevTestLabRP, SubscriptionRP):
+    """Thread-safe: the SDK's pollers call in from several threads at once.
+
+    `subscription` names the subscription profile (subscription.PROFILES): "ready" (the default) or
+    "new-subscription" (0 GPU quota, Compute/Network/DevTestLab unregistered). A store that already
+    holds that profile (a daemon's shared file) keeps its state."""
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class Emulator(ResourcesRP, ComputeRP, DevTestLabRP):
         quota_vcpus: int = DEFAULT_QUOTA_VCPUS,
         accept_token: Callable[[str], bool] | None = None,
         backing: Any = None,
+        subscription: str | None = None,
     ) -> None:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.clock = clock or VirtualClock()
@@ -69,6 +76,16 @@ class Emulator(ResourcesRP, ComputeRP, DevTestLabRP):
         self.log = []
         self._vm_listeners = []  # see add_vm_listener
         self._lock = threading.RLock()
+        openapi.SPECS.operations()  # load and compile the specs now, not inside the first request
+        self.validated_bodies = 0
+        self.validated_requests = 0
+        self.unvalidated_requests = []
+        self.read_only_sent = []
+        with self._locked():
+            fresh = not self.store.providers
+            wanted = subscription or ("ready" if fresh else self.store.profile)
+        if fresh or wanted != self.store.profile:
+            self.use_subscription_profile(wanted)
 
     def _writers(self) -> dict[str, Writer]:
         return {

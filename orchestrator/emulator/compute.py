@@ -119,39 +119,48 @@ class ComputeRP(NetworkRP):
     # ------------------------------------------------------------------ the writer
 
     def _quota_check(self, size: catalog.VmSize, location: str, spot: bool, exclude: str) -> None:
-        family = "lowPriorityCores" if spot else size.family
-        limit = self.store.quotas.get(f"{location}/{family}", self.default_quota)
-        usage = 0
-        for key, r in self.store.resources.items():
-            if r["type"] != T_VM or key == exclude or r["location"] != location:
-                continue
-            if r["properties"].get("provisioningState") in {"Failed", "Deleting"}:
-                continue
-            other = catalog.VM_SIZES[r["properties"]["hardwareProfile"]["vmSize"]]
-            other_spot = r["properties"].get("priority") == "Spot"
-            if ("lowPriorityCores" if other_spot else other.family) == family:
-                usage += other.vcpus
-        if usage + size.vcpus > limit:
-            message = DEFAULT_MESSAGES["OperationNotAllowed"].format(
-                family=family,
-                location=location,
-                limit=limit,
-                usage=usage,
-                required=size.vcpus,
-                new_limit=usage + size.vcpus,
-            )
-            raise ArmFault(409, "OperationNotAllowed", message)
+        """Spot VMs draw on the regional lowPriorityCores row only; others on their family's row and
+        on the regional `cores` row, which caps all families together."""
+        rows = ["lowPriorityCores"] if spot else [size.family, "cores"]
+        for row in rows:
+            limit = self.quota_limit(location, row)
+            usage = 0
+            for key, r in self.store.resources.items():
+                if r["type"] != T_VM or key == exclude or r["location"] != location:
+                    continue
+                if r["properties"].get("provisioningState") in {"Failed", "Deleting"}:
+                    continue
+                other = catalog.VM_SIZES[r["properties"]["hardwareProfile"]["vmSize"]]
+                other_spot = r["properties"].get("priority") == "Spot"
+                if other_spot != spot:
+                    continue
+                if row in {"lowPriorityCores", "cores"} or other.family == row:
+                    usage += other.vcpus
+            if usage + size.vcpus > limit:
+                message = DEFAULT_MESSAGES["OperationNotAllowed"].format(
+                    family="Total Regional" if row == "cores" else row,
+                    location=location,
+                    limit=limit,
+                    usage=usage,
+                    required=size.vcpus,
+                    new_limit=usage + size.vcpus,
+                )
+                raise ArmFault(409, "OperationNotAllowed", message)
 
     def _put_vm(self, w: Write) -> Written:
         sub, rg, vm_id, name, location, body, existing, rec = w
         size = v.check_vm(body, location)
         props = body["properties"]
+        if props["networkProfile"].get("networkInterfaceConfigurations"):
+            self._check_registered(["Microsoft.Network"])  # the VM creates its NICs and IPs there
         if location not in size.regions:
             raise ArmFault(
                 409,
                 "SkuNotAvailable",
                 DEFAULT_MESSAGES["SkuNotAvailable"].format(size=size.name, location=location),
             )
+        self._check_sku_restrictions(size.name, location, body.get("zones"))
+        _check_os_disk(props["storageProfile"])
         if existing is not None and existing["properties"].get("osProfile") != _strip_secrets(props.get("osProfile")):
             raise ArmFault(409, "PropertyChangeNotAllowed", "Changing property 'osProfile' is not allowed.")
         self._fault("PUT", T_VM, rec, size=size.name, location=location)
@@ -213,6 +222,26 @@ class ComputeRP(NetworkRP):
         res["_cascade"] = cascade
         seconds = self.profile.create_seconds(T_VM) if existing is None else 2.0 * self.profile.scale
         return Written(res, children, seconds)
+
+
+def _check_os_disk(storage: dict[str, Any]) -> None:
+    """An explicit OS disk smaller than the image's is refused (409), as Compute refuses it."""
+    requested = storage["osDisk"].get("diskSizeGB")
+    ref = storage["imageReference"]
+    try:
+        image = catalog.resolve_image(f"{ref['publisher']}:{ref['offer']}:{ref['sku']}:{ref['version']}", gpu=False)
+    except ValueError:
+        return
+    if requested is None or image.os_disk_gb is None or requested >= image.os_disk_gb:
+        return
+    raise ArmFault(
+        409,
+        "OperationNotAllowed",
+        f"The specified disk size {requested} GB is smaller than the size of the corresponding disk in the VM "
+        f"image: {image.os_disk_gb} GB. This is not allowed. Please choose equal or greater size or do not "
+        "specify an explicit size.",
+        target="osDisk.diskSizeGB",
+    )
 
 
 def _strip_secrets(os_profile: Any) -> Any:

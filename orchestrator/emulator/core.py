@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from orchestrator.clock import Clock
+from orchestrator.emulator import openapi
 from orchestrator.emulator import validation as v
 from orchestrator.emulator.faults import DEFAULT_MESSAGES, Fault, FaultInjector
 from orchestrator.emulator.latency import LatencyProfile
@@ -38,13 +39,29 @@ from orchestrator.emulator.validation import ArmFault
 # this many finished operations are kept; then it is forgotten and a poll answers 404, as ARM does.
 FINISHED_OPERATION_TTL = 600.0
 MAX_FINISHED_OPERATIONS = 200
+DEFAULT_REGIONAL_VCPUS = 350  # a pay-as-you-go subscription's usual "Total Regional vCPUs"
 
 _SUB = r"/subscriptions/(?P<sub>[^/]+)"
 _RG = _SUB + r"/resourcegroups/(?P<rg>[^/]+)"
 _LOC = _SUB + r"/providers/(?P<ns>[^/]+)/locations/(?P<loc>[^/]+)"
 _VNET = _RG + r"/providers/microsoft\.network/virtualnetworks/(?P<vnet>[^/]+)"
+_CRP = _SUB + r"/providers/microsoft\.compute"
+_IMAGE = (
+    _CRP + r"/locations/(?P<loc>[^/]+)/publishers/(?P<pub>[^/]+)/artifacttypes/vmimage/offers/(?P<offer>[^/]+)"
+    r"/skus/(?P<sku>[^/]+)/versions"
+)
 # Each route is served by the method `_h_<route>`.
 _ROUTES: list[tuple[str, re.Pattern[str]]] = [
+    ("provider", re.compile(_SUB + r"/providers/(?P<ns>[^/]+)/?$", re.I)),
+    ("provider_register", re.compile(_SUB + r"/providers/(?P<ns>[^/]+)/register/?$", re.I)),
+    ("usages", re.compile(_CRP + r"/locations/(?P<loc>[^/]+)/usages/?$", re.I)),
+    ("skus", re.compile(_CRP + r"/skus/?$", re.I)),
+    ("image_versions", re.compile(_IMAGE + r"/?$", re.I)),
+    ("image_version", re.compile(_IMAGE + r"/(?P<version>[^/]+)$", re.I)),
+    ("permissions", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.authorization"
+                               r"/permissions/?$", re.I)),
+    ("policy_check", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.policyinsights"
+                                r"/checkpolicyrestrictions/?$", re.I)),
     ("rg_list", re.compile(_SUB + r"/resourcegroups/?$", re.I)),
     ("rg", re.compile(_RG + r"/?$", re.I)),
     ("rg_resources", re.compile(_RG + r"/resources/?$", re.I)),
@@ -70,6 +87,13 @@ class ArmCore:
     backing: Any  # a persist.StoreFile shared with other processes, or None
     log: list[LoggedRequest]
     _lock: threading.RLock
+    # Held to Microsoft's contract (openapi.py): request bodies checked against the vendored specs,
+    # requests matched to a vendored operation, requests whose path is not in the extracts, and the
+    # read-only members clients sent (ignored, as Azure ignores them).
+    validated_bodies: int
+    validated_requests: int
+    unvalidated_requests: list[tuple[str, str, str]]
+    read_only_sent: list[str]
 
     # ------------------------------------------------------------------ public helpers for tests
 
@@ -79,6 +103,25 @@ class ArmCore:
     def set_quota(self, region: str, family: str, vcpus: int) -> None:
         with self._locked():
             self.store.quotas[f"{region}/{family}"] = vcpus
+
+    def quota_limit(self, location: str, family: str) -> int:
+        explicit = self.store.quotas.get(f"{location}/{family}")
+        if explicit is None:
+            explicit = self.store.quotas.get(f"*/{family}")
+        if explicit is not None:
+            return explicit
+        if family in self.store.family_quotas:
+            return self.store.family_quotas[family]
+        return DEFAULT_REGIONAL_VCPUS if family == "cores" else self.default_quota
+
+    def _check_sku_restrictions(self, size: str, location: str, zones: list[str] | None) -> None:
+        for r in self.store.restrictions:
+            if r["size"].lower() != size.lower() or r["location"] != location:
+                continue
+            if r["zones"] is None or (zones and set(zones) & set(r["zones"])):
+                raise ArmFault(
+                    409, "SkuNotAvailable", DEFAULT_MESSAGES["SkuNotAvailable"].format(size=size, location=location)
+                )
 
     def live_resources(self) -> list[dict[str, Any]]:
         """Every group and resource that exists now (after settling due operations)."""
@@ -137,9 +180,9 @@ class ArmCore:
                 parsed = self._parse_body(body) if method in {"PUT", "PATCH", "POST"} else None
                 rec.body = parsed
                 self._authenticate(lower_headers)
-                resp = self._route(method, parts.path, query, parsed, rec)
+                resp = self._route(method, parts.path, query, parsed, rec, body)
             except ArmFault as f:
-                resp = self._error(f.status, f.code, f.message, f.retry_after)
+                resp = self._error(f.status, f.code, f.message, f.retry_after, body=f.body())
                 rec.error_code = f.code
             rec.status = resp.status
             self.log.append(rec)
@@ -169,12 +212,14 @@ class ArmCore:
             raise ArmFault(401, "InvalidAuthenticationToken", "The access token is invalid.")
 
     @staticmethod
-    def _error(status: int, code: str, message: str, retry_after: float | None = None) -> EmuResponse:
+    def _error(
+        status: int, code: str, message: str, retry_after: float | None = None, body: dict[str, Any] | None = None
+    ) -> EmuResponse:
         headers = {}
         if retry_after is not None:
             headers["Retry-After"] = str(max(0, round(retry_after, 3))).removesuffix(".0")
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
-        return EmuResponse(status, headers, body)
+        payload = body if body is not None else {"error": {"code": code, "message": message}}
+        return EmuResponse(status, headers, json.dumps(payload).encode())
 
     @staticmethod
     def _ok(status: int, payload: Any, headers: dict[str, str] | None = None) -> EmuResponse:
@@ -193,7 +238,9 @@ class ArmCore:
             f.retry_after if f.retry_after is not None else (1.0 if f.status == 429 else None),
         )
 
-    def _route(self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest) -> EmuResponse:
+    def _route(
+        self, method: str, path: str, query: dict[str, str], body: Any, rec: LoggedRequest, raw: bytes | None = None
+    ) -> EmuResponse:
         route, m = "", None
         for route, pattern in _ROUTES:  # noqa: B007 - the matching route is used after the loop
             m = pattern.match(path)
@@ -207,9 +254,32 @@ class ArmCore:
                 "MissingApiVersionParameter",
                 "The api-version query parameter (?api-version=) is required for all requests.",
             )
+        if route not in _POLLS:
+            self._hold_to_contract(method, path, query["api-version"], body, raw)
         handler = getattr(self, f"_h_{route}")
         result: EmuResponse = handler(method, m.groupdict(), query, body, rec)
         return result
+
+    def _hold_to_contract(self, method: str, path: str, api_version: str, body: Any, raw: bytes | None) -> None:
+        """Azure's front door and the provider's deserializer: the api-version must exist for the
+        path, the provider must be registered, the body must fit the operation's schema."""
+        location = body.get("location", "") if isinstance(body, dict) else ""
+        found = openapi.SPECS.lookup(method, path, api_version, str(location))
+        self._check_registered([found.namespace])
+        if found.operation is None:
+            self.unvalidated_requests.append((method, path, api_version))
+            return
+        self.validated_requests += 1
+        report = openapi.check_body(found.operation, body, raw)
+        if found.operation.body is not None and body is not None:
+            self.validated_bodies += 1
+        self.read_only_sent.extend(f"{method} {path}: {p}" for p in report.read_only)
+
+    def _check_registered(self, namespaces: list[str]) -> None:
+        """Raise MissingSubscriptionRegistration for an unregistered namespace (subscription.py)."""
+
+    def _check_policies(self, rtype: str, name: str, body: dict[str, Any], sub: str) -> None:
+        """Raise RequestDisallowedByPolicy when a deny assignment refuses this write (subscription.py)."""
 
     def _group(self, sub: str, rg: str) -> dict[str, Any]:
         group = self.store.groups.get(gid(sub, rg))

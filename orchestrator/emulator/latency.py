@@ -33,6 +33,7 @@ class LatencyProfile:
     group_delete_forced: float = 0.0  # force_deletion_types skips the VMs' graceful shutdown
     boot_to_ssh: float = 0.0
     request: float = 0.0  # ARM front-door round trip, charged on every request
+    provider_registration: float = 0.0  # POST .../register: Registering for this long, then Registered
     scale: float = 1.0
 
     def create_seconds(self, resource_type: str) -> float:
@@ -61,6 +62,7 @@ PROFILES: dict[str, LatencyProfile] = {
         group_delete_forced=90.0,
         boot_to_ssh=catalog.TYPICAL_BOOT_TO_SSH_SECONDS,
         request=0.15,
+        provider_registration=60.0,
     ),
 }
 

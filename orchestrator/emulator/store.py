@@ -58,6 +58,16 @@ class Store:
     operations: dict[str, dict[str, Any]] = field(default_factory=dict)
     quotas: dict[str, int] = field(default_factory=dict)  # "<region>/<family>" -> vCPUs
     ip_counter: int = 0
+    # The subscription (see subscription.py): its profile's name, quota limits that apply in every
+    # region ("<family>" -> vCPUs; "cores" is the regional total, "lowPriorityCores" spot), resource
+    # providers' registration ("<namespace lower>" -> {"namespace", "state", "until"}), SKU
+    # restrictions and deny policy assignments.
+    profile: str = "ready"
+    family_quotas: dict[str, int] = field(default_factory=dict)
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restrictions: list[dict[str, Any]] = field(default_factory=list)
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    permissions: list[dict[str, Any]] = field(default_factory=list)  # the caller's; empty: Owner (*)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

@@ -124,6 +124,7 @@ class TypedResources(ArmCore):
             )
         v.check_name(rtype, name)
         location = v.check_common(body, rtype)
+        self._check_policies(rtype, name, body, sub)
         rec.kind = "update" if existing else "create"
         if existing is not None and existing["properties"].get("provisioningState") in {
             "Creating",

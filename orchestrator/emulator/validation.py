@@ -16,12 +16,37 @@ from orchestrator import catalog
 
 
 class ArmFault(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+    """An ARM error answer: status, code, message, and the optional members of ARM's error object."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        target: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+        additional_info: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.target = target
+        self.details = details
+        self.additional_info = additional_info
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.target is not None:
+            error["target"] = self.target
+        if self.details is not None:
+            error["details"] = self.details
+        if self.additional_info is not None:
+            error["additionalInfo"] = self.additional_info
+        return {"error": error}
 
 
 def invalid(message: str, code: str = "InvalidParameter", status: int = 400) -> ArmFault:
@@ -170,9 +195,15 @@ def check_vm(body: dict[str, Any], location: str) -> catalog.VmSize:
     size_name = require(props, "hardwareProfile.vmSize", str)
     size = catalog.VM_SIZES.get(size_name)
     if size is None:
-        raise invalid(
+        # Retired sizes (catalog.RETIRED_SIZES) are not in VM_SIZES: Azure refuses them like any size
+        # the region does not offer, and never lists them among the valid ones.
+        offered = [name for name, s in catalog.VM_SIZES.items() if location in s.regions]
+        raise ArmFault(
+            400,
+            "InvalidParameter",
             f"The value {size_name} provided for the VM size is not valid. The valid sizes in the "
-            f"current region are: {', '.join(catalog.VM_SIZES)}."
+            f"current region are: {', '.join(offered)}.",
+            target="vmSize",
         )
     image = require(props, "storageProfile.imageReference", dict)
     for key in ("publisher", "offer", "sku", "version"):
