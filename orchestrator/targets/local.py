@@ -88,7 +88,12 @@ class LocalTarget(Target):
         profile = os.environ.get("ORCH_EMULATOR_PROFILE", "instant")
         speed = float(os.environ.get("ORCH_EMULATOR_SPEED", "1"))
         clock = SystemClock() if speed == 1 else ScaledClock(speed)
-        emulator = Emulator(profile, clock=clock, backing=StoreFile(self.emulator_dir / "store.json"))
+        emulator = Emulator(
+            profile,
+            clock=clock,
+            backing=StoreFile(self.emulator_dir / "store.json"),
+            subscription=os.environ.get("ORCH_EMULATOR_SUBSCRIPTION"),
+        )
         emulator.add_vm_listener(self.hosts().on_event, replay=True)
         # Operations on the instant profile finish at once: poll without waiting.
         yield emulator_session(emulator, LOCAL_SUBSCRIPTION, poll_scale=0.0 if profile == "instant" else 1.0)
