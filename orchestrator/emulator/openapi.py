@@ -30,6 +30,10 @@ from typing import Any
 from orchestrator.emulator.validation import ArmFault
 
 SPEC_ROOT = Path(__file__).parent / "specs" / "specification"
+# Served without a vendored spec: azure-mgmt-core's auto-registration policy (on a 409
+# MissingSubscriptionRegistration) POSTs .../providers/{ns}/register and polls GET .../providers/{ns}
+# with api-version 2016-02-01, which ARM still serves.
+EXTRA_VERSIONS = {("microsoft.resources", "2016-02-01")}
 _METHODS = ("get", "put", "post", "delete", "patch", "head")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
@@ -242,6 +246,8 @@ class SpecIndex:
 
     def lookup(self, method: str, path: str, api_version: str, location: str = "") -> Lookup:
         namespace = request_namespace(path)
+        if (namespace.lower(), api_version) in EXTRA_VERSIONS:
+            return Lookup(None, namespace)
         # A template that is all parameters (`/{resourceId}`) names no resource type: never matched.
         candidates = [
             op for op in self.operations() if op.method == method and op.literal_segments and op.regex.match(path)
