@@ -146,7 +146,9 @@ class RunRecord:
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE
+        """Being worked on: not yet decided (a run whose teardown failed has a verdict and is not
+        active, but still holds resources)."""
+        return self.state in ACTIVE and self.verdict is None
 
     @property
     def holds_resources(self) -> bool:
@@ -174,6 +176,8 @@ class RunRecord:
     def shown_state(self) -> str:
         if self.verdict and self.state in {"gone", "kept"}:
             return self.verdict if self.state == "gone" else f"kept ({self.verdict})"
+        if self.verdict and self.state == "tearing-down":
+            return f"{self.verdict}, not torn down"
         return f"{self.state} (process gone)" if self.orphaned else self.state
 
 

@@ -47,7 +47,7 @@ def test_a_job_installs_into_its_vm_never_into_the_tools_environment(tmp_path: P
     (job / "job.yaml").write_text(
         "name: isolated\n"
         "setup: python3 -m pip install -q orchtestpkg-1.0-py3-none-any.whl\n"
-        'run: python3 -c "import orchtestpkg, sys, os; print(orchtestpkg.VALUE, sys.prefix, os.environ[\'HOME\'], '
+        "run: python3 -c \"import orchtestpkg, sys, os; print(orchtestpkg.VALUE, sys.prefix, os.environ['HOME'], "
         "os.environ['TMPDIR'])\"\n"
     )
     before = _freeze()
@@ -129,7 +129,7 @@ def test_two_node_ddp_training_on_the_local_target(tmp_path: Path, job: str, epo
 
 def _job(tmp_path: Path, text: str) -> Path:
     job = tmp_path / "job"
-    job.mkdir(exist_ok=True)
+    job.mkdir(parents=True, exist_ok=True)
     (job / "job.yaml").write_text(text)
     return job / "job.yaml"
 
@@ -210,3 +210,60 @@ def test_a_budget_stop_and_a_dropped_connection_read_as_verdicts_not_tracebacks(
     assert not any(m in r.stderr for m in NO_TRACEBACK), r.stderr
     listed = json.loads(cli("--state-dir", str(state), "--json", "ls").stdout)["runs"][0]
     assert listed["verdict"] == "over-budget" and listed["verdict_exit_code"] == 1 and listed["torn_down"]
+
+
+def test_status_tells_the_truth_after_a_failed_teardown(tmp_path: Path) -> None:
+    faults = [
+        {
+            "code": "AllocationFailed", "status": 200, "method": "PUT",
+            "resource_type": "Microsoft.Compute/virtualMachines", "phase": "lro",
+        },
+        {
+            "code": "TooManyRequests", "status": 429, "method": "DELETE",
+            "resource_type": "Microsoft.Resources/resourceGroups", "count": 50, "retry_after": 0.01,
+        },
+    ]  # fmt: skip
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    job = _job(tmp_path, "name: doomed\nrun: echo never\n")
+    r = cli(*state, "run", str(job), env={"ORCH_EMULATOR_FAULTS": json.dumps(faults)})
+    assert r.returncode == 3, r.stderr
+    assert "AllocationFailed" in r.stderr and "orchestrator down" in r.stderr
+    assert "while creating deleting" not in r.stderr
+    status = cli(*state, "status")
+    lines = status.stdout.splitlines()
+    assert "no run holds resources" not in status.stdout
+    holds = next(i for i, line in enumerate(lines) if "holds resources" in line)
+    assert "AllocationFailed" in lines[holds], "the root cause comes first"
+    assert lines[holds + 1].strip().startswith("remove them with: orchestrator down doomed-")
+    run_id = lines[holds + 1].split()[-1]
+    assert cli(*state, "down", run_id).returncode == 0
+    assert "Nothing running; no run holds resources." in cli(*state, "status").stdout
+
+
+@pytest.mark.slow
+def test_gc_follows_the_ownership_rule(tmp_path: Path) -> None:
+    import signal
+
+    from tests.test_cli import start, store_of, wait_for
+
+    state = tmp_path / "state"
+    base = ["--target", "local", "--state-dir", str(state)]
+    job = _job(tmp_path, TICKING.replace("sleep 30", "true"))
+    alive = start([*base, "run", str(job)])
+    seen: list[str] = []
+    wait_for(alive, "tick 3", seen)
+    spared = cli(*base, "gc", "--all")
+    assert spared.returncode == 0 and "Nothing to collect" in spared.stdout, spared.stdout + spared.stderr
+    assert len(store_of(state)["groups"]) == 1, "gc --all never touches a run whose watching process is alive"
+    killed = start([*base, "run", str(_job(tmp_path / "second", TICKING.replace("sleep 30", "true")))])
+    wait_for(killed, "tick 3", [])
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    plain = cli(*base, "gc")
+    assert plain.returncode == 0 and plain.stdout.count("Deleted orch-") == 1, plain.stdout + plain.stderr
+    assert len(store_of(state)["groups"]) == 1, "the SIGKILLed run went at once; the live one stayed"
+    forced = cli(*base, "gc", "--all", "--force")
+    assert forced.returncode == 0 and forced.stdout.count("Deleted orch-") == 1, forced.stdout + forced.stderr
+    out, _ = alive.communicate(timeout=120)
+    assert alive.returncode == 3 and "resource group was deleted while the job was running" in out, out[-2000:]
+    assert store_of(state)["groups"] == {}

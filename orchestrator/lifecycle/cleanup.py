@@ -76,7 +76,16 @@ def gc(
         store, records = None, []
     here = socket.gethostname()
     protect = frozenset(r.run_id for r in records if r.active and r.owner_alive and not force and run_id != r.run_id)
-    orphans = frozenset(r.run_id for r in records if r.active and r.owner_host in (None, here) and not r.owner_alive)
+    # Owned by nobody any more: its watching process on this host is gone (killed, or it ended with
+    # a teardown that did not finish). Kept, detached and stopped runs are left to their expiry.
+    orphans = frozenset(
+        r.run_id
+        for r in records
+        if (r.active or r.holds_resources)
+        and r.state not in {"kept", "detached", "stopped"}
+        and r.owner_host in (None, here)
+        and not r.owner_alive
+    )
     with target.session() as session:
         groups = azure_gc(
             session,

@@ -38,6 +38,38 @@ def held_interrupts(tell: Callable[[], None], *, second_stops: bool) -> Iterator
             signal.signal(sig, old)
 
 
+class GroupWatch:
+    """While the job runs, check now and then that the run's resource group still exists: deleted
+    from elsewhere (`down`, `gc --force`, the portal), the run stops at once instead of waiting for
+    SSH to time out. `on_gone` cancels the nodes."""
+
+    def __init__(self, exists: Callable[[], bool], interval: float, on_gone: Callable[[], None]) -> None:
+        self.error: Exception | None = None
+        self._exists, self._on_gone = exists, on_gone
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(interval,), name="group-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self, interval: float) -> None:
+        from orchestrator.errors import CloudError
+
+        while not self._stop.wait(interval):
+            try:
+                if self._exists():
+                    continue
+            except Exception:  # a failed check is no evidence: look again next time
+                continue
+            self.error = CloudError(
+                "The run's resource group was deleted while the job was running (by `orchestrator down`, "
+                "`gc --all --force`, or outside this tool); the run stopped."
+            )
+            self._on_gone()
+            return
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
 class Limits:
     """Stops a run when max_duration passes or the projected cost would pass budget_usd: `on_fire`
     cancels the nodes, so the run unwinds into its collection and teardown. The clock starts before

@@ -15,7 +15,7 @@ from orchestrator.errors import Terminated
 from orchestrator.gates import evaluate
 from orchestrator.lifecycle import steps
 from orchestrator.lifecycle.context import RunContext
-from orchestrator.lifecycle.interrupts import Limits
+from orchestrator.lifecycle.interrupts import GroupWatch, Limits
 from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
 from orchestrator.lifecycle.reporter import Reporter
 from orchestrator.plan import new_run_id
@@ -48,6 +48,8 @@ def run(
     collect_deadline: float = DEFAULT_COLLECT_DEADLINE_S,
 ) -> RunOutcome:
     """Provision, sync, set up, train, collect, and always tear down (unless keep)."""
+    from orchestrator.azure.teardown import group_exists
+
     t0 = time.monotonic()
     spec, secrets, warnings = steps.check(spec, target, report.say)
     for w in warnings:
@@ -64,6 +66,7 @@ def run(
                 n.cancel()
 
         limits = Limits(spec, stop_nodes, report.say)
+        watch: GroupWatch | None = None
         error: BaseException | None = None
         phases: list[Any] = []
         collected = steps.Collected()
@@ -73,6 +76,7 @@ def run(
             report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
             nodes.extend(steps.ssh_nodes(target, records, keys.client_key))
             runner = steps.runner_for(spec, target, records, nodes, ctx.files, report, secrets, upload_limit)
+            watch = GroupWatch(lambda: group_exists(session, ctx.group), target.watch_interval_s, stop_nodes)
             steps.connect(ctx, runner)
             steps.sync(ctx, runner)
             interrupted_in_job = True
@@ -82,11 +86,14 @@ def run(
                 phases.append(steps.job_phase(ctx, runner, "run", [spec.run], report))
             limits.check()
         except BaseException as e:  # decided into a verdict below; the CLI maps it to an exit code
-            error = limits.error or e
+            error = limits.error or (watch.error if watch else None) or e
         finally:
             limits.cancel()
+            if watch is not None:
+                watch.cancel()
         sigterm = isinstance(error, Terminated)
-        if runner is not None and interrupted_in_job and not sigterm:
+        group_gone = watch is not None and watch.error is not None
+        if runner is not None and interrupted_in_job and not sigterm and not group_gone:
             try:
                 collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
             except KeyboardInterrupt as e:
@@ -114,12 +121,13 @@ def run(
             node.cancel()
         kept = keep and verdict is Verdict.SUCCEEDED
         torn_down, teardown_error = (False, "") if kept else ctx.teardown()
-        if teardown_error:
+        if teardown_error and f"orchestrator down {run_id}" not in message:  # said once, not twice
             message = "\n".join(
                 m
                 for m in (
                     message,
-                    f"Teardown did not finish: {teardown_error}. `orchestrator down {run_id}` removes what is left.",
+                    f"Teardown did not finish: {teardown_error.rstrip('.')}. `orchestrator down {run_id}` removes "
+                    "what is left.",
                 )
                 if m
             )
@@ -196,7 +204,7 @@ def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | 
         except BaseException as e:
             verdict, message = verdict_of(error=e, job_exit_code=None, gates=[], artifacts_error="", skipped=[])
             torn, teardown_error = ctx.teardown()
-            if teardown_error:
+            if teardown_error and f"orchestrator down {run_id}" not in message:
                 message += f"\nTeardown did not finish: {teardown_error}. `orchestrator down {run_id}` removes it."
             ctx.store.end_open_phases(run_id)
             ctx.store.decide(run_id, verdict, {"message": message}, error=message, torn_down=torn)

@@ -146,8 +146,10 @@ def connect(
     *,
     sleep: Callable[[float], None] = time.sleep,
     monotonic: Callable[[], float] = time.monotonic,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> Any:
-    """Connect, retrying what a booting VM does (refused, reset, no banner) until the deadline."""
+    """Connect, retrying what a booting VM does (refused, reset, no banner) until the deadline, or
+    until `stopped` says the run is stopping."""
     import paramiko
 
     opts = opts or ConnectOptions()
@@ -171,6 +173,8 @@ def connect(
                 raise HostKeyMismatch(
                     f"{ep.name} ({ep.host}:{ep.port}) offered no host key of the pinned type; refusing to connect."
                 ) from None
+            if stopped():
+                raise Cancelled(f"{ep.name}: the run is stopping") from None
             if monotonic() + backoff > deadline:
                 raise ConnectTimeout(
                     f"{ep.name} ({ep.host}:{ep.port}) did not answer SSH within {opts.deadline_s:.0f} s "
@@ -201,7 +205,7 @@ class Node:
                 raise Cancelled(f"{self.ep.name}: the run is stopping")
             if self._conn is None or not self._alive():
                 self._close()
-                self._conn = connect(self.ep, self.opts)
+                self._conn = connect(self.ep, self.opts, stopped=lambda: self._cancelled)
             return self._conn
 
     def _alive(self) -> bool:
@@ -224,9 +228,10 @@ class Node:
             self._close()
 
     def cancel(self) -> None:
-        """Close for good: threads blocked on this node fail fast instead of reconnecting."""
+        """Close for good: threads blocked on this node fail fast instead of reconnecting. The flag is
+        set before taking the lock, so a connect retrying inside it sees the flag and gives up."""
+        self._cancelled = True
         with self._lock:
-            self._cancelled = True
             self._close()
 
     def resume(self) -> None:

@@ -76,6 +76,7 @@ class Target:
 
     kind: ClassVar[str] = "azure"
     emulated: ClassVar[bool] = False
+    watch_interval_s: ClassVar[float] = 15.0  # how often a running job's resource group is checked
 
     def __init__(self, state: Path, subscription: str | None = None) -> None:
         self.state = state

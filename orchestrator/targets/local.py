@@ -47,6 +47,7 @@ class LocalInventory:
 class LocalTarget(Target):
     kind: ClassVar[str] = "local"
     emulated: ClassVar[bool] = True
+    watch_interval_s: ClassVar[float] = 1.0
 
     def __init__(self, state: Path, subscription: str | None = None) -> None:
         super().__init__(state, subscription)
@@ -94,6 +95,8 @@ class LocalTarget(Target):
             backing=StoreFile(self.emulator_dir / "store.json"),
             subscription=os.environ.get("ORCH_EMULATOR_SUBSCRIPTION"),
         )
+        for fault in injected_faults():
+            emulator.inject(fault)
         emulator.add_vm_listener(self.hosts().on_event, replay=True)
         # Operations on the instant profile finish at once: poll without waiting.
         yield emulator_session(emulator, LOCAL_SUBSCRIPTION, poll_scale=0.0 if profile == "instant" else 1.0)
@@ -142,6 +145,30 @@ class LocalTarget(Target):
             if r["type"] == "Microsoft.Compute/virtualMachines"
         ]
         return LocalInventory(self.emulator_dir, groups, vms)
+
+
+def injected_faults() -> list[Any]:
+    """ORCH_EMULATOR_FAULTS: a JSON list of faults this command's emulator injects, to rehearse what a
+    run does when Azure refuses, throttles or runs out of GPUs, e.g.
+    [{"code": "AllocationFailed", "method": "PUT", "resource_type": "Microsoft.Compute/virtualMachines",
+      "phase": "lro"}]. Fields as orchestrator.emulator.Fault; counts are per command."""
+    import json
+
+    from orchestrator.emulator import Fault
+    from orchestrator.errors import UserInputError
+
+    text = os.environ.get("ORCH_EMULATOR_FAULTS", "").strip()
+    if not text:
+        return []
+    try:
+        items = json.loads(text)
+        return [Fault(**item) for item in (items if isinstance(items, list) else [items])]
+    except (ValueError, TypeError) as e:
+        raise UserInputError(
+            f'ORCH_EMULATOR_FAULTS is not a JSON list of faults ({e}); each needs at least "code", e.g. '
+            '[{"code": "AllocationFailed", "method": "PUT", "resource_type": '
+            '"Microsoft.Compute/virtualMachines", "phase": "lro"}].'
+        ) from None
 
 
 def _free_port() -> int:
