@@ -547,9 +547,30 @@ def logs(obj: Ctx, run_id: str, follow: bool, phase: str) -> None:
                 else:
                     click.echo(text)
         record = store.get(run_id)
-        if not follow or record is None or not record.active:
+        if not follow or record is None:
+            return
+        if record.orphaned or record.state in {"kept", "detached"}:
+            # Nobody records the output here any more: follow the job on the VMs while they exist.
+            from orchestrator.lifecycle.kept import follow_logs
+
+            try:
+                follow_logs(run_id, obj.target_obj(), _log_line(obj), phases)
+            except OrchestratorError as e:
+                click.echo(f"stopped following: {e}", err=True)
+            return
+        if not record.active:
             return
         time.sleep(0.2)
+
+
+def _log_line(obj: Ctx) -> Any:
+    def emit(line: str) -> None:
+        if obj.as_json:
+            click.echo(json.dumps({"schema": 1, "event": "log", "line": line}))
+        else:
+            click.echo(line)
+
+    return emit
 
 
 @cli.group()

@@ -267,3 +267,24 @@ def test_gc_follows_the_ownership_rule(tmp_path: Path) -> None:
     out, _ = alive.communicate(timeout=120)
     assert alive.returncode == 3 and "resource group was deleted while the job was running" in out, out[-2000:]
     assert store_of(state)["groups"] == {}
+
+
+@pytest.mark.slow
+def test_logs_follow_goes_on_after_the_watching_process_died(tmp_path: Path) -> None:
+    import signal
+
+    from tests.test_cli import start, wait_for
+
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    job = _job(tmp_path, "name: orphan\nrun: for i in $(seq 80); do echo tick $i; sleep 0.05; done\n")
+    proc = start([*state, "run", str(job)])
+    wait_for(proc, "tick 5", [])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
+    followed = cli(*state, "logs", run_id, "-f")
+    assert followed.returncode == 0, followed.stderr
+    ticks = [int(line.split()[1]) for line in followed.stdout.splitlines() if line.startswith("tick ")]
+    assert ticks == list(range(1, 81)), "the local part, then the VM's, with no gap and no repeat"
+    assert not any(m in followed.stderr for m in NO_TRACEBACK)
+    assert cli(*state, "down", run_id).returncode == 0

@@ -206,3 +206,31 @@ def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path 
         store.transition(run_id, "kept")
         report.result(outcome)
         return outcome
+
+
+def follow_logs(run_id: str, target: Target, emit: Any, phases: list[str]) -> None:
+    """Follow a run's job on its VMs directly, from where the local logs stop: for a run whose
+    watching process died (or a kept run) the job goes on, and so does its output. Ends when the
+    job ends on every node, or at once when the VMs are gone."""
+    from orchestrator.remote.job import on_all
+    from orchestrator.remote.layout import RemoteLayout
+    from orchestrator.remote.run import LogSink, follow
+
+    layout = RemoteLayout(run_id)
+    with attached(run_id, target) as (record, _records, nodes, _where):
+        spec = _spec_of(record)
+        secrets = [os.environ[s] for s in spec.secrets if s in os.environ]  # never stored: re-read here
+        files = RunFiles(target.state, run_id)
+        multi = len(nodes) > 1
+        for phase in phases:
+
+            def one(node: Any, phase: str = phase) -> int:
+                log = files.log(phase, node.label)
+                offset = log.stat().st_size if log.exists() else 0
+                sink = LogSink(emit, secrets=secrets, prefix=f"[{node.label}] " if multi else "", raw=log)
+                try:
+                    return follow(node, layout, phase, sink, offset=offset).exit_code
+                finally:
+                    sink.close()
+
+            on_all(nodes, one)
