@@ -279,3 +279,15 @@ def test_gc_by_run_id_and_by_expiry(clock: VirtualClock) -> None:
     assert [g.name for g in gc(s, now, run_id="long-bbbbbb")] == ["orch-long-bbbbbb"]
     names = {r["name"] for r in emu.live_resources()}
     assert names == {"not-ours"}, "gc never touches groups it did not tag"
+
+
+def test_a_5xx_storm_is_retried_out_loud(emu: Emulator, session: AzureSession) -> None:
+    said: list[str] = []
+    session.on_retry = said.append
+    emu.inject(
+        Fault("InternalServerError", status=500, method="PUT", resource_type="Microsoft.Compute/virtualMachines", count=3)
+    )
+    provision(session)
+    assert said[:3] == [
+        f"Azure answered 500 to PUT virtualMachines/demo-abc123-0; retry {n} of 10" for n in (1, 2, 3)
+    ], said

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ class AzureSession:
     clock: Clock = field(default_factory=SystemClock)
     transport: Any = None  # None: azure-core's default HTTP transport
     poll_scale: float = 1.0
+    # Told about every retry azure-core makes ("Azure answered 500 to PUT ...; retry 3 of 10"), so a
+    # throttling or 5xx storm is seen as it happens, not as minutes of silence.
+    on_retry: Callable[[str], None] | None = None
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -39,10 +43,13 @@ class AzureSession:
         # azure-core retries 429/5xx and honours Retry-After; its default of 3 status retries gives up
         # too early in a throttling storm for an unattended nightly job.
         kwargs: dict[str, Any] = {
-            "retry_total": 10,
-            "retry_status": 10,
-            "retry_backoff_factor": 0.8,
-            "retry_backoff_max": 60,
+            "retry_policy": _reporting_retry_policy(
+                lambda text: self.on_retry(text) if self.on_retry is not None else None,
+                retry_total=RETRIES,
+                retry_status=RETRIES,
+                retry_backoff_factor=0.8,
+                retry_backoff_max=60,
+            )
         }
         if self.transport is not None:
             kwargs["transport"] = self.transport
@@ -73,6 +80,32 @@ class AzureSession:
     def polling(self, kind: str) -> Any:
         """A fresh poller strategy for one LRO of `kind` (an ARM type, 'delete' or 'group-delete')."""
         return make_polling(schedule_for(kind, self.poll_scale), self.clock)
+
+
+RETRIES = 10
+
+
+def _reporting_retry_policy(tell: Callable[[str], None], **settings: Any) -> Any:
+    """azure-core's RetryPolicy (408/429/5xx, Retry-After honoured), saying each retry it makes."""
+    from azure.core.pipeline import PipelineResponse
+    from azure.core.pipeline.policies import RetryPolicy
+
+    class ReportingRetryPolicy(RetryPolicy):  # type: ignore[misc,type-arg]
+        def increment(self, settings: dict[str, Any], response: Any = None, error: Any = None) -> bool:
+            more = bool(super().increment(settings, response=response, error=error))
+            if more:
+                done = RETRIES - settings["total"]
+                request = getattr(response, "http_request", None)
+                path = request.url.split("?")[0].split("/") if request else []
+                what = f"{request.method} {'/'.join(path[-2:])}" if request else "a request"
+                if isinstance(response, PipelineResponse):
+                    cause = f"Azure answered {response.http_response.status_code}"
+                else:
+                    cause = f"the request failed ({type(error).__name__})"
+                tell(f"{cause} to {what}; retry {done} of {RETRIES}")
+            return more
+
+    return ReportingRetryPolicy(**settings)
 
 
 def resolve_subscription(flag: str | None) -> str:

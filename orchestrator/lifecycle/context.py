@@ -28,6 +28,7 @@ class RunContext:
     def __init__(self, spec: JobSpec, target: Target, session: Any, run_id: str, report: Reporter) -> None:
         self.spec, self.target, self.session, self.run_id = spec, target, session, run_id
         self.report = report
+        session.on_retry = report.say
         self.files = RunFiles(target.state, run_id).ensure()
         self.store: Store = open_store(target.state)
         self.group = resource_group_name(run_id)
