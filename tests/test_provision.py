@@ -284,9 +284,8 @@ def test_gc_by_run_id_and_by_expiry(clock: VirtualClock) -> None:
 def test_a_5xx_storm_is_retried_out_loud(emu: Emulator, session: AzureSession) -> None:
     said: list[str] = []
     session.on_retry = said.append
-    emu.inject(
-        Fault("InternalServerError", status=500, method="PUT", resource_type="Microsoft.Compute/virtualMachines", count=3)
-    )
+    vm = "Microsoft.Compute/virtualMachines"
+    emu.inject(Fault("InternalServerError", status=500, method="PUT", resource_type=vm, count=3))
     provision(session)
     assert said[:3] == [
         f"Azure answered 500 to PUT virtualMachines/demo-abc123-0; retry {n} of 10" for n in (1, 2, 3)
