@@ -17,8 +17,11 @@ turns the API's `Items` into the same table, so a later refresh can replace the 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PRICE_SNAPSHOT_DATE = "2026-11-01"  # when this table was assembled from the sources below
@@ -102,6 +105,7 @@ class VmSize:
     temp_disk_gb: int = 0  # local temp disk (/mnt on Azure's Ubuntu images); 0: none
     spot_supported: bool = True  # Azure offers no Spot for B-series
     retired: Retirement | None = None
+    trusted_launch: bool = True  # Azure offers Trusted Launch on this size (SECURITY_SOURCES["sizes"])
 
     @property
     def is_gpu(self) -> bool:
@@ -233,6 +237,7 @@ VM_SIZES: dict[str, VmSize] = {
             _S,
             _A100,
             temp_disk_gb=6000,
+            trusted_launch=False,  # NDasrA100_v4: "currently not supported" (SECURITY_SOURCES["sizes"])
         ),
         VmSize(
             "Standard_ND96isr_H100_v5",
@@ -453,8 +458,11 @@ PRICES: PriceTable = prices_from_retail_items(
 
 
 def vm_prices(size: VmSize, region: str, table: Mapping[tuple[str, str], Price] | None = None) -> Price:
-    """On-demand and spot USD per hour for `size` in `region`, filling gaps from documented factors."""
-    known = (PRICES if table is None else table).get((size.name, region), Price())
+    """On-demand and spot USD per hour for `size` in `region`, filling gaps from documented factors.
+
+    Without `table`: the refreshed prices in the user's cache where they have a figure
+    (`orchestrator gpus --refresh`), else the snapshot (`active_prices`)."""
+    known = (active_prices() if table is None else table).get((size.name, region), Price())
     on_demand = known.on_demand
     if on_demand is None:
         on_demand = size.usd_per_hour * REGION_PRICE_FACTOR.get(region, 1.0)
@@ -516,6 +524,9 @@ class Image:
     sku: str
     version: str = "latest"
     os_disk_gb: int | None = None  # the image's OS disk: the smallest diskSizeGB Azure accepts
+    # Whether the image is Generation 2 and supports Trusted Launch; None: not known (a URN this
+    # catalog does not list). SECURITY_SOURCES["images"].
+    trusted_launch: bool | None = None
 
     @property
     def urn(self) -> str:
@@ -525,9 +536,11 @@ class Image:
 # GPU sizes get an image that already carries the NVIDIA driver and CUDA (no 10-minute driver
 # install on every VM); CPU sizes get plain Ubuntu. OS disk sizes: PRICE_SOURCES["image_os_disk"].
 IMAGE_ALIASES: dict[str, Image] = {
-    "ubuntu-24.04": Image("Canonical", "ubuntu-24_04-lts", "server", os_disk_gb=30),
-    "ubuntu-22.04": Image("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", os_disk_gb=30),
-    "ubuntu-hpc-22.04": Image("microsoft-dsvm", "ubuntu-hpc", "2204", os_disk_gb=64),
+    "ubuntu-24.04": Image("Canonical", "ubuntu-24_04-lts", "server", os_disk_gb=30, trusted_launch=True),
+    "ubuntu-22.04": Image(
+        "Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", os_disk_gb=30, trusted_launch=True
+    ),
+    "ubuntu-hpc-22.04": Image("microsoft-dsvm", "ubuntu-hpc", "2204", os_disk_gb=64, trusted_launch=True),
 }
 DEFAULT_GPU_IMAGE = "ubuntu-hpc-22.04"
 DEFAULT_CPU_IMAGE = "ubuntu-24.04"
@@ -561,7 +574,9 @@ def resolve_image(name: str, gpu: bool) -> Image:
             offer.lower(),
             sku.lower(),
         ):
-            return Image(publisher, offer, sku, version, os_disk_gb=known.os_disk_gb)
+            return Image(
+                publisher, offer, sku, version, os_disk_gb=known.os_disk_gb, trusted_launch=known.trusted_launch
+            )
     return Image(publisher, offer, sku, version)
 
 
@@ -571,3 +586,236 @@ def image_label(name: str, gpu: bool) -> str:
         alias = DEFAULT_GPU_IMAGE if gpu else DEFAULT_CPU_IMAGE
         return f"{alias} (what `image: auto` picks for a {'GPU' if gpu else 'CPU'} size)"
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Security type (Trusted Launch, Secure Boot) per size and image
+
+SECURITY_SOURCES: dict[str, str] = {
+    "spec": (
+        "Property names and values: Compute ComputeRP.json 2026-04-01 (Azure/azure-rest-api-specs at commit "
+        "030174c776bbc013251bc13957bbff81f0a21bd4, the commit the vendored extract came from; SecurityProfile, "
+        "SecurityTypes and UefiSettings are not in the extract): VirtualMachineProperties.securityProfile -> "
+        "SecurityProfile {securityType: SecurityTypes (Standard | TrustedLaunch | ConfidentialVM), uefiSettings: "
+        "UefiSettings {secureBootEnabled: boolean, vTpmEnabled: boolean}, ...}; 'UefiSettings will not be "
+        "enabled unless [securityType] is set and is not Standard'."
+    ),
+    "sizes": (
+        "Trusted Launch sizes: Microsoft's 'Trusted Launch for Azure virtual machines' (MicrosoftDocs/"
+        "azure-compute-docs articles/virtual-machines/trusted-launch.md, 2025-04-21): GPU families NC, ND and NV "
+        "supported, NDasrA100_v4 and NDm_A100_v4 'currently not supported'; the 2023 table (MicrosoftDocs/"
+        "azure-docs, same article) names NCasT4_v3, NC_A100_v4 and NVadsA10 v5 as supported. B, D and F "
+        "families supported. ND H100 v5 is covered only by the family-level 'ND-family' line. A size's "
+        "Resource SKU capability TrustedLaunchDisabled=True marks the exceptions (trusted-launch-faq.md)."
+    ),
+    "images": (
+        "Images: Canonical 0001-com-ubuntu-server-jammy 22_04-lts-gen2 reports SecurityType "
+        "TrustedLaunchSupported (Microsoft's trusted-launch-faq.md example); Canonical: 'All Ubuntu images from "
+        "20.04 forward support Trusted Launch on Hyper-V Gen2 SKUs' (canonical/ubuntu-cloud-docs, "
+        "launch-ubuntu-images.rst); ubuntu-24_04-lts 'server' is the Gen2 SKU. microsoft-dsvm ubuntu-hpc: 'All "
+        "images support Gen 2 VMs' (azure-compute-docs azure-hpc-vm-images.md), built on the Ubuntu 22.04 "
+        "marketplace image; its Trusted Launch support is inferred from that, not read from the image's "
+        "`features` (the preflight's image GET can confirm: feature SecurityType). Azure refuses TrustedLaunch "
+        "with an image that lacks it (400 'Use of TrustedLaunch setting is not supported for the provided "
+        "image', Azure/azure-cli#27975)."
+    ),
+    "secure_boot": (
+        "Secure Boot off on GPU sizes: with Secure Boot on, kernel drivers must be signed by a trusted "
+        "publisher (trusted-launch.md); 'Installation of the GRID driver requires Secure Boot to be disabled "
+        "for Linux VMs' and 'Secure Boot should be disabled for installing CUDA drivers on other Linux VMs' "
+        "(only Ubuntu's own signed packages are an exception, with extra MOK steps); the HPC images' "
+        "DKMS-built modules do not load with Secure Boot on (Azure/azhpc-images#298). vTPM stays on (no cost, "
+        "boot measurements)."
+    ),
+    "default": (
+        "Why explicit: 'Trusted Launch is the default state for newly created Azure Gen2 VM' (trusted-launch.md); "
+        "with Trusted Launch as default, a body without securityProfile gets Trusted Launch with Secure Boot "
+        "and vTPM on when size and image support it, which would block the NVIDIA module; a body that states "
+        "it is not overridden. 'Standard' is not sent: 'Parameter securityType with value Standard can be used "
+        "if subscription has feature flag UseStandardSecurityType registered' (trusted-launch-faq.md; the "
+        "Azure CLI's --security-type help says the same). Where Trusted Launch is impossible (size or image), "
+        "securityProfile is left out: the default then does not apply and Azure creates a Standard VM."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SecurityChoice:
+    """What the VM body says about its security type, and why (shown in the plan)."""
+
+    security_type: str  # "TrustedLaunch", or "Standard" (then securityProfile is left out)
+    secure_boot: bool
+    vtpm: bool
+    reason: str
+    warning: str = ""
+
+    def profile(self) -> dict[str, Any] | None:
+        """The VM body's `securityProfile`, or None to leave it out (see SECURITY_SOURCES["default"])."""
+        if self.security_type != "TrustedLaunch":
+            return None
+        return {
+            "securityType": "TrustedLaunch",
+            "uefiSettings": {"secureBootEnabled": self.secure_boot, "vTpmEnabled": self.vtpm},
+        }
+
+
+def security_choice(size: VmSize, image: Image) -> SecurityChoice:
+    """Trusted Launch where size and image support it, Secure Boot off on GPU sizes (the NVIDIA
+    module is not signed), else no securityProfile (Azure then creates a Standard VM)."""
+    if not size.trusted_launch:
+        return SecurityChoice("Standard", False, False, f"{size.name} does not support Trusted Launch")
+    if image.trusted_launch is None:
+        warning = ""
+        if size.is_gpu:
+            warning = (
+                f"image {image.urn} is not in the catalog, so its security type is left to Azure: where Azure "
+                "defaults to Trusted Launch with Secure Boot, an unsigned NVIDIA kernel module will not load"
+            )
+        return SecurityChoice("Standard", False, False, "image not in the catalog: Azure's default applies", warning)
+    if not image.trusted_launch:
+        return SecurityChoice("Standard", False, False, f"image {image.urn} does not support Trusted Launch")
+    if size.is_gpu:
+        return SecurityChoice("TrustedLaunch", False, True, "Secure Boot off: the NVIDIA kernel module is not signed")
+    return SecurityChoice("TrustedLaunch", True, True, "Secure Boot and vTPM on")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refreshed prices: `orchestrator gpus --refresh` (orchestrator/prices.py) writes the Retail Prices
+# API's current figures into the user's cache; the estimate, `gpus` and `cost` read them from there.
+# The snapshot above stays the fallback for every size and region the cache has no figure for.
+
+PRICE_CACHE_SCHEMA = 1
+
+
+def price_cache_path() -> Path:
+    """`$XDG_CACHE_HOME/orchestrator/prices.json` (default `~/.cache/orchestrator/prices.json`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "orchestrator" / "prices.json"
+
+
+@dataclass(frozen=True)
+class RefreshedPrices:
+    """The cache's table, and when each of its figures was fetched (ISO 8601, UTC)."""
+
+    path: Path
+    source: str  # the URL they came from
+    table: PriceTable
+    fetched: dict[tuple[str, str], str]
+
+    @property
+    def latest(self) -> str:
+        return max(self.fetched.values(), default="")
+
+
+_refreshed_memo: dict[Path, tuple[int, RefreshedPrices | None]] = {}
+
+
+def refreshed_prices(path: Path | None = None) -> RefreshedPrices | None:
+    """The refreshed prices in the cache, or None when there is none (or it cannot be read: the
+    snapshot then applies). Read again only when the file changes."""
+    path = path or price_cache_path()
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    memo = _refreshed_memo.get(path)
+    if memo is not None and memo[0] == mtime:
+        return memo[1]
+    result: RefreshedPrices | None = None
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("schema") == PRICE_CACHE_SCHEMA:
+            table: PriceTable = {}
+            fetched: dict[tuple[str, str], str] = {}
+            for row in raw["prices"]:
+                key = (str(row["size"]), str(row["region"]))
+                on_demand, spot = row.get("on_demand"), row.get("spot")
+                table[key] = Price(
+                    float(on_demand) if on_demand is not None else None, float(spot) if spot is not None else None
+                )
+                fetched[key] = str(row["fetched"])
+            result = RefreshedPrices(path, str(raw.get("source", "")), table, fetched)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        result = None
+    _refreshed_memo[path] = (mtime, result)
+    return result
+
+
+def active_prices() -> PriceTable:
+    """The snapshot with the cache's refreshed figures laid over it (a figure the cache lacks, such
+    as a spot price the API did not list, keeps the snapshot's)."""
+    refreshed = refreshed_prices()
+    if refreshed is None:
+        return PRICES
+    merged = dict(PRICES)
+    for key, p in refreshed.table.items():
+        old = merged.get(key, Price())
+        merged[key] = Price(
+            p.on_demand if p.on_demand is not None else old.on_demand, p.spot if p.spot is not None else old.spot
+        )
+    return merged
+
+
+def price_source(size: str, region: str) -> tuple[str, str]:
+    """Where the on-demand and spot figures for `size` in `region` come from, each one of
+    "refreshed <date>", "snapshot <date>" or "estimate" (a documented factor)."""
+    refreshed = refreshed_prices()
+    got = refreshed.table.get((size, region)) if refreshed else None
+    snap = PRICES.get((size, region), Price())
+    when = f"refreshed {refreshed.fetched[(size, region)][:10]}" if refreshed and got else ""
+    on_demand = when if got and got.on_demand is not None else ""
+    spot = when if got and got.spot is not None else ""
+    on_demand = on_demand or (f"snapshot {PRICE_SNAPSHOT_DATE}" if snap.on_demand is not None else "estimate")
+    spot = spot or (f"snapshot {PRICE_SNAPSHOT_DATE}" if snap.spot is not None else "estimate")
+    return on_demand, spot
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerators: what a job could ask for instead of a size (`accelerators: {T4: 1}`)
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str  # T4, A10, A100-40GB, A100-80GB, H100
+    memory_gb: int  # per GPU
+
+
+def accelerator_of(size: VmSize) -> Accelerator | None:
+    """The GPU a size carries, by the name a job would use; None for CPU sizes."""
+    if not size.gpu_model:
+        return None
+    words = size.gpu_model.removeprefix("Tesla ").split()
+    memory = int(words[-1].removesuffix("GB")) if words[-1].endswith("GB") else 0
+    name = f"A100-{memory}GB" if words[0] == "A100" else words[0]
+    return Accelerator(name, memory)
+
+
+def accelerator_names() -> list[str]:
+    """The accelerators the catalog offers (sizes that can be created today)."""
+    return sorted({a.name for s in VM_SIZES.values() if (a := accelerator_of(s)) is not None})
+
+
+def _accelerator_key(name: str) -> str:
+    return "".join(c for c in name.upper() if c.isalnum())
+
+
+def sizes_for(accelerator: str, count: int = 1) -> list[VmSize]:
+    """The sizes with exactly `count` GPUs of `accelerator` per VM, cheapest first (eastus list
+    price, then name): what `accelerators: {T4: 1}` would choose from. Names as `accelerator_names`
+    (any letter case; `-` and spaces optional); plain `A100` means either memory size. An empty list
+    when no size has that many; ValueError for an accelerator the catalog does not know."""
+    if count < 1:
+        raise ValueError(f"an accelerator count must be at least 1, not {count}")
+    wanted = _accelerator_key(accelerator)
+    names = accelerator_names()
+    families = {_accelerator_key(n.split("-")[0]) for n in names}
+    if wanted not in {_accelerator_key(n) for n in names} | families:
+        raise ValueError(f"unknown accelerator '{accelerator}'; the catalog has {', '.join(names)}")
+    matches = []
+    for size in VM_SIZES.values():
+        acc = accelerator_of(size)
+        if acc is None or size.gpus != count:
+            continue
+        if wanted in (_accelerator_key(acc.name), _accelerator_key(acc.name.split("-")[0])):
+            matches.append(size)
+    return sorted(matches, key=lambda s: (s.usd_per_hour, s.name))

@@ -36,6 +36,21 @@ SUBNET_NAME = "nodes"
 NETWORK_API_FOR_INLINE_NIC = "2022-11-01"
 RUN_ID_RE = re.compile(r"^[a-z][a-z0-9-]{2,38}[a-z0-9]$")
 
+# The auto-shutdown is a DevTestLab daily schedule (dailyRecurrence.time HHmm in a timeZoneId): it
+# fires at the first HH:MM after it is enabled, so one created enabled at the start of a run always
+# fires within 24 h. With max_duration below SCHEDULE_ENABLED_BELOW the expiry (max_duration + 30 min
+# grace) is less than 23 h 30 min away and its HH:MM is the next one: the schedule is created enabled.
+# From SCHEDULE_ENABLED_BELOW on it is created disabled and must be enabled during the run's last day,
+# from SCHEDULE_ENABLE_LEAD before the expiry (an hour after the previous occurrence of that HH:MM, so
+# the next occurrence after enabling is the expiry itself) until the expiry.
+SCHEDULE_ENABLED_BELOW = timedelta(hours=23)
+SCHEDULE_ENABLE_LEAD = timedelta(hours=23)
+SCHEDULE_TIME_ZONE = "UTC"
+NO_SSH_RULE_WARNING = (
+    "ssh.allowed_cidrs resolves to no address, so the NSG has no SSH rule and denies SSH: nothing could "
+    "connect to the nodes"
+)
+
 T_RG = "Microsoft.Resources/resourceGroups"
 T_VNET = "Microsoft.Network/virtualNetworks"
 T_NSG = "Microsoft.Network/networkSecurityGroups"
@@ -75,6 +90,9 @@ class NodePlan:
     nic_name: str
     public_ip_name: str
     os_disk_name: str
+    # When this node's auto-shutdown schedule, created disabled, must be enabled (UTC); None: it is
+    # created enabled. See SCHEDULE_ENABLED_BELOW.
+    schedule_enable_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,17 @@ class ResourcePlan:
     ssh_sources: tuple[str, ...]
     hourly_usd: float
     warnings: tuple[str, ...] = field(default=())
+    # When the auto-shutdown schedules deallocate the VMs (UTC, to the minute): the run's expiry.
+    shutdown_at: datetime | None = None
+
+    @property
+    def schedule_enable_at(self) -> datetime | None:
+        """When the disabled auto-shutdown schedules must be enabled; None when they start enabled."""
+        return min((n.schedule_enable_at for n in self.nodes if n.schedule_enable_at), default=None)
+
+    @property
+    def schedules(self) -> list[PlannedResource]:
+        return [r for r in self.resources if r.type == T_SCHEDULE]
 
     @property
     def stages(self) -> list[list[PlannedResource]]:
@@ -121,8 +150,20 @@ def _rid(sub: str, rg: str, provider_type: str | None = None, name: str | None =
     return base if provider_type is None else f"{base}/providers/{provider_type}/{name}"
 
 
+def expiry(spec: JobSpec, now: datetime) -> datetime:
+    """When a run started at `now` counts as abandoned (UTC): max_duration plus the grace."""
+    return now.astimezone(UTC) + timedelta(seconds=spec.max_duration) + EXPIRY_GRACE
+
+
+def schedule_enable_time(spec: JobSpec, now: datetime) -> datetime | None:
+    """When a run's disabled auto-shutdown must be enabled (UTC); None when it is created enabled."""
+    if timedelta(seconds=spec.max_duration) < SCHEDULE_ENABLED_BELOW:
+        return None
+    return expiry(spec, now).replace(second=0, microsecond=0) - SCHEDULE_ENABLE_LEAD
+
+
 def make_tags(spec: JobSpec, run_id: str, owner: str, now: datetime) -> dict[str, str]:
-    expires = now.astimezone(UTC) + timedelta(seconds=spec.max_duration) + EXPIRY_GRACE
+    expires = expiry(spec, now)
     return {
         TAG_RUN: run_id,
         TAG_OWNER: owner[:256],
@@ -131,22 +172,31 @@ def make_tags(spec: JobSpec, run_id: str, owner: str, now: datetime) -> dict[str
     }
 
 
-def _nsg_rules(sources: list[str]) -> list[dict[str, Any]]:
-    ssh_source: dict[str, Any] = {"sourceAddressPrefixes": sources} if sources else {"sourceAddressPrefix": "Internet"}
+def _nsg_rules(sources: list[str], internet: bool) -> list[dict[str, Any]]:
+    """`internet`: SSH from anywhere (`any`); else from `sources`, and no SSH rule at all when that is
+    empty (the deny-all rule below then refuses SSH)."""
+    rules: list[dict[str, Any]] = []
+    if internet or sources:
+        ssh_source: dict[str, Any] = (
+            {"sourceAddressPrefix": "Internet"} if internet else {"sourceAddressPrefixes": sources}
+        )
+        rules.append(
+            {
+                "name": "ssh-in",
+                "properties": {
+                    "priority": 100,
+                    "direction": "Inbound",
+                    "access": "Allow",
+                    "protocol": "Tcp",
+                    "sourcePortRange": "*",
+                    "destinationPortRange": "22",
+                    "destinationAddressPrefix": "*",
+                    **ssh_source,
+                },
+            }
+        )
     return [
-        {
-            "name": "ssh-in",
-            "properties": {
-                "priority": 100,
-                "direction": "Inbound",
-                "access": "Allow",
-                "protocol": "Tcp",
-                "sourcePortRange": "*",
-                "destinationPortRange": "22",
-                "destinationAddressPrefix": "*",
-                **ssh_source,
-            },
-        },
+        *rules,
         {
             # Multi-node training talks on arbitrary ports (NCCL, torchrun's rendezvous).
             "name": "intra-vnet-in",
@@ -219,66 +269,63 @@ def build_plan(
         (rg_res.id,),
         1,
     )
-    sources = [c for c in spec.ssh.allowed_cidrs if c not in {"auto", "any"}]
-    if "any" in spec.ssh.allowed_cidrs or not sources:
-        sources = []
+    internet = "any" in spec.ssh.allowed_cidrs
+    sources = [] if internet else [c for c in spec.ssh.allowed_cidrs if c not in {"auto", "any"}]
+    if internet:
         warnings.append(
             "SSH (port 22) is open to the whole Internet; set ssh.allowed_cidrs to your address "
             "(or --ssh-cidr auto to detect it)"
         )
+    elif not sources:
+        warnings.append(NO_SSH_RULE_WARNING)
     nsg = PlannedResource(
         T_NSG,
         nsg_name,
         nsg_id,
-        {"location": res.region, "tags": tags, "properties": {"securityRules": _nsg_rules(sources)}},
+        {"location": res.region, "tags": tags, "properties": {"securityRules": _nsg_rules(sources, internet)}},
         (rg_res.id,),
         1,
     )
 
+    security = catalog.security_choice(size, image)
+    if security.warning:
+        warnings.append(security.warning)
+    enable_at = schedule_enable_time(spec, now)
     vms: list[PlannedResource] = []
     nodes: list[NodePlan] = []
     for rank in range(spec.nodes):
         vm_name = f"{run_id}-{rank}"
-        node = NodePlan(rank, vm_name, f"{vm_name}-nic", f"{vm_name}-pip", f"{vm_name}-osdisk")
+        node = NodePlan(rank, vm_name, f"{vm_name}-nic", f"{vm_name}-pip", f"{vm_name}-osdisk", enable_at)
         nodes.append(node)
         vms.append(
             PlannedResource(
                 T_VM,
                 vm_name,
                 _rid(sub, rg, T_VM, vm_name),
-                _vm_body(spec, node, tags, image, subnet_id, nsg_id, ssh_public_key, (custom_data or {}).get(rank)),
+                _vm_body(
+                    spec, node, tags, image, security, subnet_id, nsg_id, ssh_public_key, (custom_data or {}).get(rank)
+                ),
                 (vnet.id, nsg.id),
                 2,
             )
         )
-    # Azure's auto-shutdown deallocates each VM at a time of day: the backstop that stops compute
-    # billing if this process (and its teardown) dies. Daily schedules have minute resolution in
-    # UTC; runs longer than a day are stopped by the VM's own watchdog and by `gc`.
-    shutdown_at = (now.astimezone(UTC) + timedelta(seconds=spec.max_duration) + EXPIRY_GRACE).strftime("%H%M")
+    # Azure's auto-shutdown deallocates each VM at the run's expiry: the backstop that stops compute
+    # billing if this process (and its teardown) dies. See SCHEDULE_ENABLED_BELOW for when it starts
+    # disabled.
+    shutdown_at = expiry(spec, now).replace(second=0, microsecond=0)
     schedules = [
         PlannedResource(
             T_SCHEDULE,
             f"shutdown-computevm-{vm.name}",
             _rid(sub, rg, T_SCHEDULE, f"shutdown-computevm-{vm.name}"),
-            {
-                "location": res.region,
-                "tags": tags,
-                "properties": {
-                    "status": "Enabled",
-                    "taskType": "ComputeVmShutdownTask",
-                    "dailyRecurrence": {"time": shutdown_at},
-                    "timeZoneId": "UTC",
-                    "targetResourceId": vm.id,
-                    "notificationSettings": {"status": "Disabled"},
-                },
-            },
+            shutdown_schedule_body(vm.id, res.region, tags, shutdown_at, enabled=enable_at is None),
             (vm.id,),
             3,
         )
         for vm in vms
     ]
-    if spec.max_duration > 24 * 3600:
-        warnings.append("max_duration is over a day: Azure's daily auto-shutdown may stop the VMs before it ends")
+    if enable_at is not None:
+        warnings.append(shutdown_warning(shutdown_at, enable_at))
     if res.spot:
         warnings.append("spot VMs can be evicted at any time; checkpoints under $ORCH_CHECKPOINT_DIR survive")
     return ResourcePlan(
@@ -290,9 +337,41 @@ def build_plan(
         resources=(rg_res, vnet, nsg, *vms, *schedules),
         nodes=tuple(nodes),
         ssh_user=spec.ssh.user,
-        ssh_sources=tuple(sources),
+        ssh_sources=("any",) if internet else tuple(sources),
         hourly_usd=spec.hourly_usd(),
         warnings=tuple(warnings),
+        shutdown_at=shutdown_at,
+    )
+
+
+def shutdown_schedule_body(
+    vm_id: str, region: str, tags: dict[str, str], at: datetime, *, enabled: bool
+) -> dict[str, Any]:
+    """A VM's auto-shutdown (DevTestLab 2018-09-15 Schedule): deallocates the VM daily at `at`'s HH:MM (UTC)."""
+    return {
+        "location": region,
+        "tags": tags,
+        "properties": {
+            "status": "Enabled" if enabled else "Disabled",
+            "taskType": "ComputeVmShutdownTask",
+            "dailyRecurrence": {"time": at.astimezone(UTC).strftime("%H%M")},
+            "timeZoneId": SCHEDULE_TIME_ZONE,
+            "targetResourceId": vm_id,
+            "notificationSettings": {"status": "Disabled"},
+        },
+    }
+
+
+def shutdown_warning(shutdown_at: datetime, enable_at: datetime) -> str:
+    fmt = "%Y-%m-%d %H:%M UTC"
+    return (
+        f"the auto-shutdown is created disabled: it is a daily schedule (deallocate at {shutdown_at:%H:%M} UTC) "
+        "and one enabled now would fire within 24 h, before max_duration ends. The process watching the "
+        f"run enables it at {enable_at.strftime(fmt)}, so that it deallocates the VMs at {shutdown_at.strftime(fmt)}. "
+        "If nothing watches the run then, nothing deallocates them: the VM-side watchdog powers them off "
+        "at max_duration, which stops the job but not the compute bill (a VM shut down from inside stays "
+        "allocated), until `orchestrator down` or `orchestrator gc` deletes the run (gc counts it as expired "
+        f"from {shutdown_at.strftime(fmt)})"
     )
 
 
@@ -301,6 +380,7 @@ def _vm_body(
     node: NodePlan,
     tags: dict[str, str],
     image: catalog.Image,
+    security: catalog.SecurityChoice,
     subnet_id: str,
     nsg_id: str,
     ssh_public_key: str,
@@ -370,6 +450,9 @@ def _vm_body(
             ],
         },
     }
+    profile = security.profile()
+    if profile is not None:
+        props["securityProfile"] = profile
     if res.spot:
         props["priority"] = "Spot"
         props["evictionPolicy"] = "Delete"

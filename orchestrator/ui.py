@@ -36,7 +36,10 @@ def describe(r: PlannedResource, labels: dict[str, str] | None = None) -> str:
         return f"address space {', '.join(props['addressSpace']['addressPrefixes'])}; subnet {subnets}"
     if r.short_type == "networkSecurityGroups":
         parts = []
-        for rule in props.get("securityRules", []):
+        rules = props.get("securityRules", [])
+        if not any(_allows_ssh_from_outside(rule["properties"]) for rule in rules):
+            parts.append("no SSH (port 22) rule: ssh.allowed_cidrs is empty, so SSH is denied")
+        for rule in rules:
             p = rule["properties"]
             src = ", ".join(
                 labels.get(a, labels.get(a.removesuffix("/32"), a))
@@ -49,7 +52,15 @@ def describe(r: PlannedResource, labels: dict[str, str] | None = None) -> str:
     if r.short_type == "schedules":
         t = props["dailyRecurrence"]["time"]
         vm = props["targetResourceId"].rsplit("/", 1)[-1]
-        return f"auto-shutdown of {vm} at {t[:2]}:{t[2:]} UTC (deallocates: billing stops even if this tool dies)"
+        zone = props.get("timeZoneId", "UTC")
+        if props.get("status", "Enabled") == "Enabled":
+            return (
+                f"auto-shutdown of {vm} at {t[:2]}:{t[2:]} {zone} (deallocates: billing stops even if this tool dies)"
+            )
+        return (
+            f"auto-shutdown of {vm} at {t[:2]}:{t[2:]} {zone}, created DISABLED (a daily schedule enabled now would "
+            f"fire before max_duration ends); enabled{_enable_time(r)} by the process watching the run"
+        )
     if r.short_type == "virtualMachines":
         size_name = props["hardwareProfile"]["vmSize"]
         size = catalog.VM_SIZES.get(size_name)
@@ -70,9 +81,51 @@ def describe(r: PlannedResource, labels: dict[str, str] | None = None) -> str:
             f"OS disk {disk.get('diskSizeGB')} GB {disk['managedDisk']['storageAccountType']}, deleted with the VM",
             f"NIC {nic['name']} + public IP {pip['name']}, created inline, deleted with the VM",
             f"SSH key only (no password), user {props['osProfile']['adminUsername']}",
+            _security_line(props, size, img),
         ]
         return "\n".join(lines)
     return ""
+
+
+def _allows_ssh_from_outside(p: dict[str, Any]) -> bool:
+    if p.get("direction") != "Inbound" or p.get("access") != "Allow" or p.get("protocol") not in {"Tcp", "*"}:
+        return False
+    if p.get("destinationPortRange") not in {"22", "*"}:
+        return False
+    return p.get("sourceAddressPrefix") != "VirtualNetwork"
+
+
+def _enable_time(r: PlannedResource) -> str:
+    """' at <time>' from the run's expiry tag (the schedule is enabled SCHEDULE_ENABLE_LEAD before it)."""
+    from datetime import datetime
+
+    from orchestrator.plan import SCHEDULE_ENABLE_LEAD, TAG_EXPIRES
+
+    expires = (r.body.get("tags") or {}).get(TAG_EXPIRES)
+    if not expires:
+        return " on the run's last day"
+    at = datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(second=0) - SCHEDULE_ENABLE_LEAD
+    return f" at {at:%Y-%m-%d %H:%M} UTC"
+
+
+def _security_line(props: dict[str, Any], size: catalog.VmSize | None, img: dict[str, str]) -> str:
+    profile = props.get("securityProfile")
+    if profile and profile.get("securityType") == "TrustedLaunch":
+        uefi = profile.get("uefiSettings") or {}
+        boot = "on" if uefi.get("secureBootEnabled") else "off"
+        tpm = "on" if uefi.get("vTpmEnabled") else "off"
+        why = " (the NVIDIA kernel module is not signed)" if boot == "off" and size and size.is_gpu else ""
+        return f"security: Trusted Launch, Secure Boot {boot}{why}, vTPM {tpm}"
+    if profile:
+        return f"security: {profile.get('securityType', 'Standard')}"
+    reason = ""
+    if size is not None:
+        try:
+            image = catalog.resolve_image(f"{img['publisher']}:{img['offer']}:{img['sku']}:{img['version']}", False)
+            reason = f": {catalog.security_choice(size, image).reason}"
+        except ValueError:
+            pass
+    return f"security: Standard, no Secure Boot (securityProfile left out{reason})"
 
 
 def print_plan(report: DryRunReport, as_json: bool = False) -> None:

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from orchestrator import catalog
 from orchestrator.emulator.validation import check_name
 from orchestrator.plan import (
     T_NSG,
@@ -16,6 +17,7 @@ from orchestrator.plan import (
     TAG_RUN,
     new_run_id,
 )
+from orchestrator.ui import describe
 from tests.conftest import KEY, SUB, make_plan, make_spec
 
 
@@ -79,7 +81,28 @@ def test_nsg_opens_ssh_only_to_the_given_cidrs_and_the_vnet() -> None:
     assert rules["intra-vnet-in"]["sourceAddressPrefix"] == "VirtualNetwork"
     assert rules["deny-all-in"]["access"] == "Deny"
     assert not make_plan(make_spec(ssh={"allowed_cidrs": ["203.0.113.7"]})).warnings
-    assert any("open to the whole Internet" in w for w in make_plan().warnings)
+
+
+def test_any_opens_ssh_to_the_internet_with_a_warning() -> None:
+    plan = make_plan(make_spec(ssh={"allowed_cidrs": ["any"]}))
+    rules = {r["name"]: r["properties"] for r in plan.stages[1][1].body["properties"]["securityRules"]}
+    assert rules["ssh-in"]["sourceAddressPrefix"] == "Internet"
+    assert "sourceAddressPrefixes" not in rules["ssh-in"]
+    assert plan.ssh_sources == ("any",)
+    assert any("open to the whole Internet" in w for w in plan.warnings)
+
+
+def test_an_empty_cidr_list_creates_no_ssh_rule_so_the_nsg_denies_ssh() -> None:
+    """The dry-run target passes [] where a real run would refuse: the plan must not open SSH to anyone."""
+    plan = make_plan(make_spec(ssh={"allowed_cidrs": []}))
+    rules = [r["properties"] for r in plan.stages[1][1].body["properties"]["securityRules"]]
+    assert [r["priority"] for r in rules] == [110, 4000]  # intra-VNet allow, then deny-all
+    allows_22 = [r for r in rules if r["access"] == "Allow" and r["destinationPortRange"] in {"22", "*"}]
+    assert all(r["sourceAddressPrefix"] == "VirtualNetwork" for r in allows_22)
+    assert not any(r.get("sourceAddressPrefix") == "Internet" for r in rules)
+    assert plan.ssh_sources == ()
+    assert not any("open to the whole Internet" in w for w in plan.warnings)
+    assert any("denies SSH" in w for w in plan.warnings)
 
 
 @pytest.mark.parametrize("name", ["a" * 40, "x1", "mnist-cnn", "ab-" + "c" * 37])
@@ -137,6 +160,8 @@ def test_each_vm_gets_an_auto_shutdown_schedule_at_its_expiry() -> None:
     props = schedules[0].body["properties"]
     assert props["taskType"] == "ComputeVmShutdownTask" and props["timeZoneId"] == "UTC"
     assert props["dailyRecurrence"]["time"] == "1430"  # 12:00 + 2 h + 30 min grace
+    assert props["status"] == "Enabled"
+    assert plan.schedule_enable_at is None
     assert props["targetResourceId"] == plan.stages[2][0].id
     assert schedules[0].depends_on == (plan.stages[2][0].id,)
 
@@ -182,3 +207,75 @@ def test_cloud_init_carries_the_host_key_the_watchdog_and_the_gpu_check() -> Non
     )
     assert "nvidia-smi" not in str(cpu["runcmd"])
     assert base64.b64decode(as_custom_data(doc)).decode().startswith("#cloud-config")
+
+
+# Compute ComputeRP.json 2026-04-01, Azure/azure-rest-api-specs at 030174c776bbc013251bc13957bbff81f0a21bd4
+# (not in the vendored extract, so the emulator accepts any securityProfile): SecurityProfile's
+# members, SecurityTypes' enum and UefiSettings' members, copied from the definitions.
+SECURITY_PROFILE_MEMBERS = {
+    "uefiSettings",
+    "encryptionAtHost",
+    "securityType",
+    "encryptionIdentity",
+    "proxyAgentSettings",
+}
+SECURITY_TYPES = {"Standard", "TrustedLaunch", "ConfidentialVM"}
+UEFI_SETTINGS_MEMBERS = {"secureBootEnabled": bool, "vTpmEnabled": bool}
+
+
+def _check_security_profile(profile: dict[str, object]) -> None:
+    assert set(profile) <= SECURITY_PROFILE_MEMBERS
+    assert profile["securityType"] in SECURITY_TYPES
+    uefi = profile["uefiSettings"]
+    assert isinstance(uefi, dict) and set(uefi) <= set(UEFI_SETTINGS_MEMBERS)
+    assert all(isinstance(v, UEFI_SETTINGS_MEMBERS[k]) for k, v in uefi.items())
+
+
+@pytest.mark.parametrize("size", sorted(catalog.VM_SIZES))
+def test_every_size_states_its_security_type_and_gpu_sizes_boot_without_secure_boot(size: str) -> None:
+    s = catalog.VM_SIZES[size]
+    vm = make_plan(make_spec(resources={"vm_size": size, "region": sorted(s.regions)[0]})).stages[2][0]
+    profile = vm.body["properties"].get("securityProfile")
+    if not s.trusted_launch:
+        # Trusted Launch is not offered on this size: nothing is sent, so Azure creates a Standard VM
+        # (no UEFI Secure Boot); "Standard" itself needs the UseStandardSecurityType feature flag.
+        assert profile is None and s.is_gpu
+        assert "security: Standard" in describe(vm) and "does not support Trusted Launch" in describe(vm)
+        return
+    _check_security_profile(profile)
+    assert profile["securityType"] == "TrustedLaunch" and profile["uefiSettings"]["vTpmEnabled"] is True
+    # an unsigned NVIDIA module cannot load under Secure Boot; CPU sizes keep it on
+    assert profile["uefiSettings"]["secureBootEnabled"] is (not s.is_gpu)
+    line = describe(vm).splitlines()[-1]
+    assert line.startswith("security: Trusted Launch, Secure Boot " + ("off" if s.is_gpu else "on"))
+
+
+def test_an_image_outside_the_catalog_leaves_the_security_type_to_azure_with_a_warning() -> None:
+    plan = make_plan(make_spec(resources={"image": "Someone:custom:gpu-image:1.0.0", "disk_gb": 128}))
+    assert "securityProfile" not in plan.stages[2][0].body["properties"]
+    assert any("unsigned NVIDIA kernel module" in w for w in plan.warnings)
+    known_urn = make_plan(make_spec(resources={"image": "microsoft-dsvm:ubuntu-hpc:2204:latest"}))
+    assert known_urn.stages[2][0].body["properties"]["securityProfile"]["uefiSettings"]["secureBootEnabled"] is False
+
+
+def test_the_plan_table_names_a_missing_ssh_rule() -> None:
+    nsg = make_plan(make_spec(ssh={"allowed_cidrs": []})).stages[1][1]
+    assert describe(nsg).splitlines()[1].startswith("no SSH (port 22) rule")
+    open_nsg = make_plan(make_spec(ssh={"allowed_cidrs": ["any"]})).stages[1][1]
+    assert "allow Tcp port 22 from Internet" in describe(open_nsg)
+    assert "no SSH" not in describe(open_nsg)
+
+
+def test_the_dry_run_of_an_empty_cidr_list_shows_no_ssh_rule_and_says_so_once() -> None:
+    from orchestrator.lifecycle.dryrun import dry_run
+
+    report = dry_run(make_spec(ssh={"allowed_cidrs": []}))
+    (nsg,) = [r for r in report.plan.resources if r.type == T_NSG]
+    assert "ssh-in" not in {r["name"] for r in nsg.body["properties"]["securityRules"]}
+    ssh_warnings = [w for w in report.warnings if "allowed_cidrs" in w]
+    assert len(ssh_warnings) == 1 and "a real run would refuse" in ssh_warnings[0]
+    assert not any("whole Internet" in w for w in report.warnings)
+    open_report = dry_run(make_spec(ssh={"allowed_cidrs": ["any"]}))
+    (open_nsg,) = [r for r in open_report.plan.resources if r.type == T_NSG]
+    rules = {r["name"]: r["properties"] for r in open_nsg.body["properties"]["securityRules"]}
+    assert rules["ssh-in"]["sourceAddressPrefix"] == "Internet"

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator import catalog
 from orchestrator.lifecycle.steps import owner_name
-from orchestrator.plan import ResourcePlan, build_plan, new_run_id
+from orchestrator.plan import NO_SSH_RULE_WARNING, ResourcePlan, build_plan, new_run_id
 from orchestrator.spec import JobSpec
 
 # A syntactically valid key for the dry-run's plan; a real run generates a key pair per run.
@@ -115,6 +115,11 @@ def dry_run(
         hourly_usd=plan.hourly_usd,
         max_cost_usd=plan.hourly_usd * spec.max_duration / 3600,
         budget_usd=spec.budget_usd,
-        warnings=[*warnings, *(w for w in plan.warnings if w not in warnings)],
+        warnings=[*warnings, *(w for w in plan.warnings if w not in warnings and not _said(w, sources.warnings))],
         source_labels=sources.labels,
     )
+
+
+def _said(plan_warning: str, target_warnings: list[str]) -> bool:
+    """The plan's 'no SSH rule' warning repeats what the target says when it resolved an empty list."""
+    return plan_warning == NO_SSH_RULE_WARNING and any("allowed_cidrs is empty" in w for w in target_warnings)
