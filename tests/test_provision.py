@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 
+from orchestrator import catalog
 from orchestrator.azure.errors import (
     AuthError,
     CapacityError,
@@ -21,6 +22,7 @@ from orchestrator.azure.teardown import delete_group, gc, group_exists, list_run
 from orchestrator.clock import ScaledClock, VirtualClock
 from orchestrator.emulator import Emulator, Fault
 from orchestrator.errors import EXIT_AZURE_REFUSED
+from orchestrator.plan import T_VM
 from orchestrator.targets.emulated import emulator_session
 from tests.conftest import NOW, SUB, make_plan, make_spec
 
@@ -290,3 +292,75 @@ def test_a_5xx_storm_is_retried_out_loud(emu: Emulator, session: AzureSession) -
     assert said[:3] == [
         f"Azure answered 500 to PUT virtualMachines/demo-abc123-0; retry {n} of 10" for n in (1, 2, 3)
     ], said
+
+
+def test_addresses_follow_the_vms_network_interface_ids(emu: Emulator, session: AzureSession) -> None:
+    """VM networkProfile.networkInterfaces[].id -> NIC GET -> publicIPAddress.id -> public IP GET; the
+    plan's NIC and IP names play no part (the lookup would work for NICs named anything)."""
+    import dataclasses
+
+    plan = make_plan(make_spec(nodes=3))
+    renamed = dataclasses.replace(
+        plan, nodes=tuple(dataclasses.replace(n, nic_name="x-nic", public_ip_name="x-pip") for n in plan.nodes)
+    )
+    result = Provisioner(session).provision(renamed)
+    assert len({n.private_ip for n in result.nodes}) == 3 and len({n.public_ip for n in result.nodes}) == 3
+    live = {r["id"].lower(): r for r in emu.live_resources()}
+    for node in result.nodes:
+        vm = live[plan.by_id(next(r.id for r in plan.resources if r.name == node.vm_name)).id.lower()]
+        nic = live[vm["properties"]["networkProfile"]["networkInterfaces"][0]["id"].lower()]
+        ipc = nic["properties"]["ipConfigurations"][0]["properties"]
+        assert node.private_ip == ipc["privateIPAddress"]
+        assert node.public_ip == live[ipc["publicIPAddress"]["id"].lower()]["properties"]["ipAddress"]
+    gets = [r for r in emu.requests() if r.method == "GET" and r.kind != "poll"]
+    addressing = {"Microsoft.Network/networkInterfaces", "Microsoft.Network/publicIPAddresses"}
+    network = sorted(r.path.rsplit("/", 2)[-2] for r in gets if r.resource_type in addressing)
+    # two GETs by id per node and no list; the VMs are read only by their create LROs' final GETs
+    assert network == ["networkInterfaces"] * 3 + ["publicIPAddresses"] * 3, network
+    assert sum(1 for r in gets if r.resource_type == T_VM) == 3
+    paths = [r.path for r in gets]
+    for node in plan.nodes:
+        assert any(p.endswith(f"/networkInterfaces/{node.nic_name}") for p in paths)
+        assert any(p.endswith(f"/publicIPAddresses/{node.public_ip_name}") for p in paths)
+
+
+def test_primary_nic_and_ip_configuration_come_first() -> None:
+    from orchestrator.azure.provision import _group_and_name, _primary_first
+
+    refs = [
+        {"id": "a", "properties": {"primary": False}},
+        {"id": "b"},
+        {"id": "c", "properties": {"primary": True}},
+    ]
+    assert [r["id"] for r in _primary_first(refs)] == ["c", "b", "a"]
+    assert _group_and_name(
+        f"/subscriptions/{SUB}/resourceGroups/RG-1/providers/Microsoft.Network/networkInterfaces/n"
+    ) == (
+        "RG-1",
+        "n",
+    )
+    with pytest.raises(ValueError):
+        _group_and_name("/subscriptions/x")
+
+
+@pytest.mark.parametrize("size", sorted(n for n, s in catalog.VM_SIZES.items() if s.is_gpu))
+def test_every_gpu_size_boots_with_secure_boot_off_and_its_body_is_accepted(
+    emu: Emulator, session: AzureSession, size: str
+) -> None:
+    """Secure Boot blocks the unsigned NVIDIA module (catalog.SECURITY_SOURCES): no GPU body may turn it on."""
+    region = sorted(catalog.VM_SIZES[size].regions)[0]
+    emu.set_quota(region, catalog.VM_SIZES[size].family, 1000)
+    emu.set_quota(region, "cores", 1000)
+    plan, result = provision(session, resources={"vm_size": size, "region": region, "disk_gb": 128})
+    vm = next(r for r in plan.resources if r.type == T_VM)
+    profile = vm.body["properties"].get("securityProfile")
+    if catalog.VM_SIZES[size].trusted_launch:
+        assert profile == {
+            "securityType": "TrustedLaunch",
+            "uefiSettings": {"secureBootEnabled": False, "vTpmEnabled": True},
+        }
+    else:  # no Trusted Launch on this size: no securityProfile, so Azure makes a Standard VM (no Secure Boot)
+        assert profile is None
+    live = next(r for r in emu.live_resources() if r["type"] == T_VM)
+    assert live["properties"].get("securityProfile") == profile
+    assert result.nodes[0].public_ip

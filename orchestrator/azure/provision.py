@@ -25,6 +25,7 @@ from orchestrator.plan import (
     T_SCHEDULE,
     T_VM,
     T_VNET,
+    NodePlan,
     PlannedResource,
     ResourcePlan,
 )
@@ -85,12 +86,14 @@ class Provisioner:
         self.session = session
         self.on_event = on_event or (lambda e: None)
         self._cancel = threading.Event()
+        self._vms: dict[str, Any] = {}  # VM id -> the VM as its create LRO returned it
 
     def provision(self, plan: ResourcePlan) -> ProvisionResult:
         clock = self.session.clock
         t0 = clock.now()
         timings: dict[str, tuple[float, float]] = {}
         self._cancel.clear()
+        self._vms.clear()
 
         def run_one(r: PlannedResource, deps: list[Future[None]]) -> None:
             for d in deps:
@@ -167,7 +170,8 @@ class Provisioner:
                 rg, r.name, r.body, polling=s.polling(r.type)
             ).result()
         elif r.type == T_VM:
-            s.compute.virtual_machines.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type)).result()
+            poller = s.compute.virtual_machines.begin_create_or_update(rg, r.name, r.body, polling=s.polling(r.type))
+            self._vms[r.id] = poller.result()  # carries networkProfile.networkInterfaces: no GET needed
         elif r.type == T_SCHEDULE:
             s.resources.resources.begin_create_or_update_by_id(
                 r.id, r.body, api_version=SCHEDULE_API_VERSION, polling=s.polling(r.type)
@@ -176,24 +180,45 @@ class Provisioner:
             raise ValueError(f"the provisioner cannot create {r.type}")
 
     def _addresses(self, plan: ResourcePlan) -> list[NodeAddress]:
-        """Two list calls for all nodes, instead of two GETs per node."""
+        """Each node's addresses the way Azure documents them: the VM's
+        networkProfile.networkInterfaces[].id -> GET the NIC -> its ipConfigurations' privateIPAddress
+        and publicIPAddress.id -> GET the public IP; primary NIC and IP configuration first. Two GETs
+        per node (the VM comes from its create LRO), the nodes side by side."""
+        if not plan.nodes:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(plan.nodes), 16), thread_name_prefix="addresses") as pool:
+            return list(pool.map(lambda node: self._node_address(plan, node), plan.nodes))
+
+    def _node_address(self, plan: ResourcePlan, node: NodePlan) -> NodeAddress:
+        s = self.session
+        vm_id = next(r.id for r in plan.resources if r.type == T_VM and r.name == node.vm_name)
+        what = f"reading the addresses of {node.vm_name}"
         try:
-            pips = {p.name: p for p in self.session.network.public_ip_addresses.list(plan.resource_group)}
-            nics = {n.name: n for n in self.session.network.network_interfaces.list(plan.resource_group)}
+            vm = self._vms.get(vm_id)
+            if not _get(vm, "properties", "networkProfile", "networkInterfaces") and not _get(
+                vm, "network_profile", "network_interfaces"
+            ):
+                vm = s.compute.virtual_machines.get(plan.resource_group, node.vm_name)
+            nic_refs = _get(vm, "properties", "networkProfile", "networkInterfaces")
+            nic_refs = nic_refs or _get(vm, "network_profile", "network_interfaces") or []
+            public = private = ""
+            for ref in _primary_first(nic_refs):
+                rg, name = _group_and_name(str(_get(ref, "id")))
+                nic = s.network.network_interfaces.get(rg, name)
+                configs = _get(nic, "properties", "ipConfigurations") or _get(nic, "ip_configurations") or []
+                for ipc in _primary_first(configs):
+                    private = private or str(_prop(ipc, "privateIPAddress", "private_ip_address") or "")
+                    pip_ref = _prop(ipc, "publicIPAddress", "public_ip_address")
+                    pip_id = _get(pip_ref, "id")
+                    if not public and pip_id:
+                        prg, pname = _group_and_name(str(pip_id))
+                        pip = s.network.public_ip_addresses.get(prg, pname)
+                        public = str(_prop(pip, "ipAddress", "ip_address") or "")
+                if public and private:
+                    break
         except Exception as e:
-            raise classify(e, resource=f"reading the addresses in {plan.resource_group}") from e
-        out = []
-        for node in plan.nodes:
-            pip, nic = pips.get(node.public_ip_name), nics.get(node.nic_name)
-            public = _get(pip, "properties", "ipAddress") or _get(pip, "ip_address") or ""
-            configs = _get(nic, "properties", "ipConfigurations") or _get(nic, "ip_configurations") or []
-            private = ""
-            if configs:
-                private = (
-                    _get(configs[0], "properties", "privateIPAddress") or _get(configs[0], "private_ip_address") or ""
-                )
-            out.append(NodeAddress(node.rank, node.vm_name, str(public), str(private)))
-        return out
+            raise classify(e, resource=what) from e
+        return NodeAddress(node.rank, node.vm_name, public, private)
 
 
 def _classify(exc: BaseException, r: PlannedResource | None, region: str) -> CloudError:
@@ -203,6 +228,31 @@ def _classify(exc: BaseException, r: PlannedResource | None, region: str) -> Clo
 
 class _Cancelled(Exception):
     pass
+
+
+def _prop(obj: Any, wire: str, attr: str) -> Any:
+    """A sub-resource's property: under `properties` on the wire (new-style models), or an attribute."""
+    value = _get(obj, "properties", wire)
+    return value if value is not None else _get(obj, attr)
+
+
+def _primary_first(items: list[Any]) -> list[Any]:
+    """NIC references or IP configurations, primary first (explicitly primary, then unmarked, then not)."""
+
+    def rank(item: Any) -> int:
+        primary = _prop(item, "primary", "primary")
+        return 0 if primary is True else (2 if primary is False else 1)
+
+    return sorted(items, key=rank)
+
+
+def _group_and_name(resource_id: str) -> tuple[str, str]:
+    """The resource group and name of a resource id: /subscriptions/s/resourceGroups/{rg}/providers/.../{name}."""
+    parts = resource_id.strip("/").split("/")
+    lowered = [p.lower() for p in parts]
+    if "resourcegroups" not in lowered or len(parts) < 8:
+        raise ValueError(f"not a resource id: {resource_id!r}")
+    return parts[lowered.index("resourcegroups") + 1], parts[-1]
 
 
 def _get(obj: Any, *path: str) -> Any:
