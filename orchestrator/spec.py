@@ -345,11 +345,47 @@ class Ssh(_Strict):
         return out
 
 
+PYTHON_VERSIONS = ("3.11", "3.12", "3.13")
+# Lines a requirements file may not hold: it is installed while the VM boots, before the job's code
+# arrives, so it cannot name other files (those belong in `setup`, which runs in the synced folder).
+_FILE_REFERENCE_RE = re.compile(
+    r"^\s*(?:-r|--requirement|-c|--constraint)\b|^\s*(?:(?:-e|--editable)\s+)?\.{1,2}(?:/|\s|$)"
+)
+
+
+class PythonEnv(_Strict):
+    """`python:`: the job's own Python environment, installed by the VM with uv while it boots."""
+
+    requirements: str | None = None  # a pip requirements file, relative to the workdir
+    version: str = "3.11"
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if isinstance(v, float):  # `version: 3.12` unquoted; YAML reads 3.10 as 3.1, so say so
+            v = repr(v)
+        if v not in PYTHON_VERSIONS:
+            hint = " (YAML reads an unquoted 3.10 as 3.1: quote the version)" if v == "3.1" else ""
+            raise ValueError(f"Python {v!s} is not offered; use one of {', '.join(PYTHON_VERSIONS)}{hint}")
+        return v
+
+    @field_validator("requirements")
+    @classmethod
+    def _requirements(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        pure = PurePosixPath(v)
+        if not v.strip() or pure.is_absolute() or ".." in pure.parts:
+            raise ValueError(f"'{v}' must be a file path relative to the workdir (no '/' start, no '..')")
+        return v
+
+
 class JobSpec(_Strict):
     name: str
     workdir: str = "."
     resources: Resources = Field(default_factory=Resources)
     nodes: Annotated[int, Field(ge=1, le=16)] = 1
+    python: PythonEnv | None = None
     setup: list[str] = Field(default_factory=list)
     run: str
     env: dict[EnvName, EnvValue] = Field(default_factory=dict)
@@ -580,5 +616,39 @@ def _check_files(spec: JobSpec, doc: LinedDocument, filename: str) -> None:
         if not key.is_file():
             where = f"{filename}:{doc.line_of(('ssh', 'private_key'))}"
             problems.append(SpecProblem(where, "ssh.private_key", f"no such file {key}"))
+    problems += _check_python(spec, doc, filename)
     if problems:
         raise SpecError(problems)
+
+
+def _check_python(spec: JobSpec, doc: LinedDocument, filename: str) -> list[SpecProblem]:
+    """python.requirements: a text file inside the workdir that fits the VM's custom data."""
+    if spec.python is None or spec.python.requirements is None:
+        return []
+    where = f"{filename}:{doc.line_of(('python', 'requirements'))}"
+
+    def problem(message: str) -> list[SpecProblem]:
+        return [SpecProblem(where, "python.requirements", message)]
+
+    workdir = spec.workdir_path
+    path = (workdir / spec.python.requirements).resolve()
+    if not path.is_relative_to(workdir):
+        return problem(f"{path} is outside the workdir {workdir}")
+    if not path.is_file():
+        return problem(f"no such file {path} (the path is relative to the workdir {workdir})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return problem(f"{path} is not UTF-8 text")
+    except OSError as e:
+        return problem(f"cannot read {path}: {e.strerror}")
+    for number, line in enumerate(text.splitlines(), 1):
+        if _FILE_REFERENCE_RE.search(line):
+            return problem(
+                f"{path.name}:{number}: '{line.strip()}' refers to a file; the requirements are installed "
+                "while the VM boots, before the job's code arrives. Install it in `setup` instead"
+            )
+    from orchestrator.bootstrap import PythonSetup, custom_data_problem
+
+    too_big = custom_data_problem(PythonSetup(spec.python.version, text, str(path)), user=spec.ssh.user)
+    return problem(too_big) if too_big else []

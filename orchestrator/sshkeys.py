@@ -73,3 +73,21 @@ def generate_host_key(path: Path | None = None) -> HostKey:
                 f.write(pem)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return HostKey(pem, public.decode())
+
+
+RSA_HOST_KEY_BITS = 3072
+
+
+def generate_rsa_host_key(bits: int = RSA_HOST_KEY_BITS) -> HostKey:
+    """A new RSA host key for a VM, kept beside the pinned ed25519 one: the Azure Linux agent and some
+    images expect an RSA host key to exist. It is never pinned (the runner accepts only ed25519) nor
+    kept here: it goes to the VM in its custom data and nowhere else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return HostKey(pem, public.decode())

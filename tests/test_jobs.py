@@ -159,9 +159,28 @@ def test_job_files_are_valid_and_gate_on_the_published_level(job: str) -> None:
 
     spec = load_spec(JOBS / job / "job.yaml")
     assert spec.resources.size.is_gpu and spec.expect
-    assert "requirements.txt" in " ".join(spec.setup)
+    # The VM installs the pinned requirements with uv while it boots; `setup` no longer pip-installs.
+    assert spec.python is not None and spec.python.requirements == f"{job}/requirements.txt", spec.python
+    assert spec.python.version == "3.11"
+    assert not any("pip" in command or "requirements" in command for command in spec.setup), spec.setup
     reqs = (JOBS / job / "requirements.txt").read_text().splitlines()
     assert all("==" in line for line in reqs if line and not line.startswith("#")), "pinned"
     metric, level = job_gate(job)
     assert list(spec.expect) == [metric]
     assert level == {"mnist-cnn": 0.99, "seq-lstm": 0.98, "dcgan": 0.90, "keras-mnist": 0.98}[job], "published"
+
+
+def test_the_smoke_job_checks_the_install_path_with_an_empty_environment() -> None:
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(JOBS / "smoke" / "job.yaml")
+    assert spec.python is not None and spec.python.requirements == "requirements.txt" and not spec.setup
+    listed = (JOBS / "smoke" / "requirements.txt").read_text().splitlines()
+    assert not [line for line in listed if line.strip() and not line.startswith("#")], "standard library only"
+
+
+@pytest.mark.parametrize("job", ["mnist-cnn", "seq-lstm", "dcgan", "keras-mnist", "smoke"])
+def test_job_readmes_say_how_packages_arrive(job: str) -> None:
+    readme = (JOBS / job / "README.md").read_text()
+    assert "python: {requirements:" in readme and "--phase install" in readme
+    assert "pip install" not in readme

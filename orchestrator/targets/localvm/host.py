@@ -11,6 +11,11 @@ wrappers stay its descendants: when the VM is deleted (SIGTERM from the manager)
 record in the emulator's store disappears, it ends them all, then itself. SIGUSR1 cuts every SSH
 connection, as a network failure would (tests use it). Its own errors go to `host.log`, never to
 the user's terminal.
+
+A job with `python.requirements` has them in the VM's cloud-init custom data, as on Azure: once the
+VM has booted (its SSH answering), the host installs them into the VM's environment with uv from the
+wheelhouse, offline, writing `~/.orch-install/log` and `exit` as the Azure VM's cloud-init does. SSH
+is served meanwhile; the tool waits for the exit file (lifecycle/install.py).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.targets.localvm.image import VmPaths, make_environment, vm_environ
+from orchestrator.targets.localvm.image import VmPaths, install_requirements, make_environment, vm_environ
 
 PR_SET_CHILD_SUBREAPER = 36
 FALLBACK_PORT = 2222
@@ -41,6 +46,7 @@ class VmHost:
         self.server: Any = None
         self.stopping = asyncio.Event()
         self.spawned: set[int] = set()  # asyncio waits for these itself
+        self.cloud_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ liveness
 
@@ -84,12 +90,53 @@ class VmHost:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
 
+    # ------------------------------------------------------------------ cloud-init
+
+    def custom_data(self) -> dict[str, Any] | None:
+        """The VM's cloud-config, from the emulator's store (custom data is never returned by ARM)."""
+        from orchestrator.emulator.cloudinit import CloudInitError, parse_cloud_init
+
+        store = self.spec.get("store")
+        if not store:
+            return None
+        try:
+            data = json.loads(Path(store).read_text() or "{}")
+        except (OSError, ValueError):
+            return None
+        resource = data.get("resources", {}).get(str(self.spec["vm_id"]).lower()) or {}
+        custom = resource.get("_customData")
+        if not custom:
+            return None
+        try:
+            return parse_cloud_init(str(custom))
+        except CloudInitError:
+            logging.getLogger(__name__).exception("the VM's custom data does not parse")
+            return None
+
+    async def install(self, requirements: str, note: str) -> None:
+        """python.requirements, once the VM has booted; SSH is served all the while."""
+        from orchestrator.bootstrap import INSTALL_DIR
+
+        if (self.vm.home / INSTALL_DIR / "exit").exists():
+            return  # installed at the VM's first boot (cloud-init runs it once per VM)
+        delay = float(self.spec.get("boot_after", 0.0)) - time.time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+        if self.stopping.is_set():
+            return
+        await asyncio.to_thread(install_requirements, self.vm, requirements, note=note)
+
     # ------------------------------------------------------------------ SSH
 
     async def serve(self) -> int:
         import asyncssh
 
         key = asyncssh.import_private_key(Path(self.spec["host_key_file"]).read_text())
+        keys = [key]
+        rsa = ((self.cloud_config or {}).get("ssh_keys") or {}).get("rsa_private")
+        if rsa:  # offered too, as the Azure VM's sshd does; the runner pins the ed25519 key
+            keys.append(asyncssh.import_private_key(str(rsa)))
         authorized = [asyncssh.import_public_key(k) for k in self.spec["authorized_keys"]]
         user = self.spec["user"]
         boot_after = float(self.spec.get("boot_after", 0.0))
@@ -126,7 +173,7 @@ class VmHost:
                     Server,
                     address,
                     port,
-                    server_host_keys=[key],
+                    server_host_keys=keys,
                     process_factory=self.run_command,
                     encoding=None,
                     allow_scp=False,
@@ -256,15 +303,25 @@ async def amain(vm: VmPaths) -> None:
     loop.add_signal_handler(signal.SIGTERM, host.stopping.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # a Ctrl-C in the user's terminal is not for the VM
     loop.add_signal_handler(signal.SIGUSR1, host.drop)
+    from orchestrator.bootstrap import python_setup_of
+
+    host.cloud_config = host.custom_data()
+    python = python_setup_of(host.cloud_config) if host.cloud_config else None
+    note = ""
     if not (vm.python / "bin" / "python").exists():
-        await asyncio.to_thread(make_environment, vm)
+        note = await asyncio.to_thread(make_environment, vm, python.version if python else None)
     port = await host.serve()
     tmp = vm.host.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "address": host.spec["address"], "port": port}))
     tmp.replace(vm.host)
+    installing = asyncio.ensure_future(host.install(python.requirements, note)) if python else None
     try:
         await host.watch()
     finally:
+        if installing is not None and not installing.done():
+            host.end_processes()  # uv, if still installing: its thread then returns
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(installing, timeout=10)
         host.drop()
         host.server.close()
         host.end_processes()

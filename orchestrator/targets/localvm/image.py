@@ -73,8 +73,10 @@ class VmPaths:
         return self.root / "host.log"
 
 
-def make_environment(vm: VmPaths) -> None:
-    """The VM's Python environment, with pip, made by uv (about 0.1 s with a warm uv cache)."""
+def make_environment(vm: VmPaths, version: str | None = None) -> str:
+    """The VM's Python environment, with pip, made by uv (about 0.1 s with a warm uv cache). With
+    `version` (python.version) uv looks for that Python on this machine, offline; this machine's own
+    Python (3.11 or newer) stands in when it has none. Returns a note for the install log."""
     uv = uv_binary()
     for d in (vm.home, vm.tmp, vm.bin):
         d.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,21 @@ def make_environment(vm: VmPaths) -> None:
     env = {**os.environ, **uv_settings()}
     env.pop("VIRTUAL_ENV", None)
     run = [str(uv), "--quiet"]
-    subprocess.run([*run, "venv", "--python", str(base_python()), str(vm.python)], env=env, check=True)
+    note = ""
+    base = base_python()
+    made = False
+    if version is not None and not _is_version(base, version):
+        tried = subprocess.run(
+            [*run, "venv", "--python", version, str(vm.python)], env=env, capture_output=True, check=False
+        )
+        made = tried.returncode == 0
+        if not made:
+            note = (
+                f"orchestrator: this machine has no Python {version}; the local VM uses its own "
+                f"Python {_version_of(base)} ({base}) instead\n"
+            )
+    if not made:
+        subprocess.run([*run, "venv", "--python", str(base), str(vm.python)], env=env, check=True)
     house = wheelhouse()
     if house is not None and any(house.glob("pip-*.whl")):
         subprocess.run(
@@ -92,6 +108,62 @@ def make_environment(vm: VmPaths) -> None:
             env=env,
             check=True,
         )
+    return note
+
+
+def _version_of(python: Path) -> str:
+    if python == base_python():
+        return f"{sys.version_info.major}.{sys.version_info.minor}"
+    out = subprocess.run(
+        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def _is_version(python: Path, version: str) -> bool:
+    return _version_of(python) == version
+
+
+def install_requirements(vm: VmPaths, requirements: str, *, note: str = "") -> int:
+    """python.requirements on the local VM, as cloud-init does it on Azure: `uv pip install -r` into
+    the VM's environment from the wheelhouse (offline), output to `~/.orch-install/log` and the exit
+    code, written last, to `~/.orch-install/exit`. A requirement the wheelhouse lacks fails here with
+    uv's message in the log."""
+    from orchestrator.bootstrap import INSTALL_DIR, UV_VERSION
+
+    folder = vm.home / INSTALL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "exit").unlink(missing_ok=True)
+    listed = folder / "requirements.txt"
+    listed.write_text(requirements)
+    python = vm.python / "bin" / "python"
+    env = {**os.environ, **uv_settings()}
+    env.pop("VIRTUAL_ENV", None)
+    with open(folder / "log", "ab") as log:
+        log.write(
+            f"orchestrator: Python {_version_of(python)} and the job's requirements, with uv "
+            f"(the image's; {UV_VERSION} on Azure)\n{note}".encode()
+        )
+        log.flush()
+        code = 0
+        if any(line.strip() and not line.lstrip().startswith("#") for line in requirements.splitlines()):
+            code = subprocess.run(
+                [str(uv_binary()), "pip", "install", "--python", str(python), "-r", str(listed)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=vm.home,
+                check=False,
+            ).returncode
+    if code == 0:
+        link = folder / "python"
+        link.unlink(missing_ok=True)
+        link.symlink_to(vm.python)
+    tmp = folder / "exit.tmp"
+    tmp.write_text(f"{code}\n")
+    tmp.replace(folder / "exit")
+    return code
 
 
 def uv_settings() -> dict[str, str]:
