@@ -12,7 +12,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
@@ -21,12 +21,14 @@ from orchestrator.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchestratorEr
 
 if TYPE_CHECKING:
     from orchestrator.lifecycle import RunOutcome
+    from orchestrator.lifecycle.run import Detached
     from orchestrator.spec import JobSpec
     from orchestrator.targets import Target
 
 
 @dataclass
 class Ctx:
+    json_mode: ClassVar[bool] = False  # set once per process, for helpers that print outside a command
     target: str
     subscription: str | None
     state_dir: str | None
@@ -146,6 +148,7 @@ def cli(
                 3 Azure refused (quota, capacity, auth), 130 interrupted.
     """
     ctx.obj = Ctx(target, subscription, state_dir, as_json, debug, dry_run)
+    Ctx.json_mode = as_json
 
 
 @cli.command()
@@ -164,6 +167,9 @@ def cli(
 )
 @click.option("--keep", is_flag=True, help="Leave the resources up afterwards (their expiry tag still stands).")
 @click.option(
+    "--detach", is_flag=True, help="Return once training has started; `orchestrator attach RUN` finishes the run."
+)
+@click.option(
     "--collect-deadline",
     type=click.FloatRange(0),
     default=30.0,
@@ -172,7 +178,13 @@ def cli(
 )
 @_job_command
 def run(
-    obj: Ctx, spec: JobSpec, artifacts_dir: str | None, max_upload_mb: int, keep: bool, collect_deadline: float
+    obj: Ctx,
+    spec: JobSpec,
+    artifacts_dir: str | None,
+    max_upload_mb: int,
+    keep: bool,
+    detach: bool,
+    collect_deadline: float,
 ) -> None:
     """Provision, sync the code, set up, train with live logs, collect artifacts, tear down.
 
@@ -187,6 +199,7 @@ def run(
             obj.target_obj(),
             report,
             keep=keep,
+            detach=detach,
             upload_limit=max_upload_mb << 20,
             artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
             collect_deadline=collect_deadline,
@@ -210,8 +223,20 @@ def _reporters(obj: Ctx, summary: bool = True) -> tuple[Any, Any]:
     return printer, Fanout(reporters)
 
 
-def _exit_with(outcome: RunOutcome) -> None:
+def _exit_with(outcome: RunOutcome | Detached) -> None:
     """The one place a run's verdict becomes the command's exit code."""
+    from orchestrator.lifecycle import RunOutcome
+
+    if not isinstance(outcome, RunOutcome):  # detached: the run goes on, nothing decided yet
+        message = (
+            f"Run {outcome.run_id} is training on its VMs. `orchestrator attach {outcome.run_id}` follows it, "
+            f"then collects and tears down; `orchestrator cancel {outcome.run_id}` ends it."
+        )
+        if Ctx.json_mode:
+            click.echo(json.dumps({"schema": 1, "event": "detached", "run_id": outcome.run_id, "message": message}))
+        else:
+            click.echo(message)
+        return
     if outcome.exit_code != 0:
         raise click.exceptions.Exit(outcome.exit_code)
 
@@ -244,6 +269,7 @@ def down(obj: Ctx, run_id: str) -> None:
     from orchestrator import lifecycle
 
     existed = lifecycle.down(run_id, obj.target_obj())
+    ssh_cmd.remove_entries(run_id)  # its `Host orch-<run>` entries in ~/.ssh/config, if any
     _say(
         obj,
         {"schema": 1, "event": "down", "run": run_id, "deleted": existed},
@@ -372,6 +398,47 @@ def train(obj: Ctx, run_id: str, artifacts_dir: str | None) -> None:
     _exit_with(outcome)
 
 
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--keep", is_flag=True, help="Leave the VMs up after the job (their expiry tag still stands).")
+@click.option("--artifacts", "artifacts_dir", type=click.Path(file_okay=False), help="Where the outputs land.")
+@click.option("--collect-deadline", type=click.FloatRange(0), default=30.0, show_default=True)
+@click.pass_obj
+def attach(obj: Ctx, run_id: str, keep: bool, artifacts_dir: str | None, collect_deadline: float) -> None:
+    """Follow a detached run's output, then collect and tear down as `run` would (Ctrl-C detaches again)."""
+    from orchestrator.lifecycle.kept import AttachInterrupted, attach
+
+    printer, report = _reporters(obj)
+    try:
+        outcome = attach(
+            run_id,
+            obj.target_obj(),
+            report,
+            keep=keep,
+            artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
+            collect_deadline=collect_deadline,
+        )
+    except AttachInterrupted:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        printer.stop()
+    _exit_with(outcome)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.pass_obj
+def cancel(obj: Ctx, run_id: str) -> None:
+    """Stop a run's job on every node, bring home what it wrote, tear down (verdict `cancelled`)."""
+    from orchestrator.lifecycle.kept import cancel
+
+    printer, report = _reporters(obj, summary=False)
+    try:
+        cancel(run_id, obj.target_obj(), report)
+    finally:
+        printer.stop()
+
+
 @cli.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.argument("run_id", metavar="RUN")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -470,6 +537,7 @@ def status(obj: Ctx, run_id: str | None) -> None:
                 cause = (r.error or "teardown was not confirmed").replace("\n", " ")
                 click.echo(f"    holds resources: {cause}")
                 click.echo(f"    remove them with: orchestrator down {r.run_id}")
+        click.echo(cost_cmd.running_cost_line(store, live))
         if any(r.orphaned for r in live):
             click.echo("A run whose process is gone may still hold resources: `orchestrator down RUN` removes them.")
         return
@@ -515,7 +583,11 @@ def status(obj: Ctx, run_id: str | None) -> None:
 @click.argument("run_id", metavar="RUN")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing while the run is active.")
 @click.option(
-    "--phase", type=click.Choice(["setup", "run", "all"]), default="all", show_default=True, help="Which output."
+    "--phase",
+    type=click.Choice(["install", "setup", "run", "all"]),
+    default="all",
+    show_default=True,
+    help="Which output.",
 )
 @click.pass_obj
 def logs(obj: Ctx, run_id: str, follow: bool, phase: str) -> None:
@@ -528,7 +600,7 @@ def logs(obj: Ctx, run_id: str, follow: bool, phase: str) -> None:
     store = _store(obj)
     record_of(run_id, obj.target_obj())
     folder = RunFiles(store.path.parent, run_id).logs
-    phases = ["setup", "run"] if phase == "all" else [phase]
+    phases = ["install", "setup", "run"] if phase == "all" else [phase]
     offsets: dict[Path, int] = {}
     while True:
         files = [f for ph in phases for f in (sorted(folder.glob(f"{ph}-node*.log")) if folder.exists() else [])]
@@ -742,3 +814,14 @@ def entry() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Commands in their own modules (orchestrator/commands/): they import only click at import time.
+from orchestrator.commands import cost as cost_cmd  # noqa: E402
+from orchestrator.commands import gpus as gpus_cmd  # noqa: E402
+from orchestrator.commands import ssh as ssh_cmd  # noqa: E402
+
+cli.add_command(ssh_cmd.ssh)
+cli.add_command(ssh_cmd.ssh_config)
+cli.add_command(gpus_cmd.gpus)
+cli.add_command(cost_cmd.cost)

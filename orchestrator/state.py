@@ -426,6 +426,10 @@ class Store:
         rows = self._rows("SELECT at, kind, data FROM events WHERE run_id = ? ORDER BY id", (run_id,))
         return [(r["at"], r["kind"], json.loads(r["data"])) for r in rows]
 
+    def cancel_requested(self, run_id: str) -> bool:
+        """`orchestrator cancel` asked for this run (the watching process ends it as cancelled)."""
+        return bool(self._rows("SELECT 1 FROM events WHERE run_id = ? AND kind = 'cancel' LIMIT 1", (run_id,)))
+
     def phases(self, run_id: str) -> list[Phase]:
         rows = self._rows("SELECT phase, node, started, ended FROM phases WHERE run_id = ? ORDER BY id", (run_id,))
         return [Phase(r["phase"], r["node"], r["started"], r["ended"]) for r in rows]

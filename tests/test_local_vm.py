@@ -288,3 +288,55 @@ def test_logs_follow_goes_on_after_the_watching_process_died(tmp_path: Path) -> 
     assert ticks == list(range(1, 81)), "the local part, then the VM's, with no gap and no repeat"
     assert not any(m in followed.stderr for m in NO_TRACEBACK)
     assert cli(*state, "down", run_id).returncode == 0
+
+
+@pytest.mark.slow
+def test_detach_then_attach_from_another_process_finishes_the_run(tmp_path: Path) -> None:
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    job = _job(
+        tmp_path,
+        "name: detached\nsetup: echo set up\n"
+        "run: |\n"
+        "  for i in $(seq 30); do echo tick $i; sleep 0.05; done\n"
+        "  echo '{\"acc\": 0.9}' > $ORCH_OUTPUT_DIR/metrics.json\n"
+        "expect: {acc: '>= 0.5'}\n",
+    )
+    started = cli(*state, "--json", "run", str(job), "--detach")
+    assert started.returncode == 0, started.stderr
+    event = json.loads(started.stdout.splitlines()[-1])
+    assert event["event"] == "detached"
+    run_id = event["run_id"]
+    listed = json.loads(cli(*state, "--json", "status").stdout)["runs"]
+    assert [(r["run_id"], r["state"]) for r in listed] == [(run_id, "detached")]
+    attached = cli(*state, "--json", "attach", run_id)
+    assert attached.returncode == 0, attached.stderr
+    result = json.loads(attached.stdout.splitlines()[-1])
+    assert result["verdict"] == "succeeded" and result["torn_down"] and result["metrics"] == {"acc": 0.9}
+    ticks = [json.loads(x)["line"] for x in attached.stdout.splitlines() if '"event": "log"' in x]
+    assert [t for t in ticks if t.startswith("tick")] == [f"tick {i}" for i in range(1, 31)]
+    assert "Nothing running" in cli(*state, "status").stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("watched", [True, False])
+def test_cancel_from_another_process_collects_then_tears_down(tmp_path: Path, watched: bool) -> None:
+    from tests.test_cli import start, store_of, wait_for
+
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    job = _job(tmp_path, TICKING.replace("sleep 30", "true"))
+    if watched:
+        proc = start([*state, "run", str(job)])
+        wait_for(proc, "tick 5", [])
+    else:
+        detached = cli(*state, "--json", "run", str(job), "--detach")
+        assert detached.returncode == 0, detached.stderr
+    run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
+    cancelled = cli(*state, "cancel", run_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    if watched:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+    record = json.loads(cli(*state, "--json", "status", run_id).stdout)
+    assert record["verdict"] == "cancelled" and record["torn_down"] and record["verdict_exit_code"] == 130
+    assert store_of(tmp_path / "state")["groups"] == {}
+    assert int((Path(record["artifacts"]) / "progress.txt").read_text()) >= 1, "what the job wrote came home"

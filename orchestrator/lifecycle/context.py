@@ -25,23 +25,30 @@ HEARTBEAT_S = 10.0
 
 
 class RunContext:
-    def __init__(self, spec: JobSpec, target: Target, session: Any, run_id: str, report: Reporter) -> None:
+    def __init__(
+        self, spec: JobSpec, target: Target, session: Any, run_id: str, report: Reporter, *, resume: bool = False
+    ) -> None:
+        """A new run (its record written now), or with resume an existing one this process takes over
+        (`attach`, `cancel`): it becomes the run's owner."""
         self.spec, self.target, self.session, self.run_id = spec, target, session, run_id
         self.report = report
         session.on_retry = report.say
         self.files = RunFiles(target.state, run_id).ensure()
         self.store: Store = open_store(target.state)
         self.group = resource_group_name(run_id)
-        self.store.create_run(
-            run_id=run_id,
-            job=spec.name,
-            source=spec.source,
-            target=target.kind,
-            subscription=session.subscription_id,
-            resource_group=self.group,
-            pid=os.getpid(),
-            env=dict(spec.env),
-        )
+        if resume:
+            self.store.claim(run_id, os.getpid())
+        else:
+            self.store.create_run(
+                run_id=run_id,
+                job=spec.name,
+                source=spec.source,
+                target=target.kind,
+                subscription=session.subscription_id,
+                resource_group=self.group,
+                pid=os.getpid(),
+                env=dict(spec.env),
+            )
         self._beating = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self._beat.start()

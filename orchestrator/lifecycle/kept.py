@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator.errors import UserInputError
 from orchestrator.gates import evaluate
-from orchestrator.lifecycle import steps
+from orchestrator.lifecycle import install, steps
 from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
 from orchestrator.lifecycle.reporter import Reporter
 from orchestrator.runfiles import NodeRecord, RunFiles
@@ -160,6 +160,7 @@ def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path 
             runner.connect()
             runner.restart_phases()
             runner.upload()
+            install.wait_for_install(None, runner, report)
             if spec.setup:
                 phases.append(steps.job_phase(None, runner, "setup", spec.setup, report))
             if all(p.exit_code == 0 for p in phases):
@@ -234,3 +235,112 @@ def follow_logs(run_id: str, target: Target, emit: Any, phases: list[str]) -> No
                     sink.close()
 
             on_all(nodes, one)
+
+
+class AttachInterrupted(KeyboardInterrupt):
+    """Ctrl-C while attached: the run goes on, detached again."""
+
+
+def _take_over(
+    run_id: str, target: Target, report: Reporter
+) -> tuple[RunRecord, Target, Any, list[NodeRecord], RunFiles]:
+    record = record_of(run_id, target)
+    if record.verdict is not None and record.state in {"gone", "tearing-down"}:
+        raise UserInputError(f"run {run_id} has ended ({record.shown_state}); `orchestrator status {run_id}` shows it.")
+    files = RunFiles(target.state, run_id)
+    records = files.read_nodes()
+    if records is None:
+        raise UserInputError(f"run {run_id} has no nodes to attach to ({record.shown_state}).")
+    return record, target_for(record, target), _spec_of(record), records, files
+
+
+def attach(
+    run_id: str,
+    target: Target,
+    report: Reporter,
+    *,
+    keep: bool = False,
+    artifacts_dir: Path | None = None,
+    collect_deadline: float = 30.0,
+) -> RunOutcome:
+    """Stream a detached run's output from where it is, then collect and tear down as `run` would.
+    Ctrl-C only detaches again (AttachInterrupted)."""
+    from orchestrator.lifecycle.context import RunContext
+    from orchestrator.lifecycle.run import artifacts_destination, finish
+
+    record, where, spec, records, files = _take_over(run_id, target, report)
+    if record.state not in {"detached", "kept"} and not record.orphaned:
+        raise UserInputError(
+            f"run {run_id} is {record.shown_state} and watched by process {record.pid}; "
+            f"`orchestrator logs {run_id} -f` follows it from here."
+        )
+    t0 = time.monotonic()
+    with where.session() as session:
+        ctx = RunContext(spec, where, session, run_id, report, resume=True)
+        ctx.state("running")
+        nodes = steps.ssh_nodes(where, records, files.client_key)
+        runner = steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
+        phases: list[Any] = []
+        error: BaseException | None = None
+        try:
+            runner.connect()
+            offsets = {}
+            for n in nodes:
+                log = files.log("run", n.label)
+                offsets[n.ep.rank] = log.stat().st_size if log.exists() else 0
+            report.say(f"attached to {run_id}; Ctrl-C detaches again (the job goes on)")
+            phases.append(runner.follow("run", offsets))
+        except KeyboardInterrupt:
+            for n in nodes:
+                n.cancel()
+            ctx.state("detached")
+            ctx.close()
+            report.say(f"detached; the job goes on. `orchestrator attach {run_id}` picks it up again")
+            raise AttachInterrupted from None
+        except BaseException as e:
+            error = e
+        dest = artifacts_destination(artifacts_dir, files)
+        return finish(ctx, runner, nodes, phases, error, dest, keep=keep, collect_deadline=collect_deadline, t0=t0)
+
+
+def cancel(run_id: str, target: Target, report: Reporter, *, wait_s: float = 300.0) -> RunOutcome | None:
+    """Stop the job on every node, bring home what exists, tear down; the verdict is `cancelled`.
+    A run another process watches is ended by that process (this waits for its verdict, returns None);
+    otherwise this process takes it over."""
+    from orchestrator.lifecycle.context import RunContext
+    from orchestrator.lifecycle.run import artifacts_destination, finish
+
+    record, where, spec, records, files = _take_over(run_id, target, report)
+    store = open_store(target.state)
+    store.event(run_id, "cancel", {"pid": os.getpid()})
+    watched = record.active and record.owner_alive and record.pid != os.getpid()
+    if watched:
+        with attached(run_id, target) as (_, _records, nodes, _where):
+            steps.stop_job(nodes, run_id)
+        report.say(f"asked process {record.pid}, which watches {run_id}, to end it; waiting for its verdict")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            now = store.get(run_id)
+            if now is not None and now.verdict is not None and not now.active:
+                report.say(f"{run_id}: {now.shown_state}")
+                return None
+            time.sleep(0.2)
+        raise UserInputError(f"process {record.pid} did not end {run_id} within {wait_s:.0f} s; try again.")
+    t0 = time.monotonic()
+    with where.session() as session:
+        ctx = RunContext(spec, where, session, run_id, report, resume=True)
+        nodes = steps.ssh_nodes(where, records, files.client_key)
+        runner = steps.runner_for(spec, where, records, nodes, files, report, {})
+        steps.stop_job(nodes, run_id)
+        return finish(
+            ctx,
+            runner,
+            nodes,
+            [],
+            None,
+            artifacts_destination(None, files),
+            keep=False,
+            collect_deadline=30.0,
+            t0=t0,
+            cancelled=True,
+        )

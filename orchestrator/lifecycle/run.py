@@ -8,12 +8,13 @@ SIGTERM tears down at once without collecting.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import Terminated
 from orchestrator.gates import evaluate
-from orchestrator.lifecycle import steps
+from orchestrator.lifecycle import install, steps
 from orchestrator.lifecycle.context import RunContext
 from orchestrator.lifecycle.interrupts import GroupWatch, Limits
 from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
@@ -36,18 +37,28 @@ def artifacts_destination(dest: Path | None, ctx_files: Any) -> Path:
     return resolve_destination(dest, ctx_files.run_id)
 
 
+@dataclass(frozen=True)
+class Detached:
+    """`run --detach` returned once training started; `attach` picks the run up again."""
+
+    run_id: str
+    seconds: float
+
+
 def run(
     spec: JobSpec,
     target: Target,
     report: Reporter,
     *,
     keep: bool = False,
+    detach: bool = False,
     run_id: str | None = None,
     upload_limit: int = 2 << 30,
     artifacts_dir: Path | None = None,
     collect_deadline: float = DEFAULT_COLLECT_DEADLINE_S,
-) -> RunOutcome:
-    """Provision, sync, set up, train, collect, and always tear down (unless keep)."""
+) -> RunOutcome | Detached:
+    """Provision, sync, set up, train, collect, and always tear down (unless keep). With detach, return
+    once training has started: the job goes on on the VMs, `attach` finishes the run."""
     from orchestrator.azure.teardown import group_exists
 
     t0 = time.monotonic()
@@ -69,8 +80,7 @@ def run(
         watch: GroupWatch | None = None
         error: BaseException | None = None
         phases: list[Any] = []
-        collected = steps.Collected()
-        interrupted_in_job = False
+        in_job = False
         try:
             result, records, keys = steps.provision(ctx)
             report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
@@ -79,9 +89,16 @@ def run(
             watch = GroupWatch(lambda: group_exists(session, ctx.group), target.watch_interval_s, stop_nodes)
             steps.connect(ctx, runner)
             steps.sync(ctx, runner)
-            interrupted_in_job = True
+            install.wait_for_install(ctx, runner, report)
+            in_job = True
             if spec.setup:
                 phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
+            if detach and all(p.exit_code == 0 for p in phases):
+                steps.start_detached(ctx, runner, spec.run)
+                report.say(f"training started; detached. Follow it with `orchestrator attach {run_id}`")
+                ctx.state("detached")
+                ctx.close()
+                return Detached(run_id, time.monotonic() - t0)
             if all(p.exit_code == 0 for p in phases):
                 phases.append(steps.job_phase(ctx, runner, "run", [spec.run], report))
             limits.check()
@@ -91,66 +108,102 @@ def run(
             limits.cancel()
             if watch is not None:
                 watch.cancel()
-        sigterm = isinstance(error, Terminated)
         group_gone = watch is not None and watch.error is not None
-        if runner is not None and interrupted_in_job and not sigterm and not group_gone:
-            try:
-                collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
-            except KeyboardInterrupt as e:
-                error = error or e
-                collected = steps.Collected(error="collection abandoned (interrupt)")
-        job_code = next((p.exit_code for p in phases if p.exit_code != 0), 0 if phases else None)
-        failed_phase = next((p.name for p in phases if p.exit_code != 0), None)
-        gate_results = evaluate(spec.expect, collected.metrics or {}) if job_code == 0 and spec.expect else []
-        for g in gate_results:
-            report.say(f"gate {g.describe()}")
-        skipped = list(getattr(collected.report, "skipped", []) or [])
-        verdict, message = verdict_of(
-            error=error,
-            job_exit_code=job_code,
-            gates=gate_results,
-            artifacts_error=collected.error,
-            skipped=skipped,
+        return finish(
+            ctx,
+            runner if in_job and not group_gone else None,
+            nodes,
+            phases,
+            error,
+            dest,
+            keep=keep,
+            collect_deadline=collect_deadline,
+            t0=t0,
         )
-        if verdict is Verdict.JOB_FAILED and not message:
-            message = f"The job failed in {failed_phase} with exit code {job_code}. Its log is in {ctx.files.logs}"
-            message += f" and what it wrote is in {dest}." if collected.report is not None else "."
-        if verdict is Verdict.INTERRUPTED and collected.report is not None and not sigterm:
-            message = f"Interrupted; the outputs written so far are in {collected.report.destination}."
-        for node in nodes:
-            node.cancel()
-        kept = keep and verdict is Verdict.SUCCEEDED
-        torn_down, teardown_error = (False, "") if kept else ctx.teardown()
-        if teardown_error and f"orchestrator down {run_id}" not in message:  # said once, not twice
-            message = "\n".join(
-                m
-                for m in (
-                    message,
-                    f"Teardown did not finish: {teardown_error.rstrip('.')}. `orchestrator down {run_id}` removes "
-                    "what is left.",
-                )
-                if m
+
+
+def finish(
+    ctx: RunContext,
+    runner: Any,
+    nodes: list[Any],
+    phases: list[Any],
+    error: BaseException | None,
+    dest: Path,
+    *,
+    keep: bool,
+    collect_deadline: float,
+    t0: float,
+    cancelled: bool = False,
+) -> RunOutcome:
+    """The end of every run (`run`, `attach`, `cancel`): collect what exists, apply the gates, decide
+    the one verdict, tear down unless kept, record, report. `runner` None: nothing to collect."""
+    spec, report, run_id = ctx.spec, ctx.report, ctx.run_id
+    sigterm = isinstance(error, Terminated)
+    cancelled = cancelled or ctx.store.cancel_requested(run_id)
+    collected = steps.Collected()
+    if runner is not None and not sigterm:
+        try:
+            collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
+        except KeyboardInterrupt as e:
+            error = error or e
+            collected = steps.Collected(error="collection abandoned (interrupt)")
+    job_code = next((p.exit_code for p in phases if p.exit_code != 0), 0 if phases else None)
+    failed_phase = next((p.name for p in phases if p.exit_code != 0), None)
+    gate_results = evaluate(spec.expect, collected.metrics or {}) if job_code == 0 and spec.expect else []
+    for g in gate_results:
+        report.say(f"gate {g.describe()}")
+    skipped = list(getattr(collected.report, "skipped", []) or [])
+    verdict, message = verdict_of(
+        error=error,
+        job_exit_code=job_code,
+        gates=gate_results,
+        artifacts_error=collected.error,
+        skipped=skipped,
+    )
+    if cancelled:
+        verdict = Verdict.CANCELLED
+        message = "Cancelled with `orchestrator cancel`." + (
+            f" The outputs written so far are in {collected.report.destination}." if collected.report else ""
+        )
+    if verdict is Verdict.JOB_FAILED and not message:
+        message = f"The job failed in {failed_phase} with exit code {job_code}. Its log is in {ctx.files.logs}"
+        message += f" and what it wrote is in {dest}." if collected.report is not None else "."
+    if verdict is Verdict.INTERRUPTED and collected.report is not None and not sigterm:
+        message = f"Interrupted; the outputs written so far are in {collected.report.destination}."
+    for node in nodes:
+        node.cancel()
+    kept = keep and verdict is Verdict.SUCCEEDED
+    torn_down, teardown_error = (False, "") if kept else ctx.teardown()
+    if teardown_error and f"orchestrator down {run_id}" not in message:  # said once, not twice
+        message = "\n".join(
+            m
+            for m in (
+                message,
+                f"Teardown did not finish: {teardown_error.rstrip('.')}. `orchestrator down {run_id}` removes "
+                "what is left.",
             )
-        outcome = RunOutcome(
-            run_id,
-            verdict,
-            job_exit_code=job_code,
-            failed_phase=failed_phase,
-            artifacts=Path(collected.report.destination) if collected.report is not None else None,
-            skipped=skipped,
-            metrics=collected.metrics or {},
-            seconds=time.monotonic() - t0,
-            torn_down=torn_down,
-            kept=kept,
-            message=message,
-            gates=gate_results,
-            cost_usd=spec.hourly_usd() * (time.monotonic() - t0) / 3600,
-            sigterm=sigterm,
+            if m
         )
-        _record(ctx, outcome)
-        ctx.close()
-        report.result(outcome)
-        return outcome
+    outcome = RunOutcome(
+        run_id,
+        verdict,
+        job_exit_code=job_code,
+        failed_phase=failed_phase,
+        artifacts=Path(collected.report.destination) if collected.report is not None else None,
+        skipped=skipped,
+        metrics=collected.metrics or {},
+        seconds=time.monotonic() - t0,
+        torn_down=torn_down,
+        kept=kept,
+        message=message,
+        gates=gate_results,
+        cost_usd=spec.hourly_usd() * (time.monotonic() - t0) / 3600,
+        sigterm=sigterm,
+    )
+    _record(ctx, outcome)
+    ctx.close()
+    report.result(outcome)
+    return outcome
 
 
 def _collect(

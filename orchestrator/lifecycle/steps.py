@@ -89,6 +89,7 @@ def make_keys(spec: JobSpec, run_id: str, files: RunFiles) -> RunKeys:
                 user=spec.ssh.user,
                 max_duration=spec.max_duration,
                 gpu=spec.resources.size.is_gpu,
+                job=spec,
             )
         )
     return RunKeys(key, public, host_keys, custom)
@@ -182,6 +183,17 @@ def job_phase(ctx: RunContext | None, runner: Any, name: str, commands: list[str
         return runner.phase(name, commands)
 
 
+def start_detached(ctx: RunContext, runner: Any, command: str) -> None:
+    """Start the job's run phase on every node and leave it running (run --detach): the wrapper is
+    detached on the VM, so nothing here needs to stay connected. Its `train` phase stays open."""
+    from orchestrator.remote import run as remote_run
+    from orchestrator.remote.job import on_all
+
+    ctx.report.say(f"run: {command}")
+    on_all(runner.nodes, lambda n: remote_run.start_phase(n, runner.layout, "run", [command], runner.env(n)))
+    ctx.store.phase_start(ctx.run_id, "train")
+
+
 def stop_job(nodes: list[Any], run_id: str) -> None:
     """End whatever phase is running on each node (the wrapper's whole process group)."""
     from orchestrator.remote.job import on_all
@@ -189,13 +201,18 @@ def stop_job(nodes: list[Any], run_id: str) -> None:
 
     phases = rq(f"{RemoteLayout(run_id).root}/phases")
 
+    # TERM the phase's whole process group, give it 10 s to write its last checkpoint, then KILL;
+    # a wrapper killed this way records no exit code, so record 143 (TERM) for whoever follows it.
+    script = (
+        f'for p in {phases}/*/pid; do [ -f "$p" ] || continue; d=$(dirname "$p"); [ -e "$d/exit_code" ] && continue; '
+        'g=$(cat "$p"); kill -TERM -- -"$g" 2>/dev/null; '
+        'for i in $(seq 100); do kill -0 -- -"$g" 2>/dev/null || break; sleep 0.1; done; '
+        'kill -KILL -- -"$g" 2>/dev/null; [ -e "$d/exit_code" ] || echo 143 > "$d/exit_code"; done; true'
+    )
+
     def one(node: Any) -> None:
         node.resume()
-        node.exec(
-            f'for p in {phases}/*/pid; do [ -f "$p" ] || continue; '
-            f'd=$(dirname "$p"); [ -e "$d/exit_code" ] || kill -TERM -- -"$(cat "$p")" 2>/dev/null; done; true',
-            timeout=15,
-        )
+        node.exec(script, timeout=30)
 
     on_all(nodes, one)
 
