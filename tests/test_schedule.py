@@ -196,3 +196,25 @@ def test_max_duration_limit_is_seven_days() -> None:
 
 def test_the_default_plan_in_conftest_is_enabled() -> None:
     assert make_plan().schedules[0].body["properties"]["status"] == "Enabled"
+
+
+def test_the_watching_process_enables_the_schedule_on_the_last_day() -> None:
+    import time
+
+    from orchestrator.lifecycle.interrupts import ScheduleEnabler
+
+    # Planned 23 h ago with 23h45m: its last day has begun, so the watcher enables it at once.
+    start = (datetime.now(UTC) - timedelta(hours=23)).replace(second=0, microsecond=0)
+    emu = Emulator("instant", clock=VirtualClock(start.timestamp()))
+    session = emulator_session(emu, subscription=SUB)
+    plan = plan_at(start, "23h45m")
+    Provisioner(session).provision(plan)
+    said: list[str] = []
+    enabler = ScheduleEnabler(session, plan, said.append)
+    for _ in range(100):
+        if said:
+            break
+        time.sleep(0.05)
+    enabler.cancel()
+    assert said and said[0].startswith("auto-shutdown enabled for the run's last day"), said
+    assert [r["properties"]["status"] for r in emu.live_resources() if r["type"].endswith("/schedules")] == ["Enabled"]

@@ -70,6 +70,36 @@ class GroupWatch:
         self._stop.set()
 
 
+class ScheduleEnabler:
+    """A run of 23 h or more gets its auto-shutdown created disabled (a daily HH:MM created at the
+    start would fire the same day); the process watching the run enables it during the last day."""
+
+    def __init__(self, session: Any, plan: Any, say: Callable[[str], None]) -> None:
+        from datetime import UTC, datetime
+
+        self._stop = threading.Event()
+        enable_at = plan.schedule_enable_at
+        if enable_at is None:
+            return
+        delay = max(0.0, (enable_at - datetime.now(UTC)).total_seconds())
+
+        def enable() -> None:
+            from orchestrator.azure.schedules import enable_shutdown_schedules
+
+            if self._stop.wait(delay):
+                return
+            try:
+                names = enable_shutdown_schedules(session, plan, datetime.now(UTC))
+                say(f"auto-shutdown enabled for the run's last day ({', '.join(names)})")
+            except Exception as e:  # the VM-side watchdog still stops the job at max_duration
+                say(f"warning: could not enable the auto-shutdown schedule: {e}")
+
+        threading.Thread(target=enable, name="schedule-enabler", daemon=True).start()
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
 class Limits:
     """Stops a run when max_duration passes or the projected cost would pass budget_usd: `on_fire`
     cancels the nodes, so the run unwinds into its collection and teardown. The clock starts before

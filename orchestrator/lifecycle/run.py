@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.azure.preflight import preflight
 from orchestrator.errors import Terminated
 from orchestrator.gates import evaluate
 from orchestrator.lifecycle import install, steps
 from orchestrator.lifecycle.context import RunContext
-from orchestrator.lifecycle.interrupts import GroupWatch, Limits
+from orchestrator.lifecycle.interrupts import GroupWatch, Limits, ScheduleEnabler
 from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
 from orchestrator.lifecycle.reporter import Reporter
 from orchestrator.plan import new_run_id
@@ -67,6 +68,7 @@ def run(
         report.say(f"warning: {w}")
     run_id = run_id or new_run_id(spec.name)
     with target.session() as session:
+        preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         dest = artifacts_destination(artifacts_dir, ctx.files)
         nodes: list[Any] = []
@@ -78,12 +80,14 @@ def run(
 
         limits = Limits(spec, stop_nodes, report.say)
         watch: GroupWatch | None = None
+        enabler: ScheduleEnabler | None = None
         error: BaseException | None = None
         phases: list[Any] = []
         in_job = False
         try:
             result, records, keys = steps.provision(ctx)
             report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
+            enabler = ScheduleEnabler(session, result.plan, report.say)
             nodes.extend(steps.ssh_nodes(target, records, keys.client_key))
             runner = steps.runner_for(spec, target, records, nodes, ctx.files, report, secrets, upload_limit)
             watch = GroupWatch(lambda: group_exists(session, ctx.group), target.watch_interval_s, stop_nodes)
@@ -94,6 +98,11 @@ def run(
             if spec.setup:
                 phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
             if detach and all(p.exit_code == 0 for p in phases):
+                if result.plan.schedule_enable_at is not None:
+                    report.say(
+                        "warning: nothing watches a detached run: its auto-shutdown stays disabled until "
+                        f"`orchestrator attach {run_id}` (the VM-side watchdog still stops the job at max_duration)"
+                    )
                 steps.start_detached(ctx, runner, spec.run)
                 report.say(f"training started; detached. Follow it with `orchestrator attach {run_id}`")
                 ctx.state("detached")
@@ -108,6 +117,8 @@ def run(
             limits.cancel()
             if watch is not None:
                 watch.cancel()
+            if enabler is not None:
+                enabler.cancel()
         group_gone = watch is not None and watch.error is not None
         return finish(
             ctx,
@@ -251,6 +262,7 @@ def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | 
         report.say(f"warning: {w}")
     run_id = run_id or new_run_id(spec.name)
     with target.session() as session:
+        preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         try:
             result, records, _ = steps.provision(ctx)

@@ -111,6 +111,8 @@ def provision(ctx: RunContext) -> tuple[Any, list[NodeRecord], RunKeys]:
             ssh_public_key=keys.client_public,
             custom_data=keys.custom_data,
         )
+        for warning in plan.warnings:
+            ctx.report.say(f"warning: {warning}")
         result = Provisioner(ctx.session, on_event=ctx.resource_event).provision(plan)
     nodes = [
         NodeRecord(n.rank, n.vm_name, n.public_ip, n.private_ip, ctx.spec.ssh.user, keys.host_keys[n.rank])
