@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import catalog
+from orchestrator.lifecycle.reporter import Quiet
 
 if TYPE_CHECKING:
     from orchestrator.azure.provision import ProvisionResult, ResourceEvent
@@ -358,24 +359,12 @@ def progress(as_json: bool) -> ProgressPrinter:
     return ProgressPrinter(as_json)
 
 
-class StepSummary:
+class StepSummary(Quiet):
     """On GitHub Actions: the run's verdict, phases, resources, cost, metrics and gates as Markdown
     on the job's summary page (GITHUB_STEP_SUMMARY), written when the run ends."""
 
     def __init__(self, path: str, store: Any) -> None:
         self.path, self.store = path, store
-
-    def say(self, text: str) -> None:
-        pass
-
-    def log(self, line: str) -> None:
-        pass
-
-    def resource(self, event: Any) -> None:
-        pass
-
-    def phase(self, name: str, node: int | None, started: bool, seconds: float | None) -> None:
-        pass
 
     def result(self, outcome: RunOutcome) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserInputError
-from orchestrator.gates import evaluate
 from orchestrator.lifecycle import install, steps
-from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
+from orchestrator.lifecycle.outcome import RunOutcome
 from orchestrator.lifecycle.reporter import Reporter
 from orchestrator.runfiles import NodeRecord, RunFiles
 from orchestrator.state import RunRecord, open_store
 from orchestrator.targets import Target, target_for
-from orchestrator.verdict import Verdict
 
 
 def unknown_run(run_id: str, known: list[str]) -> UserInputError:
@@ -143,71 +141,42 @@ def collect(run_id: str, target: Target, report: Reporter, dest: Path | None = N
 
 def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path | None = None) -> RunOutcome:
     """sync + setup + run + collect on a kept run's VMs, gates applied, verdict recorded; the VMs stay."""
-    from orchestrator.lifecycle.run import artifacts_destination
+    from orchestrator.lifecycle.context import RunContext
+    from orchestrator.lifecycle.run import artifacts_destination, finish
 
-    t0 = time.monotonic()
-    store = open_store(target.state)
-    with attached(run_id, target) as (record, records, nodes, where):
-        spec = _spec_of(record)
-        files = RunFiles(target.state, run_id)
-        store.claim(run_id, os.getpid())
-        store.transition(run_id, "running")
+    record = record_of(run_id, target)
+    if record.torn_down:
+        raise UserInputError(f"run {run_id} has been torn down; provision a new one.")
+    files = RunFiles(target.state, run_id)
+    records = files.read_nodes()
+    if records is None:
+        raise UserInputError(
+            f"run {run_id} has no provisioned nodes; `orchestrator provision JOB` (or `run --keep`) makes "
+            "one you can work on."
+        )
+    where, spec, t0 = target_for(record, target), _spec_of(record), time.monotonic()
+    with where.session() as session:
+        ctx = RunContext(spec, where, session, run_id, report, resume=True)
+        ctx.state("running")
+        nodes = steps.ssh_nodes(where, records, files.client_key)
         runner = steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
         phases: list[Any] = []
         error: BaseException | None = None
-        collected = steps.Collected()
         try:
             runner.connect()
             runner.restart_phases()
             runner.upload()
             install.wait_for_install(None, runner, report)
             if spec.setup:
-                phases.append(steps.job_phase(None, runner, "setup", spec.setup, report))
+                phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
             if all(p.exit_code == 0 for p in phases):
-                phases.append(steps.job_phase(None, runner, "run", [spec.run], report))
-        except BaseException as e:
+                phases.append(steps.job_phase(ctx, runner, "run", [spec.run], report))
+        except BaseException as e:  # decided into the verdict by finish()
             error = e
-        try:
-            collected = steps.collect(runner, artifacts_destination(artifacts_dir, files), deadline=None)
-        except KeyboardInterrupt as e:
-            error = error or e
-        job_code = next((p.exit_code for p in phases if p.exit_code != 0), 0 if phases else None)
-        gates = evaluate(spec.expect, collected.metrics or {}) if job_code == 0 and spec.expect else []
-        for g in gates:
-            report.say(f"gate {g.describe()}")
-        skipped = list(getattr(collected.report, "skipped", []) or [])
-        verdict, message = verdict_of(
-            error=error, job_exit_code=job_code, gates=gates, artifacts_error=collected.error, skipped=skipped
+        dest = artifacts_destination(artifacts_dir, files)
+        return finish(
+            ctx, runner, nodes, phases, error, dest, keep=True, teardown=False, collect_deadline=30.0, t0=t0
         )
-        failed_phase = next((p.name for p in phases if p.exit_code != 0), None)
-        if verdict is Verdict.JOB_FAILED and not message:
-            message = f"The job failed in {failed_phase} with exit code {job_code}. Its log is in {files.logs}."
-        outcome = RunOutcome(
-            run_id,
-            verdict,
-            job_exit_code=job_code,
-            failed_phase=failed_phase,
-            artifacts=Path(collected.report.destination) if collected.report is not None else None,
-            skipped=skipped,
-            metrics=collected.metrics or {},
-            seconds=time.monotonic() - t0,
-            kept=True,
-            message=message,
-            gates=gates,
-        )
-        store.decide(
-            run_id,
-            verdict,
-            outcome.detail(),
-            exit_code=job_code,
-            error=message or None,
-            artifacts=str(outcome.artifacts) if outcome.artifacts else None,
-            metrics=outcome.metrics,
-        )
-        store.transition(run_id, "kept")
-        report.result(outcome)
-        return outcome
-
 
 def follow_logs(run_id: str, target: Target, emit: Any, phases: list[str]) -> None:
     """Follow a run's job on its VMs directly, from where the local logs stop: for a run whose

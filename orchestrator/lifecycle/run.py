@@ -63,10 +63,7 @@ def run(
     from orchestrator.azure.teardown import group_exists
 
     t0 = time.monotonic()
-    spec, secrets, warnings = steps.check(spec, target, report.say)
-    for w in warnings:
-        report.say(f"warning: {w}")
-    run_id = run_id or new_run_id(spec.name)
+    spec, secrets, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
         preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
@@ -133,6 +130,14 @@ def run(
         )
 
 
+def _checked(spec: JobSpec, target: Target, report: Reporter, run_id: str | None) -> tuple[JobSpec, Any, str]:
+    """The check step (secrets, SSH sources) said out loud, and the run's id."""
+    spec, secrets, warnings = steps.check(spec, target, report.say)
+    for w in warnings:
+        report.say(f"warning: {w}")
+    return spec, secrets, run_id or new_run_id(spec.name)
+
+
 def finish(
     ctx: RunContext,
     runner: Any,
@@ -145,9 +150,11 @@ def finish(
     collect_deadline: float,
     t0: float,
     cancelled: bool = False,
+    teardown: bool = True,
 ) -> RunOutcome:
     """The end of every run (`run`, `attach`, `cancel`): collect what exists, apply the gates, decide
-    the one verdict, tear down unless kept, record, report. `runner` None: nothing to collect."""
+    the one verdict, tear down unless kept, record, report. `runner` None: nothing to collect.
+    teardown=False (`train` on a kept run): the VMs stay whatever the verdict."""
     spec, report, run_id = ctx.spec, ctx.report, ctx.run_id
     sigterm = isinstance(error, Terminated)
     cancelled = cancelled or ctx.store.cancel_requested(run_id)
@@ -183,7 +190,7 @@ def finish(
         message = f"Interrupted; the outputs written so far are in {collected.report.destination}."
     for node in nodes:
         node.cancel()
-    kept = keep and verdict is Verdict.SUCCEEDED
+    kept = not teardown or (keep and verdict is Verdict.SUCCEEDED)
     torn_down, teardown_error = (False, "") if kept else ctx.teardown()
     if teardown_error and f"orchestrator down {run_id}" not in message:  # said once, not twice
         message = "\n".join(
@@ -257,10 +264,7 @@ def _record(ctx: RunContext, outcome: RunOutcome) -> None:
 
 def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | None = None) -> Any:
     """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them."""
-    spec, _, warnings = steps.check(spec, target, report.say)
-    for w in warnings:
-        report.say(f"warning: {w}")
-    run_id = run_id or new_run_id(spec.name)
+    spec, _, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
         preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
