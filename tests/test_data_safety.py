@@ -63,3 +63,61 @@ def test_secrets_never_reach_the_terminal_the_json_events_the_logs_or_any_file(t
         for secret in secret_lines:
             assert secret not in text, f"a secret in clear in {where}"
     assert "****" in plain.stdout and " end" in plain.stdout
+
+
+def _provisioned(tmp_path: Path) -> tuple[list[str], str]:
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text("name: paying\nrun: 'true'\n")
+    r = cli(*state, "--json", "provision", str(job / "job.yaml"))
+    assert r.returncode == 0, r.stderr
+    return state, json.loads(r.stdout.splitlines()[-1])["run_id"]
+
+
+def _groups(tmp_path: Path) -> dict[str, object]:
+    return dict(json.loads((tmp_path / "state" / "emulator" / "store.json").read_text())["groups"])
+
+
+def test_down_works_with_a_corrupt_store(tmp_path: Path) -> None:
+    state, run_id = _provisioned(tmp_path)
+    (tmp_path / "state" / "runs.db").write_bytes(b"garbage" * 1000)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "state" / f"runs.db{suffix}").unlink(missing_ok=True)
+    listing = cli(*state, "ls")
+    assert listing.returncode == 1 and "cannot be read" in listing.stderr and "Traceback" not in listing.stderr
+    assert "orchestrator down RUN" in listing.stderr, "the paragraph says how to recover"
+    down = cli(*state, "down", run_id)
+    assert down.returncode == 0, down.stderr
+    assert _groups(tmp_path) == {}, "found by its tag and deleted"
+
+
+def test_down_works_with_a_missing_store_and_a_mistyped_id_is_bad_input(tmp_path: Path) -> None:
+    state, run_id = _provisioned(tmp_path)
+    for name in ("runs.db", "runs.db-wal", "runs.db-shm"):
+        (tmp_path / "state" / name).unlink(missing_ok=True)
+    mistyped = cli(*state, "down", run_id[:-1] + ("x" if run_id[-1] != "x" else "y"))
+    assert mistyped.returncode == 2 and "no run" in mistyped.stderr
+    assert cli(*state, "down", run_id).returncode == 0
+    assert _groups(tmp_path) == {}
+
+
+def test_a_read_only_store_is_one_paragraph_and_down_still_works(tmp_path: Path) -> None:
+    import os
+
+    state, run_id = _provisioned(tmp_path)
+    db = tmp_path / "state" / "runs.db"
+    for name in ("runs.db-wal", "runs.db-shm"):
+        (tmp_path / "state" / name).unlink(missing_ok=True)
+    os.chmod(db, 0o400)
+    try:
+        if os.access(db, os.W_OK):  # root writes anyway: make the store unreadable as a database instead
+            db.write_bytes(b"\0" * 4096)
+        listing = cli(*state, "ls")
+        assert listing.returncode != 0 and "internal error" not in listing.stderr, listing.stderr
+        assert "run store" in listing.stderr and "Traceback" not in listing.stderr
+        down = cli(*state, "down", run_id)
+        assert down.returncode == 0, down.stderr
+    finally:
+        os.chmod(db, 0o600)
+    assert _groups(tmp_path) == {}
