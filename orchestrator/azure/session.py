@@ -56,14 +56,14 @@ class AzureSession:
         if name == "resource":
             from azure.mgmt.resource.resources import ResourceManagementClient
 
-            return ResourceManagementClient(self.credential, self.subscription_id, **kwargs)
+            return _without_auto_registration(ResourceManagementClient(self.credential, self.subscription_id, **kwargs))
         if name == "compute":
             from azure.mgmt.compute import ComputeManagementClient
 
-            return ComputeManagementClient(self.credential, self.subscription_id, **kwargs)
+            return _without_auto_registration(ComputeManagementClient(self.credential, self.subscription_id, **kwargs))
         from azure.mgmt.network import NetworkManagementClient
 
-        return NetworkManagementClient(self.credential, self.subscription_id, **kwargs)
+        return _without_auto_registration(NetworkManagementClient(self.credential, self.subscription_id, **kwargs))
 
     @property
     def resources(self) -> Any:
@@ -83,6 +83,27 @@ class AzureSession:
 
 
 RETRIES = 10
+
+
+def _without_auto_registration(client: Any) -> Any:
+    """The client with azure-mgmt-core's ARMAutoResourceProviderRegistrationPolicy taken out of its pipeline.
+
+    On a 409 MissingSubscriptionRegistration that policy POSTs .../providers/{ns}/register itself and
+    then polls the provider with real 10-second sleeps and no limit, silently; the generated clients
+    put it in their policy list unconditionally and offer no setting to leave it out. The preflight
+    (orchestrator/azure/preflight.py) registers the providers explicitly, bounded and said aloud, and
+    any other 409 MissingSubscriptionRegistration is classified (azure/errors.py) and shown as is.
+    The pipeline is rebuilt from the client's own policies, in order, minus that one.
+    """
+    from azure.core.pipeline import Pipeline
+    from azure.mgmt.core.policies import ARMAutoResourceProviderRegistrationPolicy
+
+    pipeline_client = client._client  # the generated client's ARMPipelineClient
+    pipeline = pipeline_client._pipeline
+    kept = [p for p in pipeline._impl_policies if not isinstance(p, ARMAutoResourceProviderRegistrationPolicy)]
+    if len(kept) != len(pipeline._impl_policies):
+        pipeline_client._pipeline = Pipeline(pipeline._transport, kept)
+    return client
 
 
 def _reporting_retry_policy(tell: Callable[[str], None], **settings: Any) -> Any:
@@ -131,7 +152,8 @@ def resolve_subscription(flag: str | None) -> str:
             return out.stdout.strip()
     raise CredentialsError(
         "No Azure subscription found: pass --subscription ID, set AZURE_SUBSCRIPTION_ID, or run `az login` "
-        "(and `az account set -s ID`). To try the tool without Azure, add --dry-run or use --target local."
+        "(and `az account set -s ID`). Without Azure: `orchestrator run JOB --dry-run` shows a plan, and --target local "
+        "runs the whole cycle on this machine."
     )
 
 
