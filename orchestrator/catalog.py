@@ -349,6 +349,20 @@ RETIRED_SIZES: dict[str, VmSize] = {
 }
 
 
+def unsupported_reason(size: VmSize) -> str | None:
+    """Why orchestrator refuses a size Azure still offers, or None. NVadsA10 v5 needs NVIDIA's GRID
+    driver: the ubuntu-hpc image ships the datacenter driver, which does not see an A10 vGPU, and
+    Azure's NvidiaGpuDriverLinux extension (which installs GRID there) is not something this tool
+    creates yet. Refused up front rather than paid for and found driverless at boot."""
+    if size.gpu_model is not None and "A10" in size.gpu_model and "A100" not in size.gpu_model:
+        return (
+            f"{size.name} ({size.gpu_model}) needs NVIDIA's GRID driver, which the ubuntu-hpc image does not ship "
+            "and orchestrator does not install yet (Azure's NvidiaGpuDriverLinux extension would); use a T4 "
+            "(Standard_NC4as_T4_v3) or A100 (Standard_NC24ads_A100_v4) size"
+        )
+    return None
+
+
 def retired_size(name: str) -> VmSize | None:
     """The retired size `name` names (any letter case), or None."""
     if name in RETIRED_SIZES:

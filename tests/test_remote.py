@@ -477,3 +477,19 @@ def test_every_node_s_outputs_come_home_without_overwriting_each_other(vms2: Emu
     runner.collect(tmp_path / "artifacts")
     assert (tmp_path / "artifacts" / "rank.txt").read_text() == "0"
     assert (tmp_path / "artifacts" / "nodes" / "1" / "rank.txt").read_text() == "1"
+
+
+def test_a_gpu_the_driver_does_not_see_fails_before_training(vms2: EmulatedVms) -> None:
+    from orchestrator.lifecycle.steps import GpuNotVisible, gpu_check
+
+    def nvidia_smi(rank: int, script: str) -> None:
+        path = vms2.target.vms_dir / vms2.nodes[rank].ep.name / "bin" / "nvidia-smi"
+        path.write_text("#!/bin/sh\n" + script)
+        path.chmod(0o755)
+
+    nvidia_smi(0, "echo 'GPU 0: Tesla T4 (UUID: GPU-1)'\n")
+    nvidia_smi(1, "echo 'GPU 0: Tesla T4 (UUID: GPU-2)'\n")
+    gpu_check(vms2.nodes, 1)
+    nvidia_smi(1, "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'; exit 9\n")
+    with pytest.raises(GpuNotVisible, match=r"job-aaaaaa-1 sees 0 of 1 GPU\(s\) \(nvidia-smi exit 9: NVIDIA-SMI has"):
+        gpu_check(vms2.nodes, 1)

@@ -242,3 +242,12 @@ def test_the_vm_size_flag_applies_the_image_minimum(job_dir: Callable[[str], Pat
 def test_b_series_cannot_be_spot(job_dir: Callable[[str], Path]) -> None:
     message = error_of(job_dir, "name: demo\nrun: x\nresources:\n  vm_size: Standard_B2s\n  spot: true\n")
     assert "job.yaml:3: resources: Standard_B2s cannot run as a Spot VM" in message
+
+
+def test_an_a10_size_is_refused_with_the_reason(job_dir: Callable[[str], Path]) -> None:
+    from orchestrator.errors import UserInputError
+    from orchestrator.spec import load_spec
+
+    path = job_dir("name: a10\nrun: python train.py\nresources:\n  vm_size: Standard_NV36ads_A10_v5\n")
+    with pytest.raises(UserInputError, match=r"job.yaml:4: resources.vm_size: .*GRID driver.*Standard_NC4as_T4_v3"):
+        load_spec(str(path))

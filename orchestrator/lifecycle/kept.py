@@ -174,9 +174,8 @@ def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path 
         except BaseException as e:  # decided into the verdict by finish()
             error = e
         dest = artifacts_destination(artifacts_dir, files)
-        return finish(
-            ctx, runner, nodes, phases, error, dest, keep=True, teardown=False, collect_deadline=30.0, t0=t0
-        )
+        return finish(ctx, runner, nodes, phases, error, dest, keep=True, teardown=False, collect_deadline=30.0, t0=t0)
+
 
 def follow_logs(run_id: str, target: Target, emit: Any, phases: list[str]) -> None:
     """Follow a run's job on its VMs directly, from where the local logs stop: for a run whose

@@ -89,6 +89,9 @@ def run(
             runner = steps.runner_for(spec, target, records, nodes, ctx.files, report, secrets, upload_limit)
             watch = GroupWatch(lambda: group_exists(session, ctx.group), target.watch_interval_s, stop_nodes)
             steps.connect(ctx, runner)
+            if spec.resources.size.is_gpu and target.has_gpus:
+                with ctx.phase("connect"):
+                    steps.gpu_check(nodes, spec.resources.size.gpus)
             steps.sync(ctx, runner)
             install.wait_for_install(ctx, runner, report)
             in_job = True

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.context import RunContext
 from orchestrator.plan import build_plan
 from orchestrator.runfiles import NodeRecord, RunFiles
@@ -169,6 +170,33 @@ def connect(ctx: RunContext, runner: Any) -> None:
     with ctx.phase("connect"):
         runner.connect()
     ctx.report.say("connected")
+
+
+class GpuNotVisible(OrchestratorError):
+    """A GPU size whose driver does not see its GPUs: nothing can train there."""
+
+
+def gpu_check(nodes: list[Any], expected: int) -> None:
+    """Before anything trains: every node's NVIDIA driver sees the size's GPUs. A driver that does not
+    match the size (or Secure Boot refusing its module) fails the run here, not an hour into a
+    CPU-speed 'GPU' job."""
+    from orchestrator.remote.job import on_all
+
+    def one(node: Any) -> str | None:
+        result = node.exec("nvidia-smi -L 2>&1", timeout=60)
+        seen = [line for line in result.text.splitlines() if line.startswith("GPU ")]
+        if result.exit_code == 0 and len(seen) >= expected:
+            return None
+        detail = result.text.strip().splitlines()[-1:] or ["no output"]
+        return f"{node.ep.name} sees {len(seen)} of {expected} GPU(s) (nvidia-smi exit {result.exit_code}: {detail[0]})"
+
+    problems = [p for p in on_all(nodes, one) if p]
+    if problems:
+        raise GpuNotVisible(
+            "The NVIDIA driver does not see this size's GPUs: " + "; ".join(problems) + ". Nothing was trained. "
+            "The image's driver does not match the size, or Secure Boot refused its module; `orchestrator "
+            "exec RUN -- dmesg` on a kept run (`--keep`) shows why."
+        )
 
 
 def sync(ctx: RunContext, runner: Any) -> None:

@@ -77,6 +77,7 @@ class Target:
     kind: ClassVar[str] = "azure"
     emulated: ClassVar[bool] = False
     watch_interval_s: ClassVar[float] = 15.0  # how often a running job's resource group is checked
+    has_gpus: ClassVar[bool] = True  # a GPU size's VMs have their GPUs (the local target's do not)
 
     def __init__(self, state: Path, subscription: str | None = None) -> None:
         self.state = state

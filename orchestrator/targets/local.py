@@ -48,6 +48,7 @@ class LocalTarget(Target):
     kind: ClassVar[str] = "local"
     emulated: ClassVar[bool] = True
     watch_interval_s: ClassVar[float] = 1.0
+    has_gpus: ClassVar[bool] = False  # emulated VMs have none: a GPU size runs on this machine's CPU
 
     def __init__(self, state: Path, subscription: str | None = None) -> None:
         super().__init__(state, subscription)
