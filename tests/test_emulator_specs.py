@@ -77,6 +77,22 @@ def test_our_provision_and_teardown_are_accepted_and_send_no_read_only_member(
             "Path 'properties.storageProfile.osDisk.diskSizeGB'",
         ),
         (lambda b: b.pop("location"), "InvalidParameter", "Required parameter 'location' is missing (null)."),
+        (
+            lambda b: b["properties"]["securityProfile"].update(foo=1),
+            "InvalidRequestContent",
+            "Could not find member 'foo' on object of type 'SecurityProfile'. Path 'properties.securityProfile.foo'",
+        ),
+        (
+            lambda b: b["properties"]["securityProfile"]["uefiSettings"].update(secureBoot=False),
+            "InvalidRequestContent",
+            "Could not find member 'secureBoot' on object of type 'UefiSettings'. "
+            "Path 'properties.securityProfile.uefiSettings.secureBoot'",
+        ),
+        (
+            lambda b: b["properties"]["securityProfile"]["uefiSettings"].update(vTpmEnabled="yes"),
+            "InvalidRequestContent",
+            "Path 'properties.securityProfile.uefiSettings.vTpmEnabled'",
+        ),
     ],
 )
 def test_vm_bodies_are_held_to_the_spec(emu: Emulator, mutate: Any, code: str, text: str) -> None:
@@ -89,6 +105,30 @@ def test_vm_bodies_are_held_to_the_spec(emu: Emulator, mutate: Any, code: str, t
     assert (
         r.json()["error"]["message"].startswith("The request content was invalid and could not be deserialized: '")
         or code != "InvalidRequestContent"
+    )
+
+
+def test_our_trusted_launch_security_profile_is_validated_against_compute_rp(emu: Emulator) -> None:
+    """SecurityProfile, SecurityTypes and UefiSettings are vendored (ComputeRP.json 2026-04-01): the
+    provisioner's securityProfile is walked member by member, and an unknown member inside it is refused."""
+    put_network(emu)
+    name, body = vm_body()
+    assert body["properties"]["securityProfile"] == {
+        "securityType": "TrustedLaunch",
+        "uefiSettings": {"secureBootEnabled": False, "vTpmEnabled": True},
+    }
+    before = emu.validated_bodies
+    assert call(emu, "PUT", f"{VM_URL}/{name}", body).status == 201
+    assert emu.validated_bodies == before + 1
+    assert emu.unvalidated_requests == []
+
+    refused = copy.deepcopy(body)
+    refused["properties"]["securityProfile"]["bootMode"] = "Secure"
+    r = call(emu, "PUT", f"{VM_URL}/{name}-2", refused)
+    assert error(r) == (400, "InvalidRequestContent")
+    assert (
+        "Could not find member 'bootMode' on object of type 'SecurityProfile'. "
+        "Path 'properties.securityProfile.bootMode'" in r.json()["error"]["message"]
     )
 
 
@@ -113,8 +153,11 @@ def test_an_api_version_the_spec_does_not_have_is_refused(emu: Emulator) -> None
         "No registered resource provider found for location 'eastus' and API version '2025-01-01' for type "
         "'virtualMachines'. The supported api-versions are '2026-04-01'."
     )
-    # A path the extracts do not hold is let through at an api-version its provider has.
+    # The public IP GET by name is vendored (virtualNetwork.json 2026-03-01): matched, not let through.
     assert call(emu, "GET", f"{NET}/publicIPAddresses/nope").status == 404
+    assert emu.unvalidated_requests == []
+    # A path the extracts do not hold is let through at an api-version its provider has.
+    assert call(emu, "GET", f"{NET}/routeTables/nope").status == 404
     assert emu.unvalidated_requests[-1][0] == "GET"
 
 
