@@ -825,3 +825,6 @@ cli.add_command(ssh_cmd.ssh)
 cli.add_command(ssh_cmd.ssh_config)
 cli.add_command(gpus_cmd.gpus)
 cli.add_command(cost_cmd.cost)
+from orchestrator.commands.check import check  # noqa: E402
+
+cli.add_command(check)

@@ -1,11 +1,12 @@
-"""templates/azure-role.json grants exactly the actions a full run's ARM requests need."""
+"""templates/azure-role.json grants exactly the actions a preflight's and a full run's ARM requests need."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from orchestrator.azure.permissions import actions_for, required_actions
+from orchestrator.azure.permissions import PREFLIGHT_ACTIONS, actions_for, required_actions
+from orchestrator.azure.preflight import PROVIDERS, run_preflight
 from orchestrator.azure.provision import Provisioner
 from orchestrator.azure.session import AzureSession
 from orchestrator.azure.teardown import delete_group, group_exists, list_run_groups
@@ -14,35 +15,26 @@ from tests.conftest import make_plan, make_spec
 
 ROLE = Path(__file__).resolve().parents[1] / "templates" / "azure-role.json"
 
-# Granted for the preflight (issue 12) before the code that sends these requests exists: a full run
-# does not make them yet, so the comparison below adds them. Each is an action Azure documents:
-# registering the providers a run uses (a new subscription has them unregistered:
-# MissingSubscriptionRegistration), reading registration state, quota (Compute usages), offered sizes
-# (Resource SKUs), the image (VirtualMachineImages GET/list versions) and the auto-shutdown schedules.
-# When the preflight lands, its requests appear in `needed` and this set may only shrink.
-RESERVED_FOR_PREFLIGHT = {
-    "Microsoft.Compute/register/action",
-    "Microsoft.Network/register/action",
-    "Microsoft.DevTestLab/register/action",
-    "Microsoft.Resources/subscriptions/providers/read",
-    "Microsoft.Compute/locations/usages/read",
-    "Microsoft.Compute/skus/read",
-    "Microsoft.Compute/locations/publishers/artifacttypes/offers/skus/versions/read",
-    "Microsoft.DevTestLab/schedules/read",
-}
 
-
-def test_the_role_covers_a_full_run_and_grants_nothing_more(emu: Emulator, session: AzureSession) -> None:
+def test_the_role_covers_a_preflight_and_a_full_run_and_grants_nothing_more(
+    emu: Emulator, session: AzureSession
+) -> None:
     emu.inject(Fault("TooManyRequests", status=429, count=2, retry_after=1))  # retries change nothing
-    plan = make_plan(make_spec(nodes=2, resources={"spot": True}))
+    spec = make_spec(nodes=2, resources={"spot": True})
+    for ns in PROVIDERS:  # as on a new subscription: the preflight registers them
+        emu.set_provider(ns, registered=False)
+    report = run_preflight(session, spec)  # providers, permissions, quota, SKUs, image, policy
+    assert report.exit_code == 0 and not report.warnings, report.checks
+    plan = make_plan(spec)
     Provisioner(session).provision(plan)  # group, network, VMs (inline NIC, IP, disk), schedules, addresses
     list_run_groups(session)  # gc
     delete_group(session, plan.resource_group)  # down / teardown
     group_exists(session, plan.resource_group)  # down's check
     needed = required_actions(emu.requests())
     role = json.loads(ROLE.read_text())
-    granted, expected = set(role["Actions"]), needed | RESERVED_FOR_PREFLIGHT
-    assert granted == expected, f"missing: {sorted(expected - granted)}; not needed: {sorted(granted - expected)}"
+    granted = set(role["Actions"])
+    assert granted == needed, f"missing: {sorted(needed - granted)}; not needed: {sorted(granted - needed)}"
+    assert needed >= PREFLIGHT_ACTIONS  # every action only the preflight uses is one it really sent
     assert (
         role["IsCustom"]
         and role["NotActions"] == []
@@ -61,4 +53,31 @@ def test_actions_for_single_requests() -> None:
     }
     assert actions_for("GET", "/subscriptions/s/providers/Microsoft.Compute/locations/eastus/operations/x") == {
         "Microsoft.Compute/locations/operations/read"
+    }
+    # The preflight's requests, at subscription scope (the run's group does not exist yet).
+    sub = "/subscriptions/s/providers"
+    image = f"{sub}/Microsoft.Compute/locations/eastus/publishers/p/artifacttypes/vmimage/offers/o/skus/s/versions"
+    assert {
+        (method, path): actions_for(method, path)
+        for method, path in [
+            ("POST", f"{sub}/microsoft.devtestlab/register"),
+            ("GET", f"{sub}/Microsoft.Compute"),
+            ("GET", f"{sub}/Microsoft.Compute/locations/eastus/usages"),
+            ("GET", f"{sub}/Microsoft.Compute/skus"),
+            ("GET", image),
+            ("GET", f"{image}/1.0.0"),
+            ("GET", f"{sub}/Microsoft.Authorization/permissions"),
+            ("POST", f"{sub}/Microsoft.PolicyInsights/checkPolicyRestrictions"),
+        ]
+    } == {
+        ("POST", f"{sub}/microsoft.devtestlab/register"): {"Microsoft.DevTestLab/register/action"},
+        ("GET", f"{sub}/Microsoft.Compute"): {"Microsoft.Resources/subscriptions/providers/read"},
+        ("GET", f"{sub}/Microsoft.Compute/locations/eastus/usages"): {"Microsoft.Compute/locations/usages/read"},
+        ("GET", f"{sub}/Microsoft.Compute/skus"): {"Microsoft.Compute/skus/read"},
+        ("GET", image): {"Microsoft.Compute/locations/publishers/artifacttypes/offers/skus/versions/read"},
+        ("GET", f"{image}/1.0.0"): {"Microsoft.Compute/locations/publishers/artifacttypes/offers/skus/versions/read"},
+        ("GET", f"{sub}/Microsoft.Authorization/permissions"): {"Microsoft.Authorization/permissions/read"},
+        ("POST", f"{sub}/Microsoft.PolicyInsights/checkPolicyRestrictions"): {
+            "Microsoft.PolicyInsights/checkPolicyRestrictions/read"
+        },
     }

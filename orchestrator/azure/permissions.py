@@ -7,8 +7,10 @@ the NSG and the IP; it writes its OS disk; deleting a group deletes everything i
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 RG = "Microsoft.Resources/subscriptions/resourceGroups"
@@ -25,6 +27,46 @@ CREATED_TYPES = (
 _CANONICAL = {t.lower(): t for t in (*CREATED_TYPES, "Microsoft.Network/virtualNetworks/subnets")}
 _TYPED = re.compile(r"/resourcegroups/[^/]+/providers/([^/]+)/([^/]+)(?:/([^/]+))?(?:/(subnets)/[^/]+)?$", re.I)
 _OPERATION = re.compile(r"/providers/([^/]+)/locations/[^/]+/(operations|operationresults)/", re.I)
+# The preflight's requests (orchestrator/azure/preflight.py), all at subscription scope: the run's group
+# does not exist yet. Actions as Microsoft's resource provider operations list names them.
+_SUB = r"^/subscriptions/[^/]+"
+_PREFLIGHT: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("POST", re.compile(_SUB + r"/providers/([^/]+)/register/?$", re.I), "{0}/register/action"),
+    ("GET", re.compile(_SUB + r"/providers/[^/]+/?$", re.I), "Microsoft.Resources/subscriptions/providers/read"),
+    (
+        "GET",
+        re.compile(_SUB + r"/providers/microsoft\.compute/locations/[^/]+/usages/?$", re.I),
+        "Microsoft.Compute/locations/usages/read",
+    ),
+    ("GET", re.compile(_SUB + r"/providers/microsoft\.compute/skus/?$", re.I), "Microsoft.Compute/skus/read"),
+    (
+        "GET",
+        re.compile(
+            _SUB + r"/providers/microsoft\.compute/locations/[^/]+/publishers/[^/]+/artifacttypes/vmimage/offers/[^/]+"
+            r"/skus/[^/]+/versions(/[^/]+)?/?$",
+            re.I,
+        ),
+        "Microsoft.Compute/locations/publishers/artifacttypes/offers/skus/versions/read",
+    ),
+    (
+        "GET",
+        re.compile(_SUB + r"(/resourcegroups/[^/]+)?/providers/microsoft\.authorization/permissions/?$", re.I),
+        "Microsoft.Authorization/permissions/read",
+    ),
+    (
+        "POST",  # a POST, but Azure names it a read: it only evaluates the body against policy
+        re.compile(
+            _SUB + r"(/resourcegroups/[^/]+)?/providers/microsoft\.policyinsights/checkpolicyrestrictions/?$", re.I
+        ),
+        "Microsoft.PolicyInsights/checkPolicyRestrictions/read",
+    ),
+)
+_NAMESPACES = {ns.lower(): ns for ns in ("Microsoft.Compute", "Microsoft.Network", "Microsoft.DevTestLab")}
+# What only the preflight sends (its reads, and registering the providers a new subscription lacks): a
+# run can do without them, so a role that lacks one gets a warning, not a refusal.
+PREFLIGHT_ACTIONS = frozenset(
+    {a for _, _, a in _PREFLIGHT if "{0}" not in a} | {f"{ns}/register/action" for ns in _NAMESPACES.values()}
+)
 
 
 def actions_for(method: str, path: str, body: Any = None) -> set[str]:
@@ -34,6 +76,10 @@ def actions_for(method: str, path: str, body: Any = None) -> set[str]:
         return {f"{m.group(1)}/locations/{m.group(2)}/read"}
     if re.search(r"/subscriptions/[^/]+/operationresults/", path, re.I):
         return {"Microsoft.Resources/subscriptions/operationresults/read"}
+    for wanted, pattern, action in _PREFLIGHT:
+        if method == wanted and (m := pattern.search(path)):
+            namespace = m.group(1) if "{0}" in action else ""
+            return {action.format(_NAMESPACES.get(namespace.lower(), namespace))}
     if re.search(r"/resourcegroups/[^/]+/resources$", path, re.I):
         return {f"{RG}/resources/read"}
     if m := _TYPED.search(path):
@@ -75,3 +121,33 @@ def required_actions(requests: Iterable[Any]) -> set[str]:
     for r in requests:
         out |= actions_for(r.method, r.path, r.body)
     return out
+
+
+# ------------------------------------------------------------------ the role and the caller's rights
+
+ROLE_FILE = Path(__file__).resolve().parents[2] / "templates" / "azure-role.json"
+
+
+def role_actions(path: Path = ROLE_FILE) -> list[str]:
+    """The actions templates/azure-role.json grants: what a run (and its preflight) needs."""
+    return [str(a) for a in json.loads(path.read_text())["Actions"]]
+
+
+def _pattern(action: str) -> re.Pattern[str]:
+    return re.compile("^" + ".*".join(re.escape(part) for part in action.split("*")) + "$", re.I)
+
+
+def allowed(action: str, permissions: Iterable[dict[str, Any]]) -> bool:
+    """Whether Azure RBAC allows `action` given the caller's permissions (Permissions API entries).
+
+    Each entry is one role's {actions, notActions}: an action is allowed when some entry's actions
+    match it and that same entry's notActions do not (notActions subtract from their own role only; a
+    deny needs a deny assignment). Matching is case-insensitive and `*` matches any run of characters
+    (`*`, `*/read`, `Microsoft.Compute/*`, `Microsoft.Network/*/join/action`).
+    """
+    for entry in permissions:
+        grants = entry.get("actions") or []
+        denies = entry.get("notActions") or []
+        if any(_pattern(a).match(action) for a in grants) and not any(_pattern(n).match(action) for n in denies):
+            return True
+    return False
