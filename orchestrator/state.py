@@ -203,7 +203,7 @@ def process_started(pid: int) -> float | None:
         return 0.0
 
 
-class Store:
+class RunStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
@@ -547,5 +547,5 @@ def _unwritable(path: Path, e: Exception) -> str:
     )
 
 
-def open_store(state_dir: Path) -> Store:
-    return Store(state_dir / "runs.db")
+def open_store(state_dir: Path) -> RunStore:
+    return RunStore(state_dir / "runs.db")

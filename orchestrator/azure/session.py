@@ -152,8 +152,8 @@ def resolve_subscription(flag: str | None) -> str:
             return out.stdout.strip()
     raise CredentialsError(
         "No Azure subscription found: pass --subscription ID, set AZURE_SUBSCRIPTION_ID, or run `az login` "
-        "(and `az account set -s ID`). Without Azure: `orchestrator run JOB --dry-run` shows a plan, and --target local "
-        "runs the whole cycle on this machine."
+        "(and `az account set -s ID`). Without Azure: `orchestrator run JOB --dry-run` shows a plan, and "
+        "--target local runs the whole cycle on this machine."
     )
 
 

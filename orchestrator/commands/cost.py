@@ -23,7 +23,7 @@ import click
 
 if TYPE_CHECKING:
     from orchestrator.cli import Ctx
-    from orchestrator.state import Phase, RunRecord, Store
+    from orchestrator.state import Phase, RunRecord, RunStore
 
 VM_TYPE = "microsoft.compute/virtualmachines"
 
@@ -148,7 +148,7 @@ def price_of(source: str, cache: dict[str, Price]) -> Price:
     return price
 
 
-def _nodes(store: Store, record: RunRecord, phases: list[Phase], price: Price) -> int:
+def _nodes(store: RunStore, record: RunRecord, phases: list[Phase], price: Price) -> int:
     """How many VMs the run had: its VM resources, else its nodes file, else the job's count if it
     got as far as connecting to them."""
     from orchestrator.runfiles import RunFiles
@@ -164,12 +164,12 @@ def _nodes(store: Store, record: RunRecord, phases: list[Phase], price: Price) -
     return 0
 
 
-def _gone_at(store: Store, run_id: str) -> float | None:
+def _gone_at(store: RunStore, run_id: str) -> float | None:
     gone = [at for at, kind, data in store.events(run_id) if kind == "state" and data.get("state") == "gone"]
     return max(gone) if gone else None
 
 
-def cost_of(store: Store, record: RunRecord, now: float, cache: dict[str, Price] | None = None) -> RunCost:
+def cost_of(store: RunStore, record: RunRecord, now: float, cache: dict[str, Price] | None = None) -> RunCost:
     phases = store.phases(record.run_id)
     price = price_of(record.source, {} if cache is None else cache)
     start, end, hours = billed_interval(record, phases, _gone_at(store, record.run_id), now)
@@ -210,7 +210,7 @@ def _money(usd: float | None) -> str:
     return "?" if usd is None else f"${usd:,.2f}" if usd >= 0.01 or usd == 0 else f"${usd:.4f}"
 
 
-def running_cost_line(store: Store, live: list[RunRecord], now: float | None = None) -> str:
+def running_cost_line(store: RunStore, live: list[RunRecord], now: float | None = None) -> str:
     """`status`: the running cost of the runs that are active or hold resources, in one line."""
     now = time.time() if now is None else now
     cache: dict[str, Price] = {}

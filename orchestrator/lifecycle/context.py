@@ -18,7 +18,7 @@ from orchestrator.lifecycle.reporter import Reporter
 from orchestrator.plan import resource_group_name
 from orchestrator.runfiles import RunFiles
 from orchestrator.spec import JobSpec
-from orchestrator.state import Store, open_store
+from orchestrator.state import RunStore, open_store
 from orchestrator.targets import Target
 
 HEARTBEAT_S = 10.0
@@ -34,7 +34,7 @@ class RunContext:
         self.report = report
         session.on_retry = report.say
         self.files = RunFiles(target.state, run_id).ensure()
-        self.store: Store = open_store(target.state)
+        self.store: RunStore = open_store(target.state)
         self.group = resource_group_name(run_id)
         if resume:
             self.store.claim(run_id, os.getpid())
