@@ -131,7 +131,7 @@ def gpus(obj: Ctx, region: str | None, spot: bool, refresh: bool) -> None:
         refreshed = prices.refresh(region)
         if not obj.as_json:
             click.echo(
-                f"Fetched {refreshed.figures} prices for {refreshed.sizes} sizes "
+                f"Fetched {refreshed.figures} prices (the catalog's {refreshed.sizes} sizes asked for) "
                 f"{'in ' + region if region else 'in every region'} from {refreshed.source} into {refreshed.path}."
             )
     rows = gpu_rows(region, spot)
