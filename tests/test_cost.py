@@ -149,7 +149,7 @@ def test_cost_of_local_runs_status_and_down(tmp_path: Path) -> None:
     assert json.loads(cli(*local, "--json", "cost", "--since", "all", env=env).stdout)["holding"]["runs"] == []
 
     r = cli(*local, "cost", kept_id[:-1])
-    assert r.returncode == 2 and f"Did you mean {kept_id}?" in r.stderr
+    assert r.returncode == 2 and f"Did you mean {kept_id}" in r.stderr  # the closest first
     r = cli(*local, "--json", "cost", "--since", "soon")
     assert r.returncode == 2 and "is not a period" in json.loads(r.stdout)["message"]
 
