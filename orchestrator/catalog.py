@@ -608,8 +608,8 @@ def image_label(name: str, gpu: bool) -> str:
 SECURITY_SOURCES: dict[str, str] = {
     "spec": (
         "Property names and values: Compute ComputeRP.json 2026-04-01 (Azure/azure-rest-api-specs at commit "
-        "030174c776bbc013251bc13957bbff81f0a21bd4, the commit the vendored extract came from; SecurityProfile, "
-        "SecurityTypes and UefiSettings are not in the extract): VirtualMachineProperties.securityProfile -> "
+        "030174c776bbc013251bc13957bbff81f0a21bd4, the commit the vendored extract came from, which now holds "
+        "SecurityProfile, SecurityTypes and UefiSettings too): VirtualMachineProperties.securityProfile -> "
         "SecurityProfile {securityType: SecurityTypes (Standard | TrustedLaunch | ConfidentialVM), uefiSettings: "
         "UefiSettings {secureBootEnabled: boolean, vTpmEnabled: boolean}, ...}; 'UefiSettings will not be "
         "enabled unless [securityType] is set and is not Standard'."

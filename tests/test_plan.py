@@ -210,7 +210,7 @@ def test_cloud_init_carries_the_host_key_the_watchdog_and_the_gpu_check() -> Non
 
 
 # Compute ComputeRP.json 2026-04-01, Azure/azure-rest-api-specs at 030174c776bbc013251bc13957bbff81f0a21bd4
-# (not in the vendored extract, so the emulator accepts any securityProfile): SecurityProfile's
+# (now vendored, so the emulator validates securityProfile too): SecurityProfile's
 # members, SecurityTypes' enum and UefiSettings' members, copied from the definitions.
 SECURITY_PROFILE_MEMBERS = {
     "uefiSettings",

@@ -66,17 +66,18 @@ def test_happy_path_creates_everything_and_reports_addresses(emu: Emulator, sess
 
 
 def test_resources_wait_only_for_their_dependencies() -> None:
-    """On the azure-like profile (1000x faster than Azure), VNet and NSG overlap and VMs start together."""
-    emu = Emulator("azure-like", clock=ScaledClock(1000.0))
+    """On the azure-like profile (50x faster than Azure), VNet and NSG overlap and VMs run side by side.
+    The assertions are about order, not speed: a loaded machine stretches the scaled clock."""
+    emu = Emulator("azure-like", clock=ScaledClock(50.0))
     plan, result = provision(emulator_session(emu, subscription=SUB), nodes=3)
     t = {plan.by_id(rid).name: span for rid, span in result.timings.items()}
     vnet, nsg = t["demo-abc123-vnet"], t["demo-abc123-nsg"]
     assert nsg[0] < vnet[1] and vnet[0] < nsg[1]  # overlapping
-    starts = [t[f"demo-abc123-{n}"][0] for n in range(3)]
-    assert max(starts) - min(starts) < 10  # emulated seconds; each VM takes 120
-    assert min(starts) >= max(vnet[1], nsg[1]) - 0.01
-    # Far below the sequential sum (1 + 7 + 3 + 3 x 120 = 371 s).
-    assert result.seconds < 200
+    vms = [t[f"demo-abc123-{n}"] for n in range(3)]
+    assert max(start for start, _ in vms) < min(end for _, end in vms), "every VM started before any finished"
+    assert min(start for start, _ in vms) >= max(vnet[1], nsg[1]) - 0.01
+    # Below even two VMs one after the other (1 + 7 + 3 + 2 x 120 = 251 s), let alone three (371 s).
+    assert result.seconds < 251
 
 
 def test_events_report_each_resource(session: AzureSession) -> None:
@@ -343,7 +344,9 @@ def test_primary_nic_and_ip_configuration_come_first() -> None:
         _group_and_name("/subscriptions/x")
 
 
-@pytest.mark.parametrize("size", sorted(n for n, s in catalog.VM_SIZES.items() if s.is_gpu))
+@pytest.mark.parametrize(
+    "size", sorted(n for n, s in catalog.VM_SIZES.items() if s.is_gpu and catalog.unsupported_reason(s) is None)
+)
 def test_every_gpu_size_boots_with_secure_boot_off_and_its_body_is_accepted(
     emu: Emulator, session: AzureSession, size: str
 ) -> None:
