@@ -60,6 +60,11 @@ class RunFiles:
         return self.hostkeys / vm_name
 
     @property
+    def known_hosts(self) -> Path:
+        """The nodes' pinned host keys in OpenSSH's format, for `orchestrator ssh` (never ~/.ssh)."""
+        return self.root / "known_hosts"
+
+    @property
     def nodes_file(self) -> Path:
         return self.root / "nodes.json"
 

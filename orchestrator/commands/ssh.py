@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from orchestrator.state import RunRecord
     from orchestrator.targets import Target
 
-KNOWN_HOSTS = "known_hosts"  # in the run folder
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def _client_key(record: RunRecord, files: RunFiles) -> Path:
 
 def write_known_hosts(files: RunFiles, run_id: str, nodes: list[NodeRecord]) -> Path:
     """The run's pinned host keys as an OpenSSH known_hosts file, one line per node's alias."""
-    path = files.root / KNOWN_HOSTS
+    path = files.known_hosts
     text = "".join(f"orch-{run_id}-{n.rank} {n.host_key.strip()}\n" for n in sorted(nodes, key=lambda n: n.rank))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from orchestrator.lifecycle.interrupts import held_interrupts
@@ -42,7 +43,7 @@ class RunContext:
             self.store.create_run(
                 run_id=run_id,
                 job=spec.name,
-                source=spec.source,
+                source=str(Path(spec.source).resolve()),  # `train`/`cost` from another folder read it too
                 target=target.kind,
                 subscription=session.subscription_id,
                 resource_group=self.group,
