@@ -245,6 +245,9 @@ class Resources(_Strict):
     @classmethod
     def _size(cls, v: str) -> str:
         if v in catalog.VM_SIZES:
+            reason = catalog.unsupported_reason(catalog.VM_SIZES[v])
+            if reason is not None:
+                raise ValueError(reason)
             return v
         retired = catalog.retired_size(v)
         if retired is not None and retired.retired is not None:
