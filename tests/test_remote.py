@@ -153,7 +153,9 @@ def test_the_size_limit_stops_a_runaway_upload(vms: EmulatedVms, tmp_path: Path)
     root = tmp_path / "work"
     root.mkdir()
     (root / "dataset.bin").write_bytes(b"x" * 5000)
-    with pytest.raises(Exception, match=r"over the 0 MB upload limit.*dataset.bin"):
+    from orchestrator.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"over the 0 MB upload limit.*dataset.bin"):
         sync.upload(vms.nodes[0], root, vms.layout, limit=1000)
 
 
@@ -166,8 +168,11 @@ def test_a_connection_dropped_mid_sync_is_retried_to_a_correct_tree(vms: Emulate
     (root / "blob.bin").write_bytes(os.urandom(24 << 20))
     dropped = threading.Event()
 
-    def drop() -> None:
-        time.sleep(0.15)
+    def drop() -> None:  # as soon as bytes land on the VM: the upload is under way, whatever the load
+        target = vms.home() / "orch"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(p.is_file() for p in target.rglob("*")):
+            time.sleep(0.002)
         vms.drop_connections(0)
         dropped.set()
 
