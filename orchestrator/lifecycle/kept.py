@@ -191,7 +191,7 @@ def follow_logs(run_id: str, target: Target, emit: Any, phases: list[str]) -> No
         secrets = [os.environ[s] for s in spec.secrets if s in os.environ]  # never stored: re-read here
         files = RunFiles(target.state, run_id)
         multi = len(nodes) > 1
-        for phase in phases:
+        for phase in [p for p in phases if p != "install"]:  # the install ended before the job began
 
             def one(node: Any, phase: str = phase) -> int:
                 log = files.log(phase, node.label)

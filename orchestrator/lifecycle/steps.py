@@ -32,10 +32,13 @@ def owner_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def connect_options() -> Any:
+def connect_options(target: Target) -> Any:
     from orchestrator.remote.connect import ConnectOptions
 
-    return ConnectOptions(keepalive_s=int(float(os.environ.get("ORCH_SSH_KEEPALIVE", "15"))))
+    return ConnectOptions(
+        keepalive_s=int(float(os.environ.get("ORCH_SSH_KEEPALIVE", "15"))),
+        max_backoff_s=target.connect_backoff_max_s,
+    )
 
 
 # ---------------------------------------------------------------------------------------- check
@@ -130,7 +133,7 @@ def provision(ctx: RunContext) -> tuple[Any, list[NodeRecord], RunKeys]:
 def ssh_nodes(target: Target, nodes: list[NodeRecord], key: Path) -> list[Any]:
     from orchestrator.remote.connect import Endpoint, Node
 
-    opts = connect_options()
+    opts = connect_options(target)
     out = []
     for n in nodes:
         host, port = target.endpoint(n)
