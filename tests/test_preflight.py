@@ -271,6 +271,15 @@ def test_a_deny_policy_is_named(emu: Emulator) -> None:
     assert isinstance(report.error(), PolicyDeniedError)
 
 
+def test_a_refused_token_is_one_credential_paragraph(clock: VirtualClock) -> None:
+    emu = Emulator("instant", clock=clock, accept_token=lambda token: False)
+    report = preflight_on(emu)
+    assert [c.name for c in report.checks] == ["credential"]  # nothing else is worth saying
+    (c,) = report.problems
+    assert "Azure could not authenticate you (InvalidAuthenticationToken)" in c.message and "az login" in c.message
+    assert isinstance(report.error(), AuthError) and report.exit_code == 3
+
+
 def test_no_job_checks_only_what_does_not_depend_on_one(emu: Emulator) -> None:
     report = run_preflight(emulator_session(emu, subscription=SUB))
     assert [c.name for c in report.checks] == ["credential", "providers", "permissions"]
@@ -425,6 +434,12 @@ def test_cli_check_json_on_a_problem_exits_3(tmp_path: Path) -> None:
     (quota,) = [c for c in doc["checks"] if c["status"] == "problem"]
     assert quota["name"] == "quota" and quota["code"] == "QuotaExceeded" and doc["ok"] is False
     assert quota["details"]["family"] == T4_FAMILY and quota["details"]["limit"] == 0
+
+
+def test_cli_check_with_dry_run_asks_a_throwaway_ready_emulator(tmp_path: Path) -> None:
+    r = cli("--state-dir", str(tmp_path), "--dry-run", "check", str(write_job(tmp_path)), "--nodes", "2")
+    assert r.returncode == 0 and "The job can run." in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "emulator").exists() and not (tmp_path / "runs.db").exists()
 
 
 def test_check_is_not_on_the_cli_import_path() -> None:
