@@ -66,3 +66,23 @@ def job_dir(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+# Modules whose tests run whole cycles as separate CLI processes (seconds each): the `slow` tier, which
+# `make test` runs and `make test-fast` skips. Unit, emulator and single-step SSH tests stay fast.
+SLOW_MODULES = frozenset(
+    {
+        "test_cli.py",
+        "test_data_safety.py",
+        "test_local_vm.py",
+        "test_cost.py",
+        "test_commands_ssh.py",
+        "test_install.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
