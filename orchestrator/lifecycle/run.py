@@ -86,6 +86,7 @@ def run(
             report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
             enabler = ScheduleEnabler(session, result.plan, report.say)
             nodes.extend(steps.ssh_nodes(target, records, keys.client_key))
+            limits.check()  # a limit that passed while provisioning had no node to stop yet
             runner = steps.runner_for(spec, target, records, nodes, ctx.files, report, secrets, upload_limit)
             watch = GroupWatch(lambda: group_exists(session, ctx.group), target.watch_interval_s, stop_nodes)
             steps.connect(ctx, runner)
@@ -95,6 +96,7 @@ def run(
             steps.sync(ctx, runner)
             install.wait_for_install(ctx, runner, report)
             in_job = True
+            limits.check()
             if spec.setup:
                 phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
             if detach and all(p.exit_code == 0 for p in phases):
@@ -109,6 +111,7 @@ def run(
                 ctx.close()
                 return Detached(run_id, time.monotonic() - t0)
             if all(p.exit_code == 0 for p in phases):
+                limits.check()
                 phases.append(steps.job_phase(ctx, runner, "run", [spec.run], report))
             limits.check()
         except BaseException as e:  # decided into a verdict below; the CLI maps it to an exit code
