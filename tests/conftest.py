@@ -86,3 +86,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many ARM request bodies this pytest process held to Microsoft's specs (CLI subprocesses
+    check theirs too; they are not counted here)."""
+    from orchestrator.emulator import openapi
+
+    terminalreporter.write_line(
+        f"ARM request bodies checked against the REST specs in-process: {openapi.BODIES_CHECKED[0]}"
+    )
