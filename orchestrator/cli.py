@@ -54,9 +54,10 @@ def _job_command(f: Any) -> Any:
         obj: Ctx,
         job: str,
         dry_run_here: bool,
-        region: str | None,
-        vm_size: str | None,
+        region: tuple[str, ...],
+        vm_size: tuple[str, ...],
         spot: bool | None,
+        spot_prefer: bool,
         nodes: int | None,
         ssh_cidrs: tuple[str, ...],
         env: tuple[str, ...],
@@ -65,8 +66,16 @@ def _job_command(f: Any) -> Any:
     ) -> None:
         from orchestrator.spec import Overrides, load_spec
 
+        if spot_prefer and spot is not None:
+            raise click.UsageError("--spot-prefer cannot be combined with --spot or --no-spot.")
         overrides = Overrides(
-            region=region, vm_size=vm_size, spot=spot, nodes=nodes, ssh_cidrs=ssh_cidrs, env=env, expect=expect
+            region=region or None,
+            vm_size=vm_size or None,
+            spot="prefer" if spot_prefer else spot,
+            nodes=nodes,
+            ssh_cidrs=ssh_cidrs,
+            env=env,
+            expect=expect,
         )
         spec = load_spec(job, overrides)
         if obj.dry_run or dry_run_here:
@@ -80,9 +89,19 @@ def _job_command(f: Any) -> Any:
     options = [
         click.argument("job", type=click.Path(dir_okay=True)),
         click.option("--dry-run", "dry_run_here", is_flag=True, help="Show the plan; create nothing."),
-        click.option("--region", help="Azure region, e.g. eastus (overrides resources.region)."),
-        click.option("--vm-size", help="VM size, e.g. Standard_NC4as_T4_v3 (overrides resources.vm_size)."),
-        click.option("--spot/--no-spot", default=None, help="Use spot VMs (overrides resources.spot)."),
+        click.option(
+            "--region",
+            multiple=True,
+            help="Azure region, e.g. eastus, or any (repeatable: candidate regions; overrides resources.region).",
+        ),
+        click.option(
+            "--vm-size",
+            multiple=True,
+            help="VM size, e.g. Standard_NC4as_T4_v3 (repeatable: candidate sizes; overrides resources.vm_size "
+            "and accelerators).",
+        ),
+        click.option("--spot/--no-spot", default=None, help="Use spot VMs, or not (overrides resources.spot)."),
+        click.option("--spot-prefer", is_flag=True, help="Try spot first, then on-demand (resources.spot: prefer)."),
         click.option("--nodes", type=click.IntRange(1, 16), help="Number of VMs (overrides `nodes`)."),
         click.option(
             "--expect",

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestrator import catalog
+from orchestrator.candidates import Candidate
 from orchestrator.spec import JobSpec
 
 TAG_RUN = "orchestrator-run"
@@ -110,6 +111,7 @@ class ResourcePlan:
     warnings: tuple[str, ...] = field(default=())
     # When the auto-shutdown schedules deallocate the VMs (UTC, to the minute): the run's expiry.
     shutdown_at: datetime | None = None
+    candidate: Candidate | None = None  # the size, region, zone and spot choice of every node
 
     @property
     def schedule_enable_at(self) -> datetime | None:
@@ -238,10 +240,18 @@ def build_plan(
     now: datetime,
     ssh_public_key: str,
     custom_data: Mapping[int, str] | None = None,
+    candidate: Candidate | None = None,
+    group_location: str | None = None,
 ) -> ResourcePlan:
-    """`custom_data` maps a node's rank to its base64 cloud-init (each VM has its own host key)."""
+    """`custom_data` maps a node's rank to its base64 cloud-init (each VM has its own host key).
+    `candidate`: where the nodes go (default: the job's first candidate); every node of a plan is in
+    its one region and zone. `group_location`: where the run's group already is, when an earlier
+    candidate created it in another region (a group's location cannot change; what it holds may be
+    in any region)."""
     if not RUN_ID_RE.match(run_id):
         raise ValueError(f"run id {run_id!r} is not valid in Azure resource names")
+    if candidate is not None:
+        spec = spec.pinned(candidate)
     res = spec.resources
     size = res.size
     image = catalog.resolve_image(res.image, gpu=size.is_gpu)
@@ -250,7 +260,8 @@ def build_plan(
     sub = subscription_id
     warnings: list[str] = []
 
-    rg_res = PlannedResource(T_RG, rg, _rid(sub, rg), {"location": res.region, "tags": tags}, (), 0)
+    rg_body = {"location": group_location or res.region, "tags": tags}
+    rg_res = PlannedResource(T_RG, rg, _rid(sub, rg), rg_body, (), 0)
     vnet_name, nsg_name = f"{run_id}-vnet", f"{run_id}-nsg"
     vnet_id, nsg_id = _rid(sub, rg, T_VNET, vnet_name), _rid(sub, rg, T_NSG, nsg_name)
     subnet_id = f"{vnet_id}/subnets/{SUBNET_NAME}"
@@ -341,6 +352,7 @@ def build_plan(
         hourly_usd=spec.hourly_usd(),
         warnings=tuple(warnings),
         shutdown_at=shutdown_at,
+        candidate=Candidate(res.vm_size, res.region, res.zone, res.spot),
     )
 
 

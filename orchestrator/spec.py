@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -224,55 +225,108 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _as_list(v: Any) -> Any:
+    """A scalar where a list is allowed (today's one-value form) becomes a one-item list."""
+    if v is None or isinstance(v, list):
+        return v
+    return [v]
+
+
+def _size_name(v: str) -> str:
+    """A name the catalog knows (retired and refused sizes pass here: candidates drop them with the
+    reason, and a job left with none says why); typos get suggestions."""
+    if v in catalog.VM_SIZES or catalog.retired_size(v) is not None:
+        return v
+    by_lower = {k.lower(): k for k in catalog.VM_SIZES}
+    if v.lower() in by_lower:
+        raise ValueError(f"unknown VM size '{v}'; did you mean '{by_lower[v.lower()]}'? (case matters)")
+    close = difflib.get_close_matches(v, catalog.VM_SIZES, n=3, cutoff=0.6)
+    if close:
+        raise ValueError(f"unknown VM size '{v}'. Did you mean {' or '.join(close)}?")
+    gpus = ", ".join(k for k, s in catalog.VM_SIZES.items() if s.is_gpu)
+    raise ValueError(f"unknown VM size '{v}'. Known GPU sizes: {gpus}")
+
+
+def _region_name(v: str) -> str:
+    if v in catalog.REGIONS or v == "any":
+        return v
+    close = difflib.get_close_matches(v.lower().replace(" ", ""), catalog.REGIONS, n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise ValueError(f"unknown region '{v}'.{hint} Known regions: {', '.join(sorted(catalog.REGIONS))} (or any)")
+
+
+def _zone_name(v: Any) -> str:
+    if v == "any":
+        return "any"
+    if isinstance(v, bool) or str(v) not in {"1", "2", "3"}:
+        raise ValueError("zone must be 1, 2 or 3, a list of them, or any (or left out to let Azure choose)")
+    return str(v)
+
+
+def _spot_mode(v: Any) -> str:
+    if v is True or v is False:
+        return "true" if v else "false"
+    if v == "prefer":
+        return "prefer"
+    raise ValueError("spot must be true, false or prefer (spot first, then on-demand)")
+
+
+SizeName = Annotated[str, AfterValidator(_size_name)]
+RegionName = Annotated[str, AfterValidator(_region_name)]
+ZoneName = Annotated[str, BeforeValidator(_zone_name)]
+
+
 class Resources(_Strict):
-    vm_size: str = "Standard_NC4as_T4_v3"
-    region: str = "eastus"
-    zone: str | None = None
+    """What the run asks for: every (size, region, zone, spot) it allows is a candidate
+    (orchestrator/candidates.py), tried in order. `vm_size`, `region`, `zone`, `spot` and `size` read
+    the first candidate; a run pins the one that provisioned (`JobSpec.pinned`)."""
+
+    accelerators: dict[str, int] | None = None  # {T4: 1}: GPUs per node, instead of (or with) vm_size
+    sizes_asked: Annotated[list[SizeName] | None, BeforeValidator(_as_list)] = Field(
+        None, validation_alias="vm_size", min_length=1
+    )
+    regions_asked: Annotated[list[RegionName], BeforeValidator(_as_list)] = Field(
+        default_factory=lambda: ["eastus"], validation_alias="region", min_length=1
+    )
+    zones_asked: Annotated[list[ZoneName] | None, BeforeValidator(_as_list)] = Field(
+        None, validation_alias="zone", min_length=1
+    )
     image: str = "auto"
     disk_gb: Annotated[int, Field(ge=30, le=4095)] = 128
-    spot: bool = False
+    spot_mode: Annotated[str, BeforeValidator(_spot_mode)] = Field("false", validation_alias="spot")
+    order: Literal["cheapest", "listed"] = "cheapest"
+    _candidates: Any = PrivateAttr(default=None)
 
-    @field_validator("zone", mode="before")
+    @field_validator("accelerators")
     @classmethod
-    def _zone(cls, v: Any) -> Any:
+    def _accelerators(cls, v: dict[str, int] | None) -> dict[str, int] | None:
         if v is None:
             return None
-        if isinstance(v, bool) or str(v) not in {"1", "2", "3"}:
-            raise ValueError("zone must be 1, 2 or 3 (or left out to let Azure choose)")
-        return str(v)
+        if not v:
+            raise ValueError("name at least one accelerator, e.g. {T4: 1}")
+        for name, count in v.items():
+            if not 1 <= count <= 16:
+                raise ValueError(f"{name}: a node's GPU count must be between 1 and 16, not {count}")
+            catalog.sizes_for(name, count)  # ValueError for an accelerator the catalog does not know
+        return v
 
-    @field_validator("vm_size")
+    @field_validator("sizes_asked")
     @classmethod
-    def _size(cls, v: str) -> str:
-        if v in catalog.VM_SIZES:
-            reason = catalog.unsupported_reason(catalog.VM_SIZES[v])
-            if reason is not None:
-                raise ValueError(reason)
-            return v
-        retired = catalog.retired_size(v)
-        if retired is not None and retired.retired is not None:
-            r = retired.retired
-            raise ValueError(
-                f"{retired.name} was retired by Azure on {r.date} and can no longer be created; use a current "
-                f"size such as {r.replacement} instead (migration guide: {r.guide})"
-            )
-        by_lower = {k.lower(): k for k in catalog.VM_SIZES}
-        if v.lower() in by_lower:
-            raise ValueError(f"unknown VM size '{v}'; did you mean '{by_lower[v.lower()]}'? (case matters)")
-        close = difflib.get_close_matches(v, catalog.VM_SIZES, n=3, cutoff=0.6)
-        if close:
-            raise ValueError(f"unknown VM size '{v}'. Did you mean {' or '.join(close)}?")
-        gpus = ", ".join(k for k, s in catalog.VM_SIZES.items() if s.is_gpu)
-        raise ValueError(f"unknown VM size '{v}'. Known GPU sizes: {gpus}")
+    def _sizes(cls, v: list[str] | None) -> list[str] | None:
+        from orchestrator.candidates import size_problem
 
-    @field_validator("region")
+        if v is not None:
+            problems = [p for name in v if (p := size_problem(name)) is not None]
+            if len(problems) == len(v):  # nothing in the list can be created: say why, here
+                raise ValueError("; ".join(dict.fromkeys(problems)))
+        return v
+
+    @field_validator("regions_asked", "zones_asked")
     @classmethod
-    def _region(cls, v: str) -> str:
-        if v in catalog.REGIONS:
-            return v
-        close = difflib.get_close_matches(v.lower().replace(" ", ""), catalog.REGIONS, n=2, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"unknown region '{v}'.{hint} Known regions: {', '.join(sorted(catalog.REGIONS))}")
+    def _any_alone(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and "any" in v and len(v) > 1:
+            raise ValueError("`any` stands alone: write `any` or a list of names, not both")
+        return v
 
     @field_validator("image")
     @classmethod
@@ -287,35 +341,86 @@ class Resources(_Strict):
     @field_validator("disk_gb")
     @classmethod
     def _disk_holds_image(cls, v: int, info: ValidationInfo) -> int:
-        # Runs after vm_size and image (field order), whether they came from the file or a flag.
-        size = catalog.VM_SIZES.get(info.data.get("vm_size", ""))
+        # Runs after the sizes and image (field order), whether they came from the file or a flag.
         name = info.data.get("image")
-        if size is None or name is None:
+        if name is None or "sizes_asked" not in info.data or "accelerators" not in info.data:
             return v  # those fields failed and say so themselves
-        image = catalog.resolve_image(name, gpu=size.is_gpu)
-        if image.os_disk_gb is not None and v < image.os_disk_gb:
-            raise ValueError(
-                f"{v} GB is smaller than the {image.os_disk_gb} GB OS disk of image "
-                f"{catalog.image_label(name, size.is_gpu)} ({image.urn}) used with {size.name}; Azure refuses a "
-                f"smaller disk. Set resources.disk_gb to at least {image.os_disk_gb}"
-            )
+        for size in _sizes_of(info.data["accelerators"], info.data["sizes_asked"]):
+            image = catalog.resolve_image(name, gpu=size.is_gpu)
+            if image.os_disk_gb is not None and v < image.os_disk_gb:
+                raise ValueError(
+                    f"{v} GB is smaller than the {image.os_disk_gb} GB OS disk of image "
+                    f"{catalog.image_label(name, size.is_gpu)} ({image.urn}) used with {size.name}; Azure refuses a "
+                    f"smaller disk. Set resources.disk_gb to at least {image.os_disk_gb}"
+                )
         return v
 
     @model_validator(mode="after")
     def _fits(self) -> Resources:
-        size = catalog.VM_SIZES[self.vm_size]
-        if self.spot and not size.spot_supported:
-            raise ValueError(f"{self.vm_size} cannot run as a Spot VM (Azure offers no Spot for B-series); drop `spot`")
-        if self.region not in size.regions:
-            where = ", ".join(sorted(size.regions))
-            raise ValueError(f"{self.vm_size} is not offered in {self.region}; it is offered in: {where}")
-        if self.zone and not catalog.region_has_zones(self.region):
-            raise ValueError(f"{self.region} has no availability zones; remove `zone`")
+        from orchestrator import candidates
+
+        found = candidates.expand(
+            accelerators=self.accelerators,
+            sizes=self.sizes_asked,
+            regions=self.regions_asked,
+            zones=self.zones_asked,
+            spot=self.spot_mode,
+            order=self.order,
+            disk_gb=self.disk_gb,
+        )
+        if not found:
+            raise ValueError(found.refusal())
+        self._candidates = found
         return self
+
+    @property
+    def candidates(self) -> Any:
+        """candidates.Candidates: ordered, and the dropped ones with their reasons."""
+        return self._candidates
+
+    @property
+    def first(self) -> Any:
+        """The first candidate (candidates.Candidate)."""
+        return self._candidates.ordered[0]
+
+    @property
+    def vm_size(self) -> str:
+        return str(self.first.size)
+
+    @property
+    def region(self) -> str:
+        return str(self.first.region)
+
+    @property
+    def zone(self) -> str | None:
+        zone: str | None = self.first.zone
+        return zone
+
+    @property
+    def spot(self) -> bool:
+        return bool(self.first.spot)
 
     @property
     def size(self) -> catalog.VmSize:
         return catalog.VM_SIZES[self.vm_size]
+
+
+def _sizes_of(accelerators: dict[str, int] | None, sizes: list[str] | None) -> list[catalog.VmSize]:
+    """The creatable sizes a job names (for the OS disk check)."""
+    names = list(sizes or [])
+    if accelerators and sizes is None:
+        for name, count in accelerators.items():
+            names += [s.name for s in catalog.sizes_for(name, count)]
+    if not names:
+        names = ["Standard_NC4as_T4_v3"]
+    known = [catalog.VM_SIZES[n] for n in names if n in catalog.VM_SIZES]
+    return [s for s in known if catalog.unsupported_reason(s) is None]
+
+
+class Recovery(_Strict):
+    """`recovery:` what a run does when spot VMs are evicted (recovery itself is a later issue)."""
+
+    max_restarts: Annotated[int, Field(ge=0, le=100)] | None = None  # default: 3 with spot true or prefer, else 0
 
 
 class Ssh(_Strict):
@@ -386,7 +491,7 @@ class PythonEnv(_Strict):
 class JobSpec(_Strict):
     name: str
     workdir: str = "."
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=lambda: Resources.model_validate({}))
     nodes: Annotated[int, Field(ge=1, le=16)] = 1
     python: PythonEnv | None = None
     setup: list[str] = Field(default_factory=list)
@@ -398,6 +503,7 @@ class JobSpec(_Strict):
     budget_usd: Annotated[float, Field(gt=0, le=100_000)] | None = None
     ssh: Ssh = Field(default_factory=Ssh)
     expect: dict[str, Annotated[Condition, BeforeValidator(_condition)]] = Field(default_factory=dict)
+    recovery: Recovery = Field(default_factory=Recovery)
 
     # Where the spec came from; filled by load_spec, not by the user.
     source: str = Field(default="", exclude=True)
@@ -466,6 +572,27 @@ class JobSpec(_Strict):
     def workdir_path(self) -> Path:
         return (Path(self.base_dir) / self.workdir).resolve()
 
+    @property
+    def max_restarts(self) -> int:
+        """recovery.max_restarts, or its default: 3 when spot is true or prefer, else 0."""
+        if self.recovery.max_restarts is not None:
+            return self.recovery.max_restarts
+        return 3 if self.resources.spot_mode in {"true", "prefer"} else 0
+
+    def pinned(self, candidate: Any) -> JobSpec:
+        """This job with its resources pinned to one candidate (the one a run provisioned)."""
+        res = self.resources
+        data: dict[str, Any] = {
+            "vm_size": candidate.size,
+            "region": candidate.region,
+            "image": res.image,
+            "disk_gb": res.disk_gb,
+            "spot": candidate.spot,
+        }
+        if candidate.zone is not None:
+            data["zone"] = candidate.zone
+        return self.model_copy(update={"resources": Resources.model_validate(data)})
+
     def hourly_usd(self) -> float:
         """The run's estimate per hour: every node's VM, Premium SSD OS disk and Standard public IP."""
         res = self.resources
@@ -476,9 +603,9 @@ class JobSpec(_Strict):
 class Overrides:
     """Command-line flags that replace values from the file."""
 
-    region: str | None = None
-    vm_size: str | None = None
-    spot: bool | None = None
+    region: str | Sequence[str] | None = None  # --region, repeatable: a list of candidate regions
+    vm_size: str | Sequence[str] | None = None  # --vm-size, repeatable; replaces `accelerators` too
+    spot: bool | str | None = None  # True, False or "prefer" (--spot, --no-spot, --spot-prefer)
     nodes: int | None = None
     ssh_cidrs: tuple[str, ...] = ()
     env: tuple[str, ...] = ()  # KEY=VALUE
@@ -520,10 +647,11 @@ class Overrides:
         res = data.setdefault("resources", {})
         if not isinstance(res, dict):
             return applied
+        spot_flag = {True: "--spot", False: "--no-spot"}.get(self.spot, "--spot-prefer")  # type: ignore[arg-type]
         flag_values: tuple[tuple[Loc, str, object], ...] = (
-            (("resources", "region"), "--region", self.region),
-            (("resources", "vm_size"), "--vm-size", self.vm_size),
-            (("resources", "spot"), "--spot", self.spot),
+            (("resources", "region"), "--region", _flag_list(self.region)),
+            (("resources", "vm_size"), "--vm-size", _flag_list(self.vm_size)),
+            (("resources", "spot"), spot_flag, self.spot),
             (("nodes",), "--nodes", self.nodes),
         )
         for loc, flag, value in flag_values:
@@ -532,7 +660,28 @@ class Overrides:
             target = data if len(loc) == 1 else res
             target[str(loc[-1])] = value
             applied[loc] = flag
+        if self.vm_size and "accelerators" in res:  # the flag names the sizes: the file's GPU choice goes
+            del res["accelerators"]
         return applied
+
+
+def _flag_list(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """A repeatable flag: one value as today's scalar form, several as a list, none as None."""
+    if value is None or isinstance(value, str):
+        return value
+    values = list(value)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def _value_at(data: Any, loc: Loc) -> Any:
+    for key in loc:
+        in_list = isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)
+        if not in_list and not (isinstance(data, dict) and key in data):
+            return None
+        data = data[key]
+    return data
 
 
 def _where(doc: LinedDocument, flags: dict[Loc, str], filename: str, loc: Loc) -> str:
@@ -597,6 +746,8 @@ def load_spec(path: str | Path, overrides: Overrides | None = None) -> JobSpec:
         problems = []
         for err in e.errors():
             loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
+            if loc and isinstance(loc[-1], int) and not isinstance(_value_at(doc.data, loc[:-1]), list):
+                loc = loc[:-1]  # an item of a one-value form (`region: eastus`): blame the value itself
             where = _where(doc, flags, filename, loc)
             problems.append(SpecProblem(where, _field_name(loc), _message(err)))
         raise SpecError(sorted(problems, key=_line_key)) from None

@@ -173,8 +173,42 @@ def print_plan(report: DryRunReport, as_json: bool = False) -> None:
         f"${report.max_cost_usd:,.2f} if it runs the full max_duration{budget} "
         f"[dim](prices of {catalog.PRICE_SNAPSHOT_DATE})[/dim]."
     )
+    _print_candidates(con, report)
     for w in report.warnings:
         con.print(f"[yellow]warning:[/yellow] {w}")
+
+
+MAX_CANDIDATE_ROWS = 30
+
+
+def _print_candidates(con: Any, report: DryRunReport) -> None:
+    """The candidates in the order a run tries them, their price, and the dropped ones with why."""
+    from rich.table import Table
+
+    if not report.candidates:
+        return
+    order = "cheapest first" if report.order == "cheapest" else "in the order written"
+    con.print(
+        f"\n[bold]Candidates[/bold] ({len(report.candidates)}, {order}): the run takes the first that Azure "
+        "provisions; the plan above is the first. Quota and the size's availability to your subscription are "
+        "not checked by a dry run (a run's preflight drops the doomed ones)."
+    )
+    table = Table(pad_edge=False, expand=False)
+    for name, justify in (("#", "right"), ("size", "left"), ("region", "left"), ("zone", "left"),
+                          ("spot", "left"), ("$/hour (run)", "right"), ("quota / offered", "left")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, (c, usd) in enumerate(report.candidates[:MAX_CANDIDATE_ROWS]):
+        table.add_row(
+            str(i + 1), c.size, c.region, c.zone or "- (Azure picks)", "spot" if c.spot else "on-demand",
+            f"{usd:,.3f}", "not checked",
+        )  # fmt: skip
+    con.print(table)
+    if len(report.candidates) > MAX_CANDIDATE_ROWS:
+        con.print(f"... and {len(report.candidates) - MAX_CANDIDATE_ROWS} more (--json lists them all).")
+    if report.dropped:
+        con.print(f"Dropped ({len(report.dropped)}):")
+        for d in report.dropped:
+            con.print(f"  {d.label()}: {d.reason} [dim](resources.{d.field})[/dim]", soft_wrap=True)
 
 
 class ProgressPrinter:

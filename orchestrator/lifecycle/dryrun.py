@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator import catalog
+from orchestrator.candidates import Candidate, Dropped, priced
 from orchestrator.lifecycle.steps import owner_name
 from orchestrator.plan import NO_SSH_RULE_WARNING, ResourcePlan, build_plan, new_run_id
 from orchestrator.spec import JobSpec
@@ -15,6 +16,10 @@ from orchestrator.spec import JobSpec
 PLACEHOLDER_PUBLIC_KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlaceholderKeyGeneratedPerRunAtProvisionTime0 generated-per-run"
 )
+
+
+# What the dry-run cannot know: it asks Azure nothing (a real run's preflight does).
+NOT_CHECKED = {"quota": "not checked", "offered": "not checked"}
 
 
 @dataclass
@@ -38,6 +43,20 @@ class DryRunReport:
     budget_usd: float | None
     warnings: list[str] = field(default_factory=list)
     source_labels: dict[str, str] = field(default_factory=dict)  # SSH source -> how to show it
+    # Every candidate in the order a run tries them, with the run's price per hour there, and the
+    # ones dropped with the reason. The dry-run asks Azure nothing: quota and the size's availability
+    # to the subscription are "not checked" (a real run's preflight drops the doomed ones).
+    candidates: list[tuple[Candidate, float]] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    order: str = "cheapest"
+
+    def candidates_json(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [
+            {"status": "candidate", "order": i + 1, **c.to_json(), "usd_per_hour": round(usd, 4), **NOT_CHECKED}
+            for i, (c, usd) in enumerate(self.candidates)
+        ]
+        out += [{"status": "dropped", "order": None, **d.to_json()} for d in self.dropped]
+        return out
 
     def to_json(self) -> dict[str, Any]:
         plan = self.plan
@@ -65,6 +84,8 @@ class DryRunReport:
                 "budget_usd": self.budget_usd,
                 "price_snapshot": catalog.PRICE_SNAPSHOT_DATE,
             },
+            "candidate_order": self.order,
+            "candidates": self.candidates_json(),
             "warnings": self.warnings,
         }
 
@@ -106,7 +127,11 @@ def dry_run(
         lines.append(
             RequestLine(r.method, r.path, r.api_version, r.status, "provision" if i < provision_count else "teardown")
         )
+    found = spec.resources.candidates
     return DryRunReport(
+        candidates=priced(spec, found.ordered),
+        dropped=list(found.dropped),
+        order=found.order,
         plan=plan,
         requests=lines,
         polls=polls,
