@@ -147,6 +147,36 @@ class ComputeRP(NetworkRP):
                 )
                 raise ArmFault(409, "OperationNotAllowed", message)
 
+    def _late_error(self, kind: str, res_id: str) -> dict[str, str] | None:
+        error = super()._late_error(kind, res_id)
+        res = self.store.resources.get(res_id)
+        if error is not None or res is None or res["type"] != T_VM or kind != "create":
+            return error
+        return self._capacity_error(res)
+
+    def _capacity_error(self, vm: dict[str, Any]) -> dict[str, str] | None:
+        """AllocationFailed (zoneless) or ZonalAllocationFailed (zoned) when a capacity limit that
+        covers this VM's size, region and zone is already taken up by the VMs that exist."""
+        size = vm["properties"]["hardwareProfile"]["vmSize"]
+        region = vm["location"]
+        zone = (vm.get("zones") or [""])[0]
+        for limit in self.faults.capacity_limits(size, region, zone):
+            used = 0
+            for key, r in self.store.resources.items():
+                if r["type"] != T_VM or key == vm["id"].lower():
+                    continue
+                if r["properties"].get("provisioningState") in {"Failed", "Deleting"}:
+                    continue
+                other_zone = (r.get("zones") or [""])[0]
+                if limit.covers(r["properties"]["hardwareProfile"]["vmSize"], r["location"], other_zone) and (
+                    limit.zone != "*" or other_zone == zone
+                ):
+                    used += 1
+            if used + 1 > limit.vms:
+                code = "ZonalAllocationFailed" if zone else "AllocationFailed"
+                return {"code": code, "message": DEFAULT_MESSAGES[code]}
+        return None
+
     def _put_vm(self, w: Write) -> Written:
         sub, rg, vm_id, name, location, body, existing, rec = w
         size = v.check_vm(body, location)
@@ -163,7 +193,7 @@ class ComputeRP(NetworkRP):
         _check_os_disk(props["storageProfile"])
         if existing is not None and existing["properties"].get("osProfile") != _strip_secrets(props.get("osProfile")):
             raise ArmFault(409, "PropertyChangeNotAllowed", "Changing property 'osProfile' is not allowed.")
-        self._fault("PUT", T_VM, rec, size=size.name, location=location)
+        self._fault("PUT", T_VM, rec, size=size.name, location=location, zone=(body.get("zones") or [""])[0])
         self._quota_check(size, location, props.get("priority") == "Spot", vm_id.lower())
         res = base(vm_id, name, T_VM, location, body)
         if body.get("zones"):

@@ -100,6 +100,33 @@ class ArmCore:
     def inject(self, fault: Fault) -> Fault:
         return self.faults.add(fault)
 
+    def set_capacity(self, size: str, region: str, zone: str | None = None, vms: int = 0) -> None:
+        """Room for `vms` more VMs of `size` ("*": any size) in `region`'s zoneless pool (zone None),
+        one zone ("1"), or each of them ("*"), counting the VMs that exist; a create beyond it fails
+        late with AllocationFailed (zoneless) or ZonalAllocationFailed (zoned). See faults.py."""
+        self.faults.set_capacity(size, region, zone, vms)
+
+    def set_capacity_json(self, text: str) -> None:
+        """ORCH_EMULATOR_CAPACITY: a JSON list of limits, each {"size", "region", "zone" (optional:
+        left out the zoneless pool, "*" every pool), "vms" (default 0)}; "" sets none."""
+        from orchestrator.errors import UserInputError
+
+        if not text.strip():
+            return
+        example = '[{"size": "Standard_NC4as_T4_v3", "region": "eastus", "zone": "1", "vms": 0}]'
+        try:
+            items = json.loads(text)
+            for item in items if isinstance(items, list) else [items]:
+                zone = item.get("zone")
+                self.set_capacity(
+                    str(item["size"]), str(item["region"]), None if zone is None else str(zone), int(item.get("vms", 0))
+                )
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserInputError(
+                f'ORCH_EMULATOR_CAPACITY is not a JSON list of capacity limits ({e}); each needs "size" and '
+                f'"region", e.g. {example}.'
+            ) from None
+
     def set_quota(self, region: str, family: str, vcpus: int) -> None:
         with self._locked():
             self.store.quotas[f"{region}/{family}"] = vcpus
@@ -227,7 +254,8 @@ class ArmCore:
 
     def _fault(self, method: str, rtype: str | None, rec: LoggedRequest, **fmt: Any) -> None:
         """Raise the injected synchronous fault that matches this request, if any."""
-        f = self.faults.take(method, rtype, "sync")
+        where_known = "location" in fmt
+        f = self.faults.take(method, rtype, "sync", fmt.get("location"), fmt.get("zone"), where_known=where_known)
         if f is None:
             return
         message = f.message or DEFAULT_MESSAGES.get(f.code, f.code).format_map(FormatDefault(fmt))
@@ -310,6 +338,8 @@ class ArmCore:
         error: dict[str, str] | None = None,
         children: list[str] | None = None,
     ) -> str:
+        if error is None and kind in {"create", "update"}:
+            error = self._late_error(kind, res_id)
         op_id = str(uuid.uuid4())
         now = self.clock.now()
         # The store's JSON sorts keys, so the order operations were made in is kept as a number.
@@ -321,6 +351,23 @@ class ArmCore:
         if seconds <= 0:
             self._finish(op_id, self.store.operations[op_id])
         return op_id
+
+    def _late_error(self, kind: str, res_id: str) -> dict[str, str] | None:
+        """The error a write's operation ends with, decided once it is accepted: an injected "lro"
+        fault that matches by location or zone (the resource's; plain ones are taken where the
+        write is served). Providers extend it (compute: capacity)."""
+        res = self.store.resources.get(res_id)
+        if res is None:
+            return None
+        zone = (res.get("zones") or [None])[0]
+        f = self.faults.take("PUT", res["type"], "lro", res["location"], zone, where_known=True, located_only=True)
+        if f is None:
+            return None
+        fmt = {"size": res["properties"].get("hardwareProfile", {}).get("vmSize", ""), "location": res["location"]}
+        return {
+            "code": f.code,
+            "message": f.message or DEFAULT_MESSAGES.get(f.code, f.code).format_map(FormatDefault(fmt)),
+        }
 
     def _settle(self) -> None:
         """Finish every operation whose end time has passed, then forget old finished ones."""

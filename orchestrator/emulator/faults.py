@@ -1,8 +1,18 @@
-"""Fault injection: make the emulator refuse or fail requests the way Azure does.
+"""Fault injection and capacity: make the emulator refuse or fail requests the way Azure does.
 
 A fault matches by method, resource type and phase ("sync": the request itself is answered with an
 error; "lro": the request is accepted and the long-running operation later ends Failed, as
-AllocationFailed really arrives). It fires `count` times (None: forever) with `probability`.
+AllocationFailed really arrives), and optionally by the resource's `location` and `zone` (a VM's
+`zones[0]`; "" matches a zoneless request only). It fires `count` times (None: forever) with
+`probability`.
+
+Capacity: how many VMs of a size a region's zoneless pool or one of its zones can still hold
+(`Emulator.set_capacity`). A VM create that finds none fails late, as Azure's do: AllocationFailed
+for a zoneless request, ZonalAllocationFailed for one pinned to a zone. The zoneless pool and each
+zone are separate (DESIGN: a zoneless request can fail where a pinned zone has room); zone "*" means
+every one of them, size "*" every size. Like faults, capacity belongs to this emulator object (one
+command, on the local target), not to the shared store; what counts against it is the VMs the store
+holds.
 """
 
 from __future__ import annotations
@@ -70,23 +80,81 @@ class Fault:
     count: int | None = 1
     probability: float = 1.0
     retry_after: float | None = None
+    location: str | None = None  # only requests for resources in this region
+    zone: str | None = None  # only requests pinned to this zone ("": only zoneless ones)
     fired: int = field(default=0, init=False)
 
-    def matches(self, method: str, resource_type: str | None, phase: str) -> bool:
+    @property
+    def located(self) -> bool:
+        return self.location is not None or self.zone is not None
+
+    def matches(
+        self,
+        method: str,
+        resource_type: str | None,
+        phase: str,
+        location: str | None = None,
+        zone: str | None = None,
+        *,
+        where_known: bool = False,
+    ) -> bool:
+        """`where_known`: the caller knows the resource's location and zone (a located fault matches
+        only such calls)."""
         if self.count is not None and self.fired >= self.count:
             return False
         if self.phase != phase:
             return False
         if self.method and self.method.upper() != method.upper():
             return False
+        if self.located:
+            if not where_known:
+                return False
+            if self.location is not None and self.location.lower() != (location or "").lower():
+                return False
+            if self.zone is not None and self.zone != (zone or ""):
+                return False
         return not self.resource_type or (resource_type or "").lower() == self.resource_type.lower()
+
+
+@dataclass(frozen=True)
+class CapacityLimit:
+    """At most `vms` VMs of `size` ("*": any) in `region`'s zone `zone` ("": the zoneless pool,
+    "*": the zoneless pool and every zone, each)."""
+
+    size: str
+    region: str
+    zone: str
+    vms: int
+
+    def covers(self, size: str, region: str, zone: str) -> bool:
+        return (
+            self.size in {"*", size}
+            and self.region.lower() == region.lower()
+            and (self.zone == "*" or self.zone == zone)
+        )
 
 
 class FaultInjector:
     def __init__(self, faults: list[Fault] | None = None, seed: int = 0) -> None:
         self.faults = list(faults or [])
+        self.capacity: list[CapacityLimit] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+
+    def set_capacity(self, size: str, region: str, zone: str | None, vms: int) -> None:
+        """Replace the limit for (size, region, zone); zone None is the zoneless pool."""
+        if vms < 0:
+            raise ValueError(f"capacity must be 0 or more VMs, not {vms}")
+        limit = CapacityLimit(size, region, "" if zone is None else str(zone), vms)
+        with self._lock:
+            self.capacity = [
+                c for c in self.capacity if (c.size, c.region, c.zone) != (limit.size, limit.region, limit.zone)
+            ]
+            self.capacity.append(limit)
+
+    def capacity_limits(self, size: str, region: str, zone: str | None) -> list[CapacityLimit]:
+        with self._lock:
+            return [c for c in self.capacity if c.covers(size, region, zone or "")]
 
     def add(self, fault: Fault) -> Fault:
         with self._lock:
@@ -97,10 +165,27 @@ class FaultInjector:
         with self._lock:
             self.faults.clear()
 
-    def take(self, method: str, resource_type: str | None, phase: str) -> Fault | None:
+    def take(
+        self,
+        method: str,
+        resource_type: str | None,
+        phase: str,
+        location: str | None = None,
+        zone: str | None = None,
+        *,
+        where_known: bool = False,
+        located_only: bool = False,
+    ) -> Fault | None:
+        """The first matching fault, counted as fired. `located_only`: consider only faults that
+        match by location or zone (the late check that knows where the resource is)."""
         with self._lock:
             for f in self.faults:
-                if f.matches(method, resource_type, phase) and self._rng.random() < f.probability:
+                if located_only and not f.located:
+                    continue
+                if (
+                    f.matches(method, resource_type, phase, location, zone, where_known=where_known)
+                    and self._rng.random() < f.probability
+                ):
                     f.fired += 1
                     return f
         return None

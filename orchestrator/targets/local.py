@@ -99,6 +99,7 @@ class LocalTarget(Target):
         )
         for fault in injected_faults():
             emulator.inject(fault)
+        emulator.set_capacity_json(os.environ.get("ORCH_EMULATOR_CAPACITY", ""))  # "Azure is short of GPUs"
         emulator.add_vm_listener(self.hosts().on_event, replay=True)
         # Operations on the instant profile finish at once: poll without waiting.
         yield emulator_session(emulator, LOCAL_SUBSCRIPTION, poll_scale=0.0 if profile == "instant" else 1.0)
