@@ -234,7 +234,7 @@ def _reporters(obj: Ctx, summary: bool = True) -> tuple[Any, Any]:
     from orchestrator.lifecycle import Fanout
     from orchestrator.ui import StepSummary, progress
 
-    printer = progress(obj.as_json)
+    printer = progress(obj.as_json, _lazy_store(obj))
     reporters: list[Any] = [printer]
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     if path and summary:
@@ -349,6 +349,20 @@ def gc(
     for g in groups:
         expires = g.expires.strftime("%Y-%m-%d %H:%M UTC") if g.expires else "no expiry tag"
         click.echo(f"{verb} {g.name}  (run {g.run_id}, owner {g.owner}, expires {expires})")
+
+
+class _LazyStore:
+    """The run store, opened when first asked (a run's result names its attempts)."""
+
+    def __init__(self, obj: Ctx) -> None:
+        self.obj = obj
+
+    def attempts(self, run_id: str) -> Any:
+        return _store(self.obj).attempts(run_id)
+
+
+def _lazy_store(obj: Ctx) -> Any:
+    return _LazyStore(obj)
 
 
 def _store(obj: Ctx) -> Any:
@@ -517,9 +531,11 @@ def ls_(obj: Ctx, limit: int) -> None:
     """List recent runs, newest first, with their verdicts."""
     import time
 
-    runs = _store(obj).runs(limit)
+    store = _store(obj)
+    runs = store.runs(limit)
     if obj.as_json:
-        click.echo(json.dumps({"schema": 1, "runs": [_record_json(r) for r in runs]}))
+        rows = [{**_record_json(r), "attempts": [a.to_json() for a in store.attempts(r.run_id)]} for r in runs]
+        click.echo(json.dumps({"schema": 1, "runs": rows}))
         return
     if not runs:
         click.echo("No runs yet. Try: orchestrator --target local run jobs/smoke/job.yaml")
@@ -565,6 +581,7 @@ def status(obj: Ctx, run_id: str | None) -> None:
     record = record_of(run_id, obj.target_obj())
     phases = store.phases(run_id)
     resources = store.resources(run_id)
+    attempts = store.attempts(run_id)
     if obj.as_json:
         click.echo(
             json.dumps(
@@ -575,6 +592,7 @@ def status(obj: Ctx, run_id: str | None) -> None:
                         for p in phases
                     ],
                     "resources": [{"type": t, "name": n, "status": st} for t, n, st in resources],
+                    "attempts": [a.to_json() for a in attempts],
                 }
             )
         )
@@ -584,6 +602,10 @@ def status(obj: Ctx, run_id: str | None) -> None:
         where = "" if p.node is None else f" node{p.node}"
         took = f"{p.seconds:7.1f} s" if p.seconds is not None else "    ..."
         click.echo(f"  {p.phase + where:<16} {took}")
+    if attempts:
+        click.echo("  attempts:")
+        for a in attempts:
+            click.echo(f"    {a.line()}")
     for t, n, st in resources:
         click.echo(f"  {t.rsplit('/', 1)[-1]:<22} {n:<32} {st}")
     if record.exit_code is not None:

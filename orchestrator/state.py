@@ -24,7 +24,7 @@ from typing import Any
 from orchestrator.errors import OrchestratorError
 from orchestrator.verdict import Verdict
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: attempts (one row per candidate a run tried)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -77,6 +77,20 @@ CREATE TABLE IF NOT EXISTS phases (
     ended REAL
 );
 CREATE INDEX IF NOT EXISTS phases_run ON phases(run_id, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    n INTEGER NOT NULL,              -- 1-based, in the order the candidates were tried
+    vm_size TEXT NOT NULL,
+    region TEXT NOT NULL,
+    zone TEXT,                       -- NULL: zoneless (Azure picked)
+    spot INTEGER NOT NULL,
+    code TEXT,                       -- Azure's error code, NULL when this candidate provisioned
+    message TEXT,
+    seconds REAL NOT NULL,           -- Azure seconds, deleting what the attempt made included
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id, id);
 """
 
 # States that are not verdicts (DESIGN.md); a run that ended is `gone` (or `kept`) with a verdict.
@@ -117,6 +131,41 @@ class Phase:
     @property
     def seconds(self) -> float | None:
         return None if self.ended is None else self.ended - self.started
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One candidate a run tried to provision on."""
+
+    n: int
+    vm_size: str
+    region: str
+    zone: str | None
+    spot: bool
+    code: str | None  # None: it provisioned
+    message: str | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None
+
+    def line(self) -> str:
+        where = self.region + (f" zone {self.zone}" if self.zone else "")
+        what = "provisioned" if self.ok else self.code
+        return f"{self.n}. {self.vm_size} in {where}{' (spot)' if self.spot else ''}: {what} after {self.seconds:.1f} s"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "vm_size": self.vm_size,
+            "region": self.region,
+            "zone": self.zone,
+            "spot": self.spot,
+            "code": self.code,
+            "message": self.message,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 @dataclass(frozen=True)
@@ -388,6 +437,34 @@ class RunStore:
                 (run_id, resource_id, type_, name, status, time.time()),
             )
 
+    def attempt(
+        self,
+        run_id: str,
+        n: int,
+        candidate: dict[str, Any],
+        code: str | None,
+        message: str | None,
+        seconds: float,
+    ) -> None:
+        """Record one provisioning attempt; `candidate` as Candidate.to_json()."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO attempts (run_id, n, vm_size, region, zone, spot, code, message, seconds, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    n,
+                    candidate["vm_size"],
+                    candidate["region"],
+                    candidate.get("zone"),
+                    int(bool(candidate.get("spot"))),
+                    code,
+                    message,
+                    seconds,
+                    time.time(),
+                ),
+            )
+
     def mark_resources(self, run_id: str, status: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE resources SET status = ?, updated = ? WHERE run_id = ?", (status, time.time(), run_id))
@@ -433,6 +510,15 @@ class RunStore:
     def phases(self, run_id: str) -> list[Phase]:
         rows = self._rows("SELECT phase, node, started, ended FROM phases WHERE run_id = ? ORDER BY id", (run_id,))
         return [Phase(r["phase"], r["node"], r["started"], r["ended"]) for r in rows]
+
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
+        rows = self._rows("SELECT * FROM attempts WHERE run_id = ? ORDER BY id", (run_id,))
+        return [
+            AttemptRecord(
+                r["n"], r["vm_size"], r["region"], r["zone"], bool(r["spot"]), r["code"], r["message"], r["seconds"]
+            )
+            for r in rows
+        ]
 
     def resources(self, run_id: str) -> list[tuple[str, str, str]]:
         rows = self._rows("SELECT type, name, status FROM resources WHERE run_id = ? ORDER BY rowid", (run_id,))

@@ -214,8 +214,9 @@ def _print_candidates(con: Any, report: DryRunReport) -> None:
 class ProgressPrinter:
     """Plain, timestamped lines (or JSON lines): what each resource is doing and for how long."""
 
-    def __init__(self, as_json: bool = False) -> None:
+    def __init__(self, as_json: bool = False, store: Any = None) -> None:
         self.as_json = as_json
+        self.store = store  # the run store: the result names the candidates a run tried
         self.t0 = time.monotonic()
         self._lock = threading.Lock()  # events arrive from the provisioner's threads
 
@@ -276,10 +277,21 @@ class ProgressPrinter:
         else:
             print(line, flush=True)
 
+    def _attempts(self, run_id: str) -> list[Any]:
+        if self.store is None:
+            return []
+        try:
+            return list(self.store.attempts(run_id))
+        except Exception:  # an unreadable store must not hide the verdict
+            return []
+
     def result(self, outcome: RunOutcome) -> None:
+        attempts = self._attempts(outcome.run_id)
         if self.as_json:
-            self._json({"event": "result", **outcome.to_json()})
+            self._json({"event": "result", **outcome.to_json(), "attempts": [a.to_json() for a in attempts]})
             return
+        if len(attempts) > 1 and outcome.verdict.ok:
+            self.say("candidates tried: " + "; ".join(a.line() for a in attempts))
         took = f"in {outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} of compute at list price"
         verdict = str(outcome.verdict)
         if outcome.job_exit_code not in (None, 0):
@@ -328,10 +340,15 @@ class LiveProgress(ProgressPrinter):
     """On a terminal: a live panel (the current step, each resource with a spinner or a mark and
     its time) that stays at the bottom, with the job's output scrolling above it."""
 
-    MARKS = {"created": "[green]✓[/green]", "failed": "[red]✗[/red]", "skipped": "[dim]-[/dim]"}
+    MARKS = {
+        "created": "[green]✓[/green]",
+        "failed": "[red]✗[/red]",
+        "skipped": "[dim]-[/dim]",
+        "deleted": "[dim]✗[/dim]",  # a failed candidate's, removed before the next is tried
+    }
 
-    def __init__(self, console: Any = None) -> None:
-        super().__init__(as_json=False)
+    def __init__(self, console: Any = None, store: Any = None) -> None:
+        super().__init__(as_json=False, store=store)
         from rich.console import Console
         from rich.live import Live
 
@@ -386,11 +403,11 @@ class LiveProgress(ProgressPrinter):
         super().result(outcome)
 
 
-def progress(as_json: bool) -> ProgressPrinter:
+def progress(as_json: bool, store: Any = None) -> ProgressPrinter:
     """The live panel on a terminal; plain timestamped lines (or JSON lines) everywhere else."""
     if not as_json and sys.stderr.isatty():
-        return LiveProgress()
-    return ProgressPrinter(as_json)
+        return LiveProgress(store=store)
+    return ProgressPrinter(as_json, store=store)
 
 
 class StepSummary(Quiet):
@@ -402,10 +419,19 @@ class StepSummary(Quiet):
 
     def result(self, outcome: RunOutcome) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(step_summary(outcome, self.store.phases(outcome.run_id), self.store.resources(outcome.run_id)))
+            f.write(
+                step_summary(
+                    outcome,
+                    self.store.phases(outcome.run_id),
+                    self.store.resources(outcome.run_id),
+                    self.store.attempts(outcome.run_id),
+                )
+            )
 
 
-def step_summary(outcome: RunOutcome, phases: list[Any], resources: list[tuple[str, str, str]]) -> str:
+def step_summary(
+    outcome: RunOutcome, phases: list[Any], resources: list[tuple[str, str, str]], attempts: list[Any] | None = None
+) -> str:
     """A run as Markdown for a CI job's summary page."""
     lines = [f"## orchestrator run `{outcome.run_id}`: {outcome.verdict}", ""]
     lines += [
@@ -418,6 +444,13 @@ def step_summary(outcome: RunOutcome, phases: list[Any], resources: list[tuple[s
         for p in phases:
             took = "" if p.seconds is None else f"{p.seconds:.1f}"
             lines.append(f"| {p.phase} | {'' if p.node is None else p.node} | {took} |")
+    if attempts:
+        lines += ["", "| attempt | size | region | zone | spot | result | seconds |", "|---:|---|---|---|---|---|---:|"]
+        lines += [
+            f"| {a.n} | `{a.vm_size}` | {a.region} | {a.zone or '-'} | {'spot' if a.spot else 'on-demand'} | "
+            f"{'provisioned' if a.ok else a.code} | {a.seconds:.1f} |"
+            for a in attempts
+        ]
     if resources:
         lines += ["", "| resource | name | status |", "|---|---|---|"]
         lines += [f"| {t.rsplit('/', 1)[-1]} | `{n}` | {s} |" for t, n, s in resources]

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.state import SCHEMA_VERSION, StoreError, open_store
+from orchestrator.candidates import Candidate
+from orchestrator.state import SCHEMA, SCHEMA_VERSION, StoreError, open_store
 from orchestrator.verdict import Verdict
+
+T4 = "Standard_NC4as_T4_v3"
 
 # The schema orchestrator wrote before verdicts (schema version 0), as it created it.
 V1_SCHEMA = """
@@ -127,3 +130,24 @@ def test_an_existing_state_directory_is_made_private(tmp_path: Path) -> None:
     assert state_dir(loose) == loose and loose.stat().st_mode & 0o777 == 0o700
     store = open_store(loose)
     assert store.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_v2_store_gains_the_attempts_table(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "runs.db")
+    for statement in SCHEMA.split(";"):
+        if statement.strip() and "attempts" not in statement:
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO runs (run_id, job, source, target, subscription, resource_group, state, phase_started, created,"
+        " updated, verdict)"
+        " VALUES ('old-aaaaaa', 'j', 'j.yaml', 'local', 's', 'orch-old', 'gone', 1, 1, 1, 'succeeded')"
+    )
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    store = open_store(tmp_path)
+    assert sqlite3.connect(tmp_path / "runs.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.get("old-aaaaaa") is not None and store.attempts("old-aaaaaa") == []
+    store.attempt("old-aaaaaa", 1, Candidate(T4, "eastus", "1", True).to_json(), "AllocationFailed", "no room", 2.5)
+    (a,) = store.attempts("old-aaaaaa")
+    assert a.line() == f"1. {T4} in eastus zone 1 (spot): AllocationFailed after 2.5 s"

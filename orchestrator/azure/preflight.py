@@ -61,6 +61,7 @@ from orchestrator.errors import EXIT_AZURE_REFUSED, EXIT_BAD_INPUT, EXIT_OK, Clo
 
 if TYPE_CHECKING:
     from orchestrator.azure.session import AzureSession
+    from orchestrator.candidates import Candidate
     from orchestrator.spec import JobSpec
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
@@ -127,6 +128,9 @@ class PreflightReport:
     job: str | None = None
     region: str | None = None
     vm_size: str | None = None
+    # The job's candidates the preflight did not rule out, in order, and those it dropped with why.
+    candidates: list[Candidate] = field(default_factory=list)
+    dropped: list[tuple[Candidate, str]] = field(default_factory=list)
 
     @property
     def problems(self) -> list[Check]:
@@ -236,6 +240,15 @@ class Need:
     def what(self) -> str:
         kind = "spot " if self.spot else ""
         return f"{self.nodes} x {kind}{self.size.name} ({self.vcpus} vCPUs)"
+
+    @classmethod
+    def of_candidate(cls, spec: JobSpec, c: Candidate) -> Need:
+        r = spec.resources
+        size = c.vm
+        image = catalog.resolve_image(r.image, gpu=size.is_gpu)
+        return cls(
+            size, c.region, c.zone, spec.nodes, c.spot, image, catalog.image_label(r.image, size.is_gpu), r.disk_gb
+        )
 
 
 # ------------------------------------------------------------------------------ pure checks
@@ -983,14 +996,117 @@ def run_preflight(
     )
 
 
+def candidate_problem(
+    usages: Iterable[dict[str, Any]] | None, skus: Iterable[dict[str, Any]] | None, need: Need
+) -> str:
+    """Why Azure would refuse this candidate, from its region's Compute usages and Resource SKUs
+    (None: that answer is missing, not checked); "" when nothing rules it out."""
+    reasons = []
+    if skus is not None:
+        state, offered, reason = sku_availability(skus, need, need.zone)
+        zones = ", ".join(offered) or "none"
+        why = f"restricted for this subscription ({reason or 'restricted'})"
+        text = {
+            "absent": f"not offered in {need.region} (Resource SKUs)",
+            "location": f"{why} in {need.region}",
+            "zone": f"{why} in zone {need.zone}" if need.zone else f"{why} in every zone of {need.region}",
+            "zones": f"not offered in zone {need.zone} (zones offered to you: {zones})",
+            "spot": f"no spot in {need.region} (LowPriorityCapable is False)",
+        }.get(state)
+        if text:
+            reasons.append(f"SkuNotAvailable: {text}")
+    if usages is not None:
+        for short in quota_shortfalls(usages, need):
+            reasons.append(
+                f"QuotaExceeded: {short['name']} allows {short['limit']} vCPUs with {short['usage']} in use, "
+                f"the run needs {need.vcpus}"
+            )
+    return "; ".join(reasons)
+
+
+def check_candidates(
+    session: AzureSession, spec: JobSpec, candidates: list[Candidate]
+) -> tuple[list[Candidate], list[tuple[Candidate, str]], int]:
+    """Quota and the size's availability for every candidate, asking each region once (usages and
+    SKUs, all regions in parallel): (kept in order, dropped with why, requests sent). A region whose
+    answers cannot be read keeps its candidates (not checked: provisioning finds out)."""
+    runner = _Preflight(session, None, lambda _text: None)
+    try:
+        regions = sorted({c.region for c in candidates})
+        asked = {r: (runner.submit(runner.usages, r), runner.submit(runner.skus, r)) for r in regions}
+        kept: list[Candidate] = []
+        dropped: list[tuple[Candidate, str]] = []
+        for c in candidates:
+            usages, skus = (f.result() for f in asked[c.region])
+            reason = candidate_problem(
+                usages.value if usages.error is None else None,
+                skus.value if skus.error is None else None,
+                Need.of_candidate(spec, c),
+            )
+            if reason:
+                dropped.append((c, reason))
+            else:
+                kept.append(c)
+    finally:
+        runner.pool.shutdown(wait=True)
+    return kept, dropped, runner.calls.count
+
+
+class CandidatesRefused(CloudError):
+    """The preflight can tell Azure would refuse every candidate."""
+
+    def __init__(self, dropped: list[tuple[Candidate, str]], first: PreflightReport) -> None:
+        lines = [f"Azure would refuse every candidate ({len(dropped)}), says the preflight:"]
+        lines += [f"  {i}. {c.label()}: {why}" for i, (c, why) in enumerate(dropped, 1)]
+        detail = "\n\n".join(ch.message for ch in first.problems if ch.name in {"quota", "sku"})
+        if detail:
+            lines += ["", f"The first candidate in full: {detail}"]
+        code = "QuotaExceeded" if "QuotaExceeded" in dropped[0][1] else "SkuNotAvailable"
+        super().__init__("\n".join(lines), code=code)
+        self.dropped = dropped
+
+
 def preflight(spec: JobSpec, session: AzureSession, target: Any, report: _Says) -> PreflightReport:
     """The lifecycle's hook (run and provision, before the run record or any resource exists): say the
-    warnings, raise the classified error when Azure would refuse the job."""
-    report.say(f"checking quota, {spec.resources.vm_size} in {spec.resources.region}, image, providers and rights")
+    warnings, raise the classified error when Azure would refuse the job.
+
+    With several candidates, quota and the size's availability are checked for each (one usages and
+    one SKUs request per region) and the doomed ones dropped, saying which and why; the run fails here
+    only when every candidate is (exit 3, the list). The other checks (credential, providers, image,
+    rights, policy) are asked for the first candidate and stop the run as before."""
+    found: list[Candidate] = list(spec.resources.candidates.ordered)
+    if len(found) == 1:
+        report.say(f"checking quota, {spec.resources.vm_size} in {spec.resources.region}, image, providers and rights")
+    else:
+        regions = len({c.region for c in found})
+        report.say(
+            f"checking quota and availability of {len(found)} candidates in {regions} region(s), image, "
+            "providers and rights"
+        )
     result = run_preflight(session, spec, say=report.say)
     for c in result.warnings:
         report.say(f"warning: {c.message}")
-    if result.problems:
-        raise result.error()
-    report.say(f"preflight passed: {len(result.checks)} checks in {result.seconds:.1f} s ({result.requests} requests)")
+    if len(found) == 1:
+        if result.problems:
+            raise result.error()
+        result.candidates = found
+        report.say(
+            f"preflight passed: {len(result.checks)} checks in {result.seconds:.1f} s ({result.requests} requests)"
+        )
+        return result
+    fatal = [c for c in result.problems if c.name not in {"quota", "sku"}]
+    if fatal:
+        only = PreflightReport([c for c in result.checks if c.name not in {"quota", "sku"}], result.subscription)
+        raise only.error()
+    kept, dropped, requests = check_candidates(session, spec, found)
+    result.candidates, result.dropped = kept, dropped
+    result.requests += requests
+    if not kept:
+        raise CandidatesRefused(dropped, result)
+    for cand, why in dropped:
+        report.say(f"preflight dropped {cand.label()}: {why}")
+    report.say(
+        f"preflight passed: {len(kept)} of {len(found)} candidates left, {len(result.checks)} checks in "
+        f"{result.seconds:.1f} s ({result.requests} requests)"
+    )
     return result

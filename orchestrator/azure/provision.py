@@ -4,19 +4,24 @@ The group is created first (a synchronous ARM call); every other resource runs i
 and waits only on the futures of what it depends on, so the VNet and NSG go side by side and all
 VMs start together. When anything fails, the group is deleted at once (forcing VM deletion) without
 waiting for in-flight siblings: a failed run must not keep paying for a GPU while it waits.
+
+With several candidates (`provision_candidates`), a candidate Azure refuses for quota, SKU
+availability or capacity is cleaned away (its VMs, and its network when the next candidate is in
+another region; the group stays) and the next one is tried; every attempt is reported.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.azure.errors import classify
+from orchestrator.azure.errors import CapacityError, QuotaExceededError, SkuNotAvailableError, classify
 from orchestrator.azure.session import AzureSession
 from orchestrator.azure.teardown import delete_group
+from orchestrator.candidates import Candidate
 from orchestrator.errors import CloudError
 from orchestrator.plan import (
     SCHEDULE_API_VERSION,
@@ -53,12 +58,70 @@ class ProvisionResult:
     nodes: list[NodeAddress]
     seconds: float
     timings: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (start, end)
+    candidate: Candidate | None = None  # where the nodes are: the candidate that provisioned
+    attempts: list[Attempt] = field(default_factory=list)  # every candidate tried, in order
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One candidate tried: what Azure answered (code "" when it provisioned) and how long it took,
+    the deletion of what it made included (Azure seconds)."""
+
+    n: int  # 1-based, in the order tried
+    candidate: Candidate
+    code: str  # ARM's error code; "" when it provisioned
+    message: str  # the classified error's first line; "" when it provisioned
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.code
+
+    def line(self) -> str:
+        """`2. Standard_NC4as_T4_v3 in eastus zone 1: AllocationFailed after 131.0 s`."""
+        what = "provisioned" if self.ok else self.code
+        return f"{self.n}. {self.candidate.label()}: {what} after {self.seconds:.1f} s"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            **self.candidate.to_json(),
+            "code": self.code or None,
+            "message": self.message or None,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+class CandidatesExhausted(CloudError):
+    """Azure refused every candidate (quota, SKU availability or capacity, each)."""
+
+    def __init__(self, attempts: list[Attempt]) -> None:
+        lines = [f"Azure refused every candidate ({len(attempts)} tried):", *(f"  {a.line()}" for a in attempts)]
+        lines.append(
+            "Try again later, or allow more places: more regions (`region: [..]` or `any`), zones (`zone: any`), "
+            "sizes (`vm_size: [..]` or `accelerators`), or spot (`spot: prefer`)."
+        )
+        super().__init__("\n".join(lines), code=attempts[-1].code if attempts else "", resource="")
+        self.attempts = attempts
+
+
+# Errors that say "not here, not now" about one candidate: the next one may well succeed. Quota
+# (409 OperationNotAllowed), SkuNotAvailable (409), and the capacity codes, which arrive late as a
+# failed operation (AllocationFailed, ZonalAllocationFailed, OverconstrainedAllocationRequest, ...).
+FAILOVER_ERRORS: tuple[type[CloudError], ...] = (QuotaExceededError, SkuNotAvailableError, CapacityError)
 
 
 class ProvisionFailed(CloudError):
     """The typed cloud error, and what became of the resources created before it."""
 
-    def __init__(self, cause: CloudError, run_id: str, cleanup: str, cleanup_error: str = "") -> None:
+    def __init__(
+        self,
+        cause: CloudError,
+        run_id: str,
+        cleanup: str,
+        cleanup_error: str = "",
+        attempts: list[Attempt] | None = None,
+    ) -> None:
         message = str(cause)
         if cleanup == "deleted":
             message += "\nEverything created for this run has been deleted."
@@ -72,6 +135,7 @@ class ProvisionFailed(CloudError):
         super().__init__(message, code=cause.code, resource=cause.resource)
         self.cause = cause
         self.cleanup = cleanup
+        self.attempts = list(attempts or [])
 
     @property
     def cleaned(self) -> bool:
@@ -79,18 +143,105 @@ class ProvisionFailed(CloudError):
 
 
 EventSink = Callable[[ResourceEvent], None]
+AttemptSink = Callable[[Attempt], None]
+PlanFor = Callable[[Candidate, "str | None"], ResourcePlan]
+
+
+@dataclass
+class _Outcome:
+    """How one plan's execution ended."""
+
+    error: CloudError | None = None
+    raw: BaseException | None = None
+    resource: PlannedResource | None = None
+    timings: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class Provisioner:
-    def __init__(self, session: AzureSession, on_event: EventSink | None = None) -> None:
+    def __init__(
+        self, session: AzureSession, on_event: EventSink | None = None, on_attempt: AttemptSink | None = None
+    ) -> None:
         self.session = session
         self.on_event = on_event or (lambda e: None)
+        self.on_attempt = on_attempt or (lambda a: None)
         self._cancel = threading.Event()
         self._vms: dict[str, Any] = {}  # VM id -> the VM as its create LRO returned it
+        self._pool: ThreadPoolExecutor | None = None  # the last plan's, drained before its VMs are reused
 
     def provision(self, plan: ResourcePlan) -> ProvisionResult:
+        """One plan, one candidate: on any failure everything is deleted."""
+        candidate = plan.candidate or Candidate("", plan.region, None, False)
+        return self.provision_candidates([candidate], lambda _c, _loc: plan)
+
+    def provision_candidates(self, candidates: Sequence[Candidate], plan_for: PlanFor) -> ProvisionResult:
+        """Try each candidate in turn until one provisions; `plan_for(candidate, group_location)`
+        makes its plan (every node in that candidate's region and zone).
+
+        A candidate Azure refuses with a FAILOVER_ERRORS error (quota, SkuNotAvailable, no capacity,
+        also when it arrives late as a failed operation) is cleaned away and the next one tried:
+        its VMs (with their NICs, public IPs and disks, `deleteOption: Delete`) and auto-shutdown
+        schedules are deleted, and when the next candidate is in another region its VNet and NSG
+        too. The run's resource group stays: a group's location cannot change, but the resources in
+        it may be in any region, and deleting a group takes minutes (forced: ~90 s) against ~30 s
+        for a VM. Any other error, or the last candidate failing, deletes the group as before."""
+        if not candidates:
+            raise ValueError("no candidate to provision")
         clock = self.session.clock
         t0 = clock.now()
+        attempts: list[Attempt] = []
+        done: set[str] = set()  # ids of what exists from earlier attempts and is kept
+        group_location: str | None = None
+        plan: ResourcePlan | None = None
+        for i, candidate in enumerate(candidates):
+            plan = plan_for(candidate, group_location)
+            started = clock.now()
+            outcome = self._execute(plan, done, t0)
+            if outcome.error is None:
+                attempt = Attempt(i + 1, candidate, "", "", clock.now() - started)
+                attempts.append(attempt)
+                self.on_attempt(attempt)
+                nodes = self._addresses(plan)
+                return ProvisionResult(plan, nodes, clock.now() - t0, outcome.timings, candidate, attempts)
+            cloud = outcome.error
+            if outcome.resource is not None and outcome.resource.type == T_RG:
+                # The group write itself failed: this call created nothing, so there is nothing to undo.
+                attempts.append(self._attempt(i + 1, candidate, cloud, started))
+                raise ProvisionFailed(cloud, plan.run_id, "nothing", attempts=attempts) from outcome.raw
+            group_location = group_location or plan.resources[0].body["location"]
+            following = candidates[i + 1] if i + 1 < len(candidates) else None
+            if isinstance(cloud, FAILOVER_ERRORS) and following is not None:
+                keep_network = following.region == candidate.region
+                cleared, why = self._clear(plan, keep_network, t0)
+                attempts.append(self._attempt(i + 1, candidate, cloud, started))
+                if cleared:
+                    done = {plan.resources[0].id}
+                    if keep_network:
+                        done |= {r.id for r in plan.resources if r.type in {T_VNET, T_NSG}}
+                    continue
+                cleaned, why2 = self._cleanup(plan)
+                cause = CloudError(f"{cloud}\nRemoving this attempt to try the next candidate failed: {why}")
+                cause.code = cloud.code
+                raise ProvisionFailed(
+                    cause, plan.run_id, "deleted" if cleaned else "failed", why2, attempts=attempts
+                ) from outcome.raw
+            cleaned, why = self._cleanup(plan)
+            attempts.append(self._attempt(i + 1, candidate, cloud, started))
+            if isinstance(cloud, FAILOVER_ERRORS) and len(attempts) > 1:
+                cloud = CandidatesExhausted(attempts)
+            raise ProvisionFailed(
+                cloud, plan.run_id, "deleted" if cleaned else "failed", why, attempts=attempts
+            ) from outcome.raw
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _attempt(self, n: int, candidate: Candidate, cloud: CloudError, started: float) -> Attempt:
+        first = str(cloud).split("\n", 1)[0]
+        attempt = Attempt(n, candidate, cloud.code or type(cloud).__name__, first, self.session.clock.now() - started)
+        self.on_attempt(attempt)
+        return attempt
+
+    def _execute(self, plan: ResourcePlan, done: set[str], t0: float) -> _Outcome:
+        """Create the plan's resources (those in `done` exist already); the first error, classified."""
+        clock = self.session.clock
         timings: dict[str, tuple[float, float]] = {}
         self._cancel.clear()
         self._vms.clear()
@@ -99,6 +250,8 @@ class Provisioner:
             for d in deps:
                 if d.exception() is not None:  # waits; a failed dependency means this never starts
                     raise _Cancelled()
+            if r.id in done:
+                return
             if self._cancel.is_set():
                 self.on_event(ResourceEvent(r, "skipped", clock.now() - t0))
                 raise _Cancelled()
@@ -124,9 +277,9 @@ class Provisioner:
             order = list(futures.items())
             pending = {f: rid for rid, f in order}
             while pending and first_error is None:
-                done = next(iter(_wait_first(list(pending))))
-                rid = pending.pop(done)
-                exc = done.exception()
+                done_f = next(iter(_wait_first(list(pending))))
+                rid = pending.pop(done_f)
+                exc = done_f.exception()
                 if exc is not None and not isinstance(exc, _Cancelled):
                     first_error, first_resource = exc, plan.by_id(rid)
                     self._cancel.set()
@@ -138,19 +291,46 @@ class Provisioner:
             raise
         finally:
             pool.shutdown(wait=first_error is None, cancel_futures=True)
+        self._pool = pool
+        if first_error is None:
+            return _Outcome(timings=timings)
+        cloud = first_error if isinstance(first_error, CloudError) else None
+        if cloud is None:
+            cloud = _classify(first_error, first_resource, plan.region)
+        return _Outcome(cloud, first_error, first_resource, timings)
 
-        if first_error is not None:
-            cloud = first_error if isinstance(first_error, CloudError) else None
-            if cloud is None:
-                cloud = _classify(first_error, first_resource, plan.region)
-            if first_resource is not None and first_resource.type == T_RG:
-                # The group write itself failed: this call created nothing, so there is nothing to undo.
-                raise ProvisionFailed(cloud, plan.run_id, "nothing") from first_error
-            cleaned, why = self._cleanup(plan)
-            raise ProvisionFailed(cloud, plan.run_id, "deleted" if cleaned else "failed", why) from first_error
+    def _clear(self, plan: ResourcePlan, keep_network: bool, t0: float) -> tuple[bool, str]:
+        """Delete what this attempt made, keeping the group (and the VNet and NSG with keep_network):
+        the VMs (NIC, public IP and disk go with them) and schedules at once, then, once the NICs are
+        gone, the network. Waits for it all: the next attempt reuses the names. (ok, error)."""
+        rg, clock = plan.resource_group, self.session.clock
+        vms = [r for r in plan.resources if r.type in {T_VM, T_SCHEDULE}]
+        network = [] if keep_network else [r for r in plan.resources if r.type in {T_VNET, T_NSG}]
+        try:
+            pollers = [self._delete(r, rg) for r in vms]  # sent before waiting on siblings still creating
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            for p in pollers:
+                p.result()
+            for r in network:
+                self._delete(r, rg).result()
+        except Exception as e:  # the caller falls back to deleting the group
+            return False, str(classify(e, resource=f"deleting {plan.run_id}'s failed attempt"))
+        for r in [*vms, *network]:
+            self.on_event(ResourceEvent(r, "deleted", clock.now() - t0))
+        return True, ""
 
-        nodes = self._addresses(plan)
-        return ProvisionResult(plan, nodes, clock.now() - t0, timings)
+    def _delete(self, r: PlannedResource, rg: str) -> Any:
+        s = self.session
+        if r.type == T_VM:
+            return s.compute.virtual_machines.begin_delete(rg, r.name, polling=s.polling(r.type))
+        if r.type == T_VNET:
+            return s.network.virtual_networks.begin_delete(rg, r.name, polling=s.polling(r.type))
+        if r.type == T_NSG:
+            return s.network.network_security_groups.begin_delete(rg, r.name, polling=s.polling(r.type))
+        return s.resources.resources.begin_delete_by_id(
+            r.id, api_version=SCHEDULE_API_VERSION, polling=s.polling(r.type)
+        )
 
     def _cleanup(self, plan: ResourcePlan) -> tuple[bool, str]:
         try:

@@ -65,7 +65,7 @@ def run(
     t0 = time.monotonic()
     spec, secrets, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
-        preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
+        checked = preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         dest = artifacts_destination(artifacts_dir, ctx.files)
         nodes: list[Any] = []
@@ -82,8 +82,12 @@ def run(
         phases: list[Any] = []
         in_job = False
         try:
-            result, records, keys = steps.provision(ctx)
+            result, records, keys = steps.provision(ctx, checked.candidates)
             report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
+            if ctx.spec.hourly_usd() != spec.hourly_usd():  # another candidate than the first: its price
+                limits.cancel()
+                limits = Limits(_remaining(ctx.spec, time.monotonic() - t0), stop_nodes, report.say)
+            spec = ctx.spec  # pinned to the candidate that provisioned
             enabler = ScheduleEnabler(session, result.plan, report.say)
             nodes.extend(steps.ssh_nodes(target, records, keys.client_key))
             limits.check()  # a limit that passed while provisioning had no node to stop yet
@@ -134,6 +138,14 @@ def run(
             collect_deadline=collect_deadline,
             t0=t0,
         )
+
+
+def _remaining(spec: JobSpec, elapsed: float) -> JobSpec:
+    """The limits still left after `elapsed` seconds, at this spec's price (the candidate that won)."""
+    update: dict[str, Any] = {"max_duration": max(1, int(spec.max_duration - elapsed))}
+    if spec.budget_usd is not None:
+        update["budget_usd"] = max(1e-9, spec.budget_usd - spec.hourly_usd() * elapsed / 3600)
+    return spec.model_copy(update=update)
 
 
 def _checked(spec: JobSpec, target: Target, report: Reporter, run_id: str | None) -> tuple[JobSpec, Any, str]:
@@ -272,10 +284,10 @@ def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | 
     """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them."""
     spec, _, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
-        preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
+        checked = preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         try:
-            result, records, _ = steps.provision(ctx)
+            result, records, _ = steps.provision(ctx, checked.candidates)
         except BaseException as e:
             verdict, message = verdict_of(error=e, job_exit_code=None, gates=[], artifacts_error="", skipped=[])
             torn, teardown_error = ctx.teardown()

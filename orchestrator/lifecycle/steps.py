@@ -7,11 +7,13 @@ import getpass
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from orchestrator.candidates import Candidate
 from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.context import RunContext
 from orchestrator.plan import build_plan
@@ -64,9 +66,14 @@ class RunKeys:
     client_public: str
     host_keys: dict[int, str]  # rank -> pinned public host key
     custom_data: dict[int, str]  # rank -> base64 cloud-init carrying that host key
+    # The same, per GPU-ness of the size (the cloud-init of a GPU size differs): candidates may mix.
+    custom_data_by_gpu: dict[bool, dict[int, str]] = field(default_factory=dict)
+
+    def custom_data_for(self, gpu: bool) -> dict[int, str]:
+        return self.custom_data_by_gpu.get(gpu, self.custom_data)
 
 
-def make_keys(spec: JobSpec, run_id: str, files: RunFiles) -> RunKeys:
+def make_keys(spec: JobSpec, run_id: str, files: RunFiles, gpu_flags: Iterable[bool] = ()) -> RunKeys:
     """The run's login key pair and one host key per VM, all made here and kept in the run folder."""
     from orchestrator.bootstrap import as_custom_data, cloud_init
     from orchestrator.sshkeys import generate_host_key, generate_keypair, public_key_of
@@ -78,46 +85,77 @@ def make_keys(spec: JobSpec, run_id: str, files: RunFiles) -> RunKeys:
     else:
         key, public = generate_keypair(files.root, files.client_key.name)
     files.hostkeys.mkdir(mode=0o700, exist_ok=True)
-    host_keys, custom = {}, {}
+    host_keys: dict[int, str] = {}
+    primary = spec.resources.size.is_gpu
+    by_gpu: dict[bool, dict[int, str]] = {flag: {} for flag in {primary, *gpu_flags}}
     for rank in range(spec.nodes):
         vm = f"{run_id}-{rank}"
         hk = generate_host_key(files.hostkey(vm))
         host_keys[rank] = hk.public
-        custom[rank] = as_custom_data(
-            cloud_init(
-                run_id=run_id,
-                vm_name=vm,
-                rank=rank,
-                host_private_key=hk.private_openssh,
-                host_public_key=hk.public,
-                user=spec.ssh.user,
-                max_duration=spec.max_duration,
-                gpu=spec.resources.size.is_gpu,
-                job=spec,
+        for gpu, custom in by_gpu.items():
+            custom[rank] = as_custom_data(
+                cloud_init(
+                    run_id=run_id,
+                    vm_name=vm,
+                    rank=rank,
+                    host_private_key=hk.private_openssh,
+                    host_public_key=hk.public,
+                    user=spec.ssh.user,
+                    max_duration=spec.max_duration,
+                    gpu=gpu,
+                    job=spec,
+                )
             )
-        )
-    return RunKeys(key, public, host_keys, custom)
+    return RunKeys(key, public, host_keys, by_gpu[primary], by_gpu)
 
 
-def provision(ctx: RunContext) -> tuple[Any, list[NodeRecord], RunKeys]:
-    from orchestrator.azure.provision import Provisioner
+def provision(ctx: RunContext, candidates: Sequence[Candidate] | None = None) -> tuple[Any, list[NodeRecord], RunKeys]:
+    """Create the run's resources on the first candidate Azure provisions (default: every
+    candidate of the job, in order; the preflight passes those it did not drop). Each attempt is
+    recorded in the store and said; afterwards `ctx.spec` is pinned to the candidate that won."""
+    from orchestrator.azure.provision import Attempt, Provisioner
 
+    tried = list(candidates if candidates is not None else ctx.spec.resources.candidates.ordered)
     ctx.state("provisioning")
-    ctx.report.say(f"provisioning {ctx.group} in {ctx.spec.resources.region}")
+    first = tried[0]
+    more = f" (then {len(tried) - 1} more candidate(s) if Azure refuses it)" if len(tried) > 1 else ""
+    ctx.report.say(f"provisioning {ctx.group}: {first.label()}{more}")
+    now = datetime.now(UTC)
+    warned: set[str] = set()
+
+    def on_attempt(a: Attempt) -> None:
+        ctx.store.attempt(ctx.run_id, a.n, a.candidate.to_json(), a.code or None, a.message or None, a.seconds)
+        if not a.ok:
+            following = tried[a.n] if a.n < len(tried) else None
+            nxt = f"; trying {following.label()}" if following is not None else ""
+            ctx.report.say(f"attempt {a.line()}{nxt}")
+
     with ctx.phase("provision"):
-        keys = make_keys(ctx.spec, ctx.run_id, ctx.files)
-        plan = build_plan(
-            ctx.spec,
-            ctx.run_id,
-            subscription_id=ctx.session.subscription_id,
-            owner=owner_name(),
-            now=datetime.now(UTC),
-            ssh_public_key=keys.client_public,
-            custom_data=keys.custom_data,
-        )
-        for warning in plan.warnings:
-            ctx.report.say(f"warning: {warning}")
-        result = Provisioner(ctx.session, on_event=ctx.resource_event).provision(plan)
+        keys = make_keys(ctx.spec, ctx.run_id, ctx.files, {c.vm.is_gpu for c in tried})
+
+        def plan_for(c: Candidate, group_location: str | None) -> Any:
+            plan = build_plan(
+                ctx.spec,
+                ctx.run_id,
+                subscription_id=ctx.session.subscription_id,
+                owner=owner_name(),
+                now=now,
+                ssh_public_key=keys.client_public,
+                custom_data=keys.custom_data_for(c.vm.is_gpu),
+                candidate=c,
+                group_location=group_location,
+            )
+            for warning in plan.warnings:
+                if warning not in warned:
+                    warned.add(warning)
+                    ctx.report.say(f"warning: {warning}")
+            return plan
+
+        provisioner = Provisioner(ctx.session, on_event=ctx.resource_event, on_attempt=on_attempt)
+        result = provisioner.provision_candidates(tried, plan_for)
+    ctx.spec = ctx.spec.pinned(result.candidate)
+    if len(result.attempts) > 1:
+        ctx.report.say(f"provisioned on candidate {result.attempts[-1].line()}")
     nodes = [
         NodeRecord(n.rank, n.vm_name, n.public_ip, n.private_ip, ctx.spec.ssh.user, keys.host_keys[n.rank])
         for n in result.nodes
