@@ -7,9 +7,11 @@
 #
 # Settings (environment): DEVICE (cuda), PYTHON (python3), OUT (where gpu.log and metrics.json go;
 # default /tmp/gpu-check-out), BENCH_EPOCHS (3), REPEAT (40: the digits training set tiled to about
-# MNIST's size for the throughput figures only), QUICK=1 (each job for 1 epoch instead of its
-# documented count), DDP=1 (also a 2-process torchrun of mnist-cnn on the one GPU; NCCL refuses two
-# ranks on one GPU, so this is informative only and never fails the check).
+# MNIST's size for the throughput figures only), BENCH_ARGS (more arguments for the throughput
+# benchmark, e.g. "--variant mnist-cnn:--eager --variant dcgan:--amp,bf16"), QUICK=1 (each job
+# for 1 epoch instead of its documented count), DDP=1 (also a 2-process torchrun of mnist-cnn on
+# the one GPU; NCCL refuses two ranks on one GPU, so this is informative only and never fails the
+# check).
 #
 # Keras is not on every GPU image: if `.whl/` holds wheels (keras, namex, optree for the machine's
 # Python) and keras does not import, they are installed into /tmp/site first.
@@ -24,6 +26,7 @@ OUT=${OUT:-/tmp/gpu-check-out}
 BENCH_EPOCHS=${BENCH_EPOCHS:-3}
 REPEAT=${REPEAT:-40}
 QUICK=${QUICK:-0}
+BENCH_ARGS=${BENCH_ARGS:-}
 DDP=${DDP:-0}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
@@ -65,7 +68,7 @@ main() {
 	EOF
 
 	step "throughput" 240 "$PY" bench/train_throughput.py --device "$DEVICE" --dataset digits \
-		--epochs "$BENCH_EPOCHS" --repeat-data "$REPEAT"
+		--epochs "$BENCH_EPOCHS" --repeat-data "$REPEAT" $BENCH_ARGS
 
 	# Each job as its README runs it offline (cd jobs && python JOB/train.py --dataset digits), on DEVICE.
 	local epochs=()

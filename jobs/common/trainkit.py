@@ -2,7 +2,10 @@
 
 Shared by the jobs in this folder (their job.yaml sets `workdir: ..` so it travels with them).
 
-- Device: CUDA when present (bf16 autocast, channels_last, TF32), CPU otherwise.
+- Device: CUDA when present (bf16 autocast, channels_last, TF32), CPU otherwise. On CUDA (not
+  --seed-style) a training step is small next to the CPU's cost of launching its hundred-odd kernels,
+  so the step (batch gather, augmentation, forward, backward, fused Adam) is captured once as a CUDA
+  graph and replayed: one launch per step, no host sync (`CudaGraphStep`; --eager turns it off).
 - Distributed: under `torchrun` (WORLD_SIZE > 1) it initialises the process group (nccl on GPU,
   gloo on CPU), shards batches with DistributedSampler, and only rank 0 writes outputs.
 - Data: `--dataset digits` is scikit-learn's bundled 8x8 digits (offline, resized to the model's
@@ -47,7 +50,7 @@ MNIST_FILES = {  # name -> expected size in bytes (gzip)
 
 
 def arguments(
-    description: str, *, epochs: int, batch_size: int, lr: float, checkpoint_every: int = 50
+    description: str, *, epochs: int, batch_size: int, lr: float, checkpoint_every: int = 50, amp: str = "bf16"
 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
@@ -68,6 +71,17 @@ def arguments(
         "--seed-style",
         action="store_true",
         help="plain fp32 loop with a CPU DataLoader (the throughput benchmark's baseline)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=["bf16", "off"],
+        default=amp,
+        help="CUDA only: bf16 autocast, or off (fp32 with TF32 matmuls); the CPU and --seed-style never autocast",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="CUDA only: run each training step eagerly instead of replaying it as a CUDA graph",
     )
     p.add_argument(
         "--repeat-data",
@@ -91,6 +105,8 @@ class Runtime:
     output_dir: Path
     checkpoint_dir: Path
     fast: bool  # the GPU recipe (bf16 autocast, channels_last, data on device)
+    amp: bool = True  # bf16 autocast in the fast recipe on CUDA (--amp off: fp32/TF32)
+    graphs: bool = True  # the fast recipe on CUDA replays each step as a CUDA graph (--eager: no)
 
     @property
     def is_main(self) -> bool:
@@ -100,9 +116,22 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.fast and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    @property
+    def cuda_fast(self) -> bool:
+        """The fast recipe on a GPU: what runs when the device is CUDA and not --seed-style."""
+        return self.fast and self.device.type == "cuda"
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether training steps are captured as CUDA graphs (one process, no DDP: DDP's all-reduce
+        would need its own warm-up and capture rules, so DDP steps run eagerly)."""
+        return self.cuda_fast and self.graphs and not self.distributed
+
+    def autocast(self, cache: bool = True) -> AbstractContextManager[Any]:
+        """bf16 autocast in the fast recipe on CUDA. cache=False inside a CUDA graph capture (autocast's
+        weight-cast cache must not outlive the capture)."""
+        if self.cuda_fast and self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         return nullcontext()
 
     def log(self, message: str) -> None:
@@ -133,7 +162,16 @@ def setup(args: argparse.Namespace) -> Runtime:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.mkdir(parents=True, exist_ok=True)
-    return Runtime(device, rank, world, out, ckpt, fast=not args.seed_style)
+    return Runtime(
+        device,
+        rank,
+        world,
+        out,
+        ckpt,
+        fast=not args.seed_style,
+        amp=getattr(args, "amp", "bf16") != "off",
+        graphs=not getattr(args, "eager", False),
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -254,6 +292,28 @@ def epoch_batches(n: int, batch_size: int, epoch: int, rt: Runtime, seed: int) -
     return list(order.split(batch_size))
 
 
+def epoch_order(n: int, epoch: int, rt: Runtime, seed: int) -> torch.Tensor:
+    """This rank's order of the `n` samples for `epoch`, as one tensor: exactly DistributedSampler's
+    (shuffle=True, drop_last=False) list, which `epoch_batches` splits, without a Python list of ints."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=g)
+    total = math.ceil(n / rt.world_size) * rt.world_size  # padded by repeating the start, as the sampler does
+    if total > n:
+        perm = perm.repeat(math.ceil(total / n))[:total]
+    return perm[rt.rank : total : rt.world_size]
+
+
+def device_batches(
+    n: int, batch_size: int, epoch: int, rt: Runtime, seed: int, start: int = 0
+) -> Iterator[torch.Tensor]:
+    """`epoch_batches(...)[start:]` as slices of one index tensor moved to the device once per epoch,
+    so no step copies indices from the host (the CUDA fast path)."""
+    order = epoch_order(n, epoch, rt, seed).to(rt.device)
+    for i in range(start * batch_size, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Translate each image by up to max_shift pixels (a fresh shift per image, from torch's RNG so a
     resumed run draws the same ones); the border is filled with the background value (-1)."""
@@ -267,6 +327,22 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]
     batch = torch.arange(b, device=x.device)[:, None, None]
     return torch.stack([padded[batch, ch, rows, cols] for ch in range(c)], dim=1)
+
+
+def random_shift_on_device(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """random_shift for the CUDA fast path: the shifts come from x's device's RNG (no host copy, so it
+    can be captured in a CUDA graph) and every channel is moved by one gather. Same translation and
+    fill as random_shift; different random draws."""
+    if max_shift <= 0:
+        return x
+    b, c, h, w = x.shape
+    s = max_shift
+    padded = torch.nn.functional.pad(x, (s,) * 4, value=-1.0).flatten(2)  # [b, c, (h+2s)*(w+2s)]
+    off = torch.randint(0, 2 * s + 1, (2, b, 1, 1), device=x.device)
+    rows = off[0] + torch.arange(h, device=x.device)[:, None]  # [b, h, 1]
+    cols = off[1] + torch.arange(w, device=x.device)[None, :]  # [b, 1, w]
+    flat = (rows * (w + 2 * s) + cols).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.gather(2, flat).view(b, c, h, w)
 
 
 def seed_style_loader(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -375,7 +451,10 @@ class Checkpoints:
             return None
         state = torch.load(found[-1], map_location=self.rt.device, weights_only=False)
         for k, m in modules.items():
-            _unwrap(m).load_state_dict(state["modules"][k])
+            if isinstance(m, torch.optim.Optimizer):
+                _load_optimizer(m, state["modules"][k])
+            else:
+                _unwrap(m).load_state_dict(state["modules"][k])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
@@ -384,6 +463,27 @@ class Checkpoints:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.rt.log(f"resumed from {found[-1].name} (step {state['position']['global_step']})")
         return Position(**state["position"])
+
+
+_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """load_state_dict, keeping how this optimizer was built to run: a state dict carries the writer's
+    fused/foreach/capturable flags (a CUDA fast run's fused, capturable Adam, or a CPU run's defaults),
+    which would otherwise replace this run's. The step counters go where these flags keep them. A state
+    written with this run's flags (every resume on the same device) is loaded unchanged."""
+    built = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, flags in zip(opt.param_groups, built, strict=True):
+        if all(group.get(k) == v for k, v in flags.items()):
+            continue
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                opt.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
 def _unwrap(m: Any) -> Any:
@@ -435,11 +535,14 @@ def plot_history(rt: Runtime, history: dict[str, list[float]], filename: str = "
 
 
 class Throughput:
-    """Samples per second over the timed steps (the first `warmup` steps are excluded)."""
+    """Samples per second over the timed steps (the first `warmup` steps are excluded), up to stop():
+    the training loop, with its evaluations and checkpoints, but not the outputs written after it
+    (plots, a judge's training, the final model), which are no training step."""
 
     def __init__(self, rt: Runtime, warmup: int = 5) -> None:
         self.rt, self.warmup = rt, warmup
         self.samples, self.steps, self.t0 = 0, 0, 0.0
+        self.t1: float | None = None
 
     def step(self, n: int) -> None:
         self.steps += 1
@@ -453,10 +556,17 @@ class Throughput:
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def stop(self) -> None:
+        """The training loop is over: the clock stops here (after the device has finished)."""
+        self._sync()
+        self.t1 = time.perf_counter()
+
     @property
     def per_second(self) -> float:
-        self._sync()
-        dt = time.perf_counter() - self.t0 if self.t0 else 0.0
+        if self.t1 is None:
+            self.stop()
+        assert self.t1 is not None
+        dt = self.t1 - self.t0 if self.t0 else 0.0
         return self.samples * self.rt.world_size / dt if dt > 0 else math.nan
 
 
@@ -473,6 +583,89 @@ def accuracy(model: torch.nn.Module, split: Split, rt: Runtime, batch_size: int 
         correct += int((logits.argmax(1) == split.y[i : i + batch_size].to(rt.device)).sum())
     model.train()
     return correct / len(split)
+
+
+# ---------------------------------------------------------------------------------- CUDA fast steps
+
+
+def fast_adam(params: Any, rt: Runtime, **kwargs: Any) -> torch.optim.Adam:
+    """Adam as the run needs it: on CUDA's fast path the fused kernel (one launch for every parameter),
+    capturable when steps are CUDA graphs; elsewhere torch's default, as before."""
+    if rt.cuda_fast:
+        return torch.optim.Adam(params, fused=True, capturable=rt.cuda_graphs, **kwargs)
+    return torch.optim.Adam(params, **kwargs)
+
+
+class CudaGraphStep:
+    """One training step, `fn(idx) -> losses`, replayed as a CUDA graph on the CUDA fast path.
+
+    `fn` takes a batch's indices (a device tensor) and does all of the step on the device: gather the
+    batch from the device-resident dataset, augment, forward, backward, optimizer step; it returns
+    detached loss tensors. A step of these small nets is ~100 kernels of a few microseconds each, so
+    launching them one by one from Python costs far more than running them; a replayed graph is one
+    launch and no host sync.
+
+    - The first `warmup` full-size steps run eagerly on a side stream (cuDNN picks its algorithms,
+      Adam creates its state), as torch.cuda.graph's docs require; the next full-size step is captured
+      and replayed, and so is every later one: the indices are copied into the graph's input, the
+      losses copied out of its outputs (the graph overwrites them at each replay).
+    - A batch of another size (an epoch's last, smaller one) runs eagerly: nothing is dropped or
+      padded, so every epoch trains on the same samples as the eager and CPU loops do.
+    - Each warm-up, captured or eager step is one real training step on its batch, so the optimizer
+      sees the same sequence of batches whatever ran it.
+    - If capture fails (an op that syncs with the host, a driver without graph support), the job says
+      so in one line and goes on eagerly: it never stops for it.
+    After capture cuDNN's benchmark mode is turned off: the graph's convolutions were tuned at warm-up,
+    and timing every other shape (the last batch, evaluation) would cost more than it saves.
+    """
+
+    def __init__(
+        self, rt: Runtime, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], batch_size: int, warmup: int = 3
+    ) -> None:
+        self.rt, self.fn, self.batch_size, self.warmup = rt, fn, batch_size, warmup
+        self.enabled = rt.cuda_graphs
+        self.eager_calls = 0
+        self.graph: Any = None
+        self.static_idx: torch.Tensor | None = None
+        self.static_out: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.enabled or len(idx) != self.batch_size:
+            return self.fn(idx)
+        if self.graph is not None:
+            assert self.static_idx is not None
+            self.static_idx.copy_(idx)
+            self.graph.replay()
+            return tuple(t.clone() for t in self.static_out)
+        if self.eager_calls < self.warmup:
+            self.eager_calls += 1
+            side = torch.cuda.Stream(self.rt.device)
+            side.wait_stream(torch.cuda.current_stream(self.rt.device))
+            with torch.cuda.stream(side):
+                out = self.fn(idx)
+            torch.cuda.current_stream(self.rt.device).wait_stream(side)
+            return out
+        return self._capture(idx)
+
+    def _capture(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        stream = torch.cuda.current_stream(self.rt.device)
+        try:
+            static_idx = idx.clone()
+            torch.cuda.synchronize(self.rt.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(static_idx)
+            graph.replay()  # the capture only recorded the step: this runs it, on this batch
+        except Exception as e:  # any failure: train eagerly instead
+            self.enabled = False
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.rt.log(f"note: CUDA graph capture failed ({type(e).__name__}: {first}); training eagerly")
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves its side stream current
+            torch.cuda.synchronize(self.rt.device)
+            return self.fn(idx)
+        self.graph, self.static_idx, self.static_out = graph, static_idx, static_out
+        torch.backends.cudnn.benchmark = False
+        return tuple(t.clone() for t in static_out)
 
 
 # ------------------------------------------------------------------------------ a classifier's loop
@@ -492,10 +685,13 @@ def fit_classifier(
     image_model: bool = True,
     shift: int = 0,
 ) -> dict[str, Any]:
-    """Train with cross-entropy and Adam, checkpointing and resuming exactly; returns the metrics."""
+    """Train with cross-entropy and Adam, checkpointing and resuming exactly; returns the metrics.
+
+    On CUDA's fast path each step runs on the device alone (indices, gather, augmentation) and is
+    replayed as a CUDA graph (CudaGraphStep); elsewhere (CPU, --seed-style) the loop is as it was."""
     train = tile(train, args.repeat_data)
     model.to(rt.device)
-    cuda_fast = rt.fast and rt.device.type == "cuda"
+    cuda_fast = rt.cuda_fast
     if cuda_fast and image_model:
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = model
@@ -503,40 +699,58 @@ def fit_classifier(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None
         )
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = fast_adam(model.parameters(), rt, lr=args.lr)
     modules = {"model": model, "optimizer": opt}
     ckpt = Checkpoints(rt, args.checkpoint_every)
     pos = ckpt.restore(modules) or Position()
     data = train.to(rt.device) if rt.fast else train  # small datasets live on the device
     speed = Throughput(rt)
     loss_fn = torch.nn.CrossEntropyLoss()
+
+    def device_step(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # the CUDA fast path's whole step
+        x = random_shift_on_device(data.x[idx], shift)
+        if image_model:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with rt.autocast(cache=False):
+            loss = loss_fn(net(x), data.y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return (loss.detach(),)
+
+    fast_step = CudaGraphStep(rt, device_step, args.batch_size)
     while pos.epoch < args.epochs:
-        if rt.fast:
-            steps: Iterator[tuple[torch.Tensor, ...]] = (
-                (data.x[idx], data.y[idx])
-                for idx in epoch_batches(len(data), args.batch_size, pos.epoch, rt, args.seed)[pos.step_in_epoch :]
-            )
-        else:
-            steps = seed_style_loader(data, args.batch_size, args.seed, pos.epoch)
-        for x, y in steps:
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            x = random_shift(x, shift)
-            if cuda_fast and image_model:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with rt.autocast():
+        if cuda_fast:
+            for idx in device_batches(len(data), args.batch_size, pos.epoch, rt, args.seed, pos.step_in_epoch):
+                (loss,) = fast_step(idx)
+                speed.step(len(idx))
+                pos.add_loss(loss)
+                ckpt.step_done(pos, modules, args.stop_after)
+        else:  # CPU, and --seed-style anywhere: the loop as it always was
+            if rt.fast:
+                steps: Iterator[tuple[torch.Tensor, ...]] = (
+                    (data.x[idx], data.y[idx])
+                    for idx in epoch_batches(len(data), args.batch_size, pos.epoch, rt, args.seed)[pos.step_in_epoch :]
+                )
+            else:
+                steps = seed_style_loader(data, args.batch_size, args.seed, pos.epoch)
+            for x, y in steps:
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                x = random_shift(x, shift)
                 loss = loss_fn(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            speed.step(len(y))
-            pos.add_loss(loss if rt.fast else float(loss.detach()))  # seed-style: a sync per step, as it was
-            ckpt.step_done(pos, modules, args.stop_after)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                speed.step(len(y))
+                pos.add_loss(loss if rt.fast else float(loss.detach()))  # seed-style: a sync per step, as it was
+                ckpt.step_done(pos, modules, args.stop_after)
         pos.end_epoch(test_accuracy=accuracy(model, test, rt))
         rt.log(
             f"epoch {pos.epoch}/{args.epochs} loss {pos.history['train_loss'][-1]:.4f} "
             f"test_accuracy {pos.history['test_accuracy'][-1]:.4f}"
         )
         ckpt.save(pos, modules)
+    speed.stop()
     if rt.is_main:
         torch.save(model.state_dict(), rt.output_dir / "model.pt")
     write_rank_report(rt, model)

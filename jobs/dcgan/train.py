@@ -138,7 +138,9 @@ def save_grid(gen: Generator, rt: tk.Runtime, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = tk.arguments(__doc__ or "", epochs=40, batch_size=64, lr=2e-4, checkpoint_every=200)
+    # --amp off: on CUDA fp32 with TF32. bf16 autocast only adds cast kernels to a net this small (H200,
+    # CUDA graphs, batch 256: 85,373 samples/s fp32 against 79,342/s bf16).
+    parser = tk.arguments(__doc__ or "", epochs=40, batch_size=64, lr=2e-4, checkpoint_every=200, amp="off")
     parser.add_argument("--size", type=int, default=0, help="image size (default: 16 for digits, 28 for mnist)")
     args = parser.parse_args(argv)
 
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = [rt.device] if rt.device.type == "cuda" else None
             g_net = nn.parallel.DistributedDataParallel(gen, device_ids=ids)
             d_net = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
-        opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
-        opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
+        opt_g = tk.fast_adam(gen.parameters(), rt, lr=args.lr, betas=(0.5, 0.999))
+        opt_d = tk.fast_adam(disc.parameters(), rt, lr=args.lr, betas=(0.5, 0.999))
         modules = {"generator": gen, "discriminator": disc, "opt_g": opt_g, "opt_d": opt_d}
         ckpt = tk.Checkpoints(rt, args.checkpoint_every)
         pos = ckpt.restore(modules) or tk.Position()
@@ -162,32 +164,52 @@ def main(argv: list[str] | None = None) -> int:
         bce = nn.BCEWithLogitsLoss()
         speed = tk.Throughput(rt)
         g_losses: list[torch.Tensor] = []
+
+        def gan_step(real: torch.Tensor, labels: torch.Tensor, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            """One discriminator and one generator update; (d_loss, g_loss), not detached."""
+            n = len(labels)
+            z = torch.randn(n, Z, device=rt.device)
+            fake_labels = torch.randint(0, 10, (n,), device=rt.device)
+            with rt.autocast(cache):
+                fake = g_net(z, fake_labels)
+                # Discriminator: real -> 1 (smoothed to 0.9), generated -> 0.
+                d_loss = bce(d_net(real, labels), torch.full((n,), 0.9, device=rt.device)) + bce(
+                    d_net(fake.detach(), fake_labels), torch.zeros(n, device=rt.device)
+                )
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            with rt.autocast(cache):
+                # Generator: make the discriminator call its images real (the non-saturating min-max loss).
+                g_loss = bce(d_net(fake, fake_labels), torch.ones(n, device=rt.device))
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            return d_loss, g_loss
+
+        def device_step(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:  # CUDA fast path: all on the device
+            d_loss, g_loss = gan_step(data.x[idx], data.y[idx], cache=False)
+            return d_loss.detach(), g_loss.detach()
+
+        fast_step = tk.CudaGraphStep(rt, device_step, args.batch_size)
         while pos.epoch < args.epochs:
-            if rt.fast:
+            if rt.cuda_fast:  # one CUDA graph per step (tk.CudaGraphStep), indices already on the device
+                for idx in tk.device_batches(len(data), args.batch_size, pos.epoch, rt, args.seed, pos.step_in_epoch):
+                    d_loss, g_loss = fast_step(idx)
+                    speed.step(len(idx))
+                    pos.add_loss(d_loss)
+                    g_losses.append(g_loss)
+                    ckpt.step_done(pos, modules, args.stop_after)
+                steps: Any = ()
+            elif rt.fast:
                 batches = tk.epoch_batches(len(data), args.batch_size, pos.epoch, rt, args.seed)
-                steps: Any = ((data.x[idx], data.y[idx]) for idx in batches[pos.step_in_epoch :])
+                steps = ((data.x[idx], data.y[idx]) for idx in batches[pos.step_in_epoch :])
             else:  # the benchmark's baseline: a CPU DataLoader, copied to the device per step
                 steps = tk.seed_style_loader(tiled, args.batch_size, args.seed, pos.epoch)
-            for real, labels in steps:
+            for real, labels in steps:  # CPU, and --seed-style anywhere: as it always was
                 real, labels = real.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
                 n = len(labels)
-                z = torch.randn(n, Z, device=rt.device)
-                fake_labels = torch.randint(0, 10, (n,), device=rt.device)
-                with rt.autocast():
-                    fake = g_net(z, fake_labels)
-                    # Discriminator: real -> 1 (smoothed to 0.9), generated -> 0.
-                    d_loss = bce(d_net(real, labels), torch.full((n,), 0.9, device=rt.device)) + bce(
-                        d_net(fake.detach(), fake_labels), torch.zeros(n, device=rt.device)
-                    )
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                with rt.autocast():
-                    # Generator: make the discriminator call its images real (the non-saturating min-max loss).
-                    g_loss = bce(d_net(fake, fake_labels), torch.ones(n, device=rt.device))
-                opt_g.zero_grad(set_to_none=True)
-                g_loss.backward()
-                opt_g.step()
+                d_loss, g_loss = gan_step(real, labels)
                 speed.step(n)
                 # Losses are read back at checkpoints and epoch ends; seed-style syncs every step, as it did.
                 pos.add_loss(d_loss if rt.fast else float(d_loss.detach()))
@@ -202,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"g_loss {pos.history['generator_loss'][-1]:.3f}"
                 )
             ckpt.save(pos, modules)
+        speed.stop()  # the judge, the scores and the outputs below are not training throughput
         judge = train_judge(train, rt, size, args.seed)
         quality = evaluate(gen, judge, test, rt, args.seed)
         if rt.is_main:
