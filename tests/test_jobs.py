@@ -134,7 +134,12 @@ def test_two_process_torchrun_with_gloo_and_only_rank_0_writes(tmp_path: Path) -
     assert metrics["world_size"] == 2
     assert out.count("metrics {") == 1, "only rank 0 reports"
     assert out.count("epoch 2/2") == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["curves.png", "metrics.json", "model.pt"]
+    # rank 0 writes the outputs; each rank adds only its own report (rank, world size, weights digest)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["curves.png", "metrics.json", "model.pt", "rank-0.json", "rank-1.json"]
+    reports = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [(x["rank"], x["world_size"]) for x in reports] == [(0, 2), (1, 2)]
+    assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"], "DDP keeps the ranks' weights identical"
 
 
 def test_idx_reader_parses_mnist_format(tmp_path: Path) -> None:
