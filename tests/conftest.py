@@ -84,7 +84,8 @@ SLOW_MODULES = frozenset(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in SLOW_MODULES:
+        # whole modules of CLI cycles, and elsewhere the tests that start the CLI as a process
+        if item.path.name in SLOW_MODULES or item.name.startswith("test_cli"):
             item.add_marker(pytest.mark.slow)
 
 

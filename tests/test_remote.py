@@ -20,6 +20,7 @@ from tests.remote_fixtures import FAST, EmulatedVms, Sshd, start_vms
 # ---------------------------------------------------------------------------------------- connect
 
 
+@pytest.mark.slow
 def test_connect_waits_through_the_boot_delay(tmp_path: Path) -> None:
     import json
 
