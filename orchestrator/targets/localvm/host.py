@@ -45,6 +45,7 @@ class VmHost:
         self.sessions: set[Any] = set()
         self.server: Any = None
         self.stopping = asyncio.Event()
+        self.environment: asyncio.Future[str] | None = None  # making the VM's Python, if under way
         self.spawned: set[int] = set()  # asyncio waits for these itself
         self.cloud_config: dict[str, Any] | None = None
 
@@ -200,6 +201,8 @@ class VmHost:
                 process.exit(255)
 
     async def _run(self, process: Any) -> None:
+        if self.environment is not None:
+            await asyncio.shield(self.environment)  # python3 on PATH must be the VM's, never the system's
         command = process.command
         if command is None:
             command = "exec /bin/bash -i"
@@ -307,13 +310,17 @@ async def amain(vm: VmPaths) -> None:
 
     host.cloud_config = host.custom_data()
     python = python_setup_of(host.cloud_config) if host.cloud_config else None
-    note = ""
+    # The environment is made while SSH starts listening (uv runs in its own process): a command
+    # waits for it (host.environment) rather than the whole VM waiting before it answers.
     if not (vm.python / "bin" / "python").exists():
-        note = await asyncio.to_thread(make_environment, vm, python.version if python else None)
+        host.environment = asyncio.ensure_future(
+            asyncio.to_thread(make_environment, vm, python.version if python else None)
+        )
     port = await host.serve()
     tmp = vm.host.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "address": host.spec["address"], "port": port}))
     tmp.replace(vm.host)
+    note = await host.environment if host.environment is not None else ""
     installing = asyncio.ensure_future(host.install(python.requirements, note)) if python else None
     try:
         await host.watch()
