@@ -51,6 +51,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/provision.py
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/run_overhead.py
+	$(BIN)/python bench/preflight.py
+	$(BIN)/python bench/first_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
