@@ -16,7 +16,11 @@ SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
+    """The CLI as a separate process, as a user runs it: no Azure or orchestrator settings, no proxy,
+    no az CLI on the PATH, nothing on stdin."""
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_")) and "proxy" not in k.lower()
+    }
     full_env["PATH"] = str(Path(sys.executable).parent) + ":/usr/bin:/bin"  # no az CLI
     full_env.update(env or {})
     return subprocess.run(
@@ -27,6 +31,7 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
         cwd=cwd or REPO,
         timeout=120,
         check=False,
+        stdin=subprocess.DEVNULL,
     )
 
 

@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,20 +21,7 @@ SSH = shutil.which("ssh")
 needs_ssh = pytest.mark.skipif(SSH is None, reason="OpenSSH's client is not installed (apt-get install openssh-client)")
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
-    full_env["PATH"] = str(Path(sys.executable).parent) + ":/usr/bin:/bin"
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+from tests.test_cli import cli  # noqa: E402
 
 
 def real_known_hosts() -> Path:

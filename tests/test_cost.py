@@ -4,9 +4,6 @@ as the run's estimate is."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +18,7 @@ SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
 T0 = 1_790_000_000.0
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
-    full_env["PATH"] = str(Path(sys.executable).parent) + ":/usr/bin:/bin"
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+from tests.test_cli import cli  # noqa: E402
 
 
 def record(**fields: Any) -> RunRecord:

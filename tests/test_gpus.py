@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -22,22 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_")) and "proxy" not in k.lower()
-    }
-    full_env["PATH"] = str(Path(sys.executable).parent) + ":/usr/bin:/bin"
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
-
+from tests.test_cli import cli  # noqa: E402
 
 # ----------------------------------------------------------------------------- sizes_for (pure)
 
