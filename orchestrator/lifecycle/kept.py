@@ -144,17 +144,8 @@ def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path 
     from orchestrator.lifecycle.context import RunContext
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
-    record = record_of(run_id, target)
-    if record.torn_down:
-        raise UserInputError(f"run {run_id} has been torn down; provision a new one.")
-    files = RunFiles(target.state, run_id)
-    records = files.read_nodes()
-    if records is None:
-        raise UserInputError(
-            f"run {run_id} has no provisioned nodes; `orchestrator provision JOB` (or `run --keep`) makes "
-            "one you can work on."
-        )
-    where, spec, t0 = target_for(record, target), _spec_of(record), time.monotonic()
+    _, where, spec, records, files = _take_over(run_id, target, report)
+    t0 = time.monotonic()
     with where.session() as session:
         ctx = RunContext(spec, where, session, run_id, report, resume=True)
         ctx.state("running")
@@ -213,7 +204,7 @@ def _take_over(
     run_id: str, target: Target, report: Reporter
 ) -> tuple[RunRecord, Target, Any, list[NodeRecord], RunFiles]:
     record = record_of(run_id, target)
-    if record.verdict is not None and record.state in {"gone", "tearing-down"}:
+    if record.torn_down or (record.verdict is not None and record.state in {"gone", "tearing-down"}):
         raise UserInputError(f"run {run_id} has ended ({record.shown_state}); `orchestrator status {run_id}` shows it.")
     files = RunFiles(target.state, run_id)
     records = files.read_nodes()
