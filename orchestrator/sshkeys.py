@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +80,33 @@ def generate_host_key(path: Path | None = None) -> HostKey:
 RSA_HOST_KEY_BITS = 3072
 
 
+_PREFETCHED: queue.SimpleQueue[Future[HostKey]] = queue.SimpleQueue()
+
+
+def prefetch_rsa_host_keys(count: int) -> None:
+    """Start making `count` RSA host keys in the background (OpenSSL releases the GIL: ~0.1-0.4 s
+    each, hidden behind the preflight); generate_rsa_host_key takes them first. Each key is used once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(count, 4)), thread_name_prefix="rsa-host-key")
+    for _ in range(count):
+        _PREFETCHED.put(pool.submit(_new_rsa_host_key, RSA_HOST_KEY_BITS))
+    pool.shutdown(wait=False)
+
+
 def generate_rsa_host_key(bits: int = RSA_HOST_KEY_BITS) -> HostKey:
     """A new RSA host key for a VM, kept beside the pinned ed25519 one: the Azure Linux agent and some
     images expect an RSA host key to exist. It is never pinned (the runner accepts only ed25519) nor
     kept here: it goes to the VM in its custom data and nowhere else."""
+    if bits == RSA_HOST_KEY_BITS:
+        try:
+            return _PREFETCHED.get_nowait().result()
+        except queue.Empty:
+            pass
+    return _new_rsa_host_key(bits)
+
+
+def _new_rsa_host_key(bits: int) -> HostKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

@@ -150,6 +150,9 @@ def _remaining(spec: JobSpec, elapsed: float) -> JobSpec:
 
 def _checked(spec: JobSpec, target: Target, report: Reporter, run_id: str | None) -> tuple[JobSpec, Any, str]:
     """The check step (secrets, SSH sources) said out loud, and the run's id."""
+    from orchestrator.sshkeys import prefetch_rsa_host_keys
+
+    prefetch_rsa_host_keys(spec.nodes)  # made while the preflight asks Azure
     spec, secrets, warnings = steps.check(spec, target, report.say)
     for w in warnings:
         report.say(f"warning: {w}")

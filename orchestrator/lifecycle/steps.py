@@ -76,7 +76,7 @@ class RunKeys:
 def make_keys(spec: JobSpec, run_id: str, files: RunFiles, gpu_flags: Iterable[bool] = ()) -> RunKeys:
     """The run's login key pair and one host key per VM, all made here and kept in the run folder."""
     from orchestrator.bootstrap import as_custom_data, cloud_init
-    from orchestrator.sshkeys import generate_host_key, generate_keypair, public_key_of
+    from orchestrator.sshkeys import generate_host_key, generate_keypair, generate_rsa_host_key, public_key_of
 
     if spec.ssh.private_key:
         key = Path(spec.ssh.private_key).expanduser()
@@ -91,6 +91,7 @@ def make_keys(spec: JobSpec, run_id: str, files: RunFiles, gpu_flags: Iterable[b
     for rank in range(spec.nodes):
         vm = f"{run_id}-{rank}"
         hk = generate_host_key(files.hostkey(vm))
+        rsa = generate_rsa_host_key()  # one per VM, whichever candidate's document carries it
         host_keys[rank] = hk.public
         for gpu, custom in by_gpu.items():
             custom[rank] = as_custom_data(
@@ -104,6 +105,7 @@ def make_keys(spec: JobSpec, run_id: str, files: RunFiles, gpu_flags: Iterable[b
                     max_duration=spec.max_duration,
                     gpu=gpu,
                     job=spec,
+                    rsa_host_key=(rsa.private_openssh, rsa.public),
                 )
             )
     return RunKeys(key, public, host_keys, by_gpu[primary], by_gpu)
