@@ -141,16 +141,12 @@ def collect(run_id: str, target: Target, report: Reporter, dest: Path | None = N
 
 def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path | None = None) -> RunOutcome:
     """sync + setup + run + collect on a kept run's VMs, gates applied, verdict recorded; the VMs stay."""
-    from orchestrator.lifecycle.context import RunContext
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
     _, where, spec, records, files = _take_over(run_id, target, report)
     t0 = time.monotonic()
     with where.session() as session:
-        ctx = RunContext(spec, where, session, run_id, report, resume=True)
-        ctx.state("running")
-        nodes = steps.ssh_nodes(where, records, files.client_key)
-        runner = steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
+        ctx, nodes, runner = _resumed(where, session, spec, run_id, records, files, report)
         phases: list[Any] = []
         error: BaseException | None = None
         try:
@@ -213,6 +209,18 @@ def _take_over(
     return record, target_for(record, target), _spec_of(record), records, files
 
 
+def _resumed(
+    where: Target, session: Any, spec: Any, run_id: str, records: list[NodeRecord], files: RunFiles, report: Reporter
+) -> tuple[Any, list[Any], Any]:
+    """This process now owns the run (state running): its context, SSH nodes and job runner."""
+    from orchestrator.lifecycle.context import RunContext
+
+    ctx = RunContext(spec, where, session, run_id, report, resume=True)
+    ctx.state("running")
+    nodes = steps.ssh_nodes(where, records, files.client_key)
+    return ctx, nodes, steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
+
+
 def attach(
     run_id: str,
     target: Target,
@@ -224,7 +232,6 @@ def attach(
 ) -> RunOutcome:
     """Stream a detached run's output from where it is, then collect and tear down as `run` would.
     Ctrl-C only detaches again (AttachInterrupted)."""
-    from orchestrator.lifecycle.context import RunContext
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
     record, where, spec, records, files = _take_over(run_id, target, report)
@@ -235,10 +242,7 @@ def attach(
         )
     t0 = time.monotonic()
     with where.session() as session:
-        ctx = RunContext(spec, where, session, run_id, report, resume=True)
-        ctx.state("running")
-        nodes = steps.ssh_nodes(where, records, files.client_key)
-        runner = steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
+        ctx, nodes, runner = _resumed(where, session, spec, run_id, records, files, report)
         phases: list[Any] = []
         error: BaseException | None = None
         try:
