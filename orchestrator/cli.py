@@ -809,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     def fail(kind: str, message: str, code: int) -> int:
         """Errors are one paragraph on stderr, or one JSON object on stdout under --json."""
         if as_json:
-            click.echo(json.dumps({"schema": 1, "event": "error", "kind": kind, "message": message, "exit_code": code}))
+            text = message.removeprefix("error: ")  # the prefix is for a terminal; JSON says it in "event"
+            click.echo(json.dumps({"schema": 1, "event": "error", "kind": kind, "message": text, "exit_code": code}))
         else:
             click.echo(message, err=True)
         return code
