@@ -332,7 +332,12 @@ class ProgressPrinter:
             f"({plan.resource_group}) in {result.seconds:.1f} s:"
         )
         for n in result.nodes:
-            con.print(f"  node {n.rank}: {n.vm_name}  ssh {plan.ssh_user}@{n.public_ip}  (private {n.private_ip})")
+            # `orchestrator ssh` dials what the target says (a loopback address on --target local) with the
+            # run's key and pinned host key; a bare `ssh user@public-ip` would do neither.
+            con.print(
+                f"  node {n.rank}: {n.vm_name}  public {n.public_ip}, private {n.private_ip}  "
+                f"-> orchestrator ssh {plan.run_id} --node {n.rank}"
+            )
         con.print(f"Delete everything with: orchestrator down {plan.run_id}")
 
 
