@@ -24,7 +24,7 @@ from typing import Any
 from orchestrator.errors import OrchestratorError
 from orchestrator.verdict import Verdict
 
-SCHEMA_VERSION = 3  # 3: attempts (one row per candidate a run tried)
+SCHEMA_VERSION = 4  # 3: attempts (one row per candidate a run tried); 4: price, autostop, restarts, expires
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,7 +49,11 @@ CREATE TABLE IF NOT EXISTS runs (
     owner_host TEXT,
     owner_started REAL,              -- the owner's process start time (a reused pid is not the owner)
     heartbeat REAL,
-    env TEXT                         -- JSON: --env given at provision time, for later train/exec
+    env TEXT,                        -- JSON: --env given at provision time, for later train/exec
+    price_per_hour REAL,             -- the whole run's $/h (all nodes) recorded when its VMs were made
+    autostop REAL,                   -- seconds idle after which a kept/detached VM stops itself
+    restarts INTEGER NOT NULL DEFAULT 0,  -- spot evictions recovered from
+    expires REAL                     -- when gc may delete a stopped or kept run (epoch seconds)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -192,6 +196,10 @@ class RunRecord:
     owner_started: float | None
     heartbeat: float | None
     env: dict[str, str]
+    price_per_hour: float | None = None
+    autostop: float | None = None
+    restarts: int = 0
+    expires: float | None = None
 
     @property
     def active(self) -> bool:
@@ -287,6 +295,7 @@ class RunStore:
                     columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
                     if "verdict" not in columns:
                         _migrate_v1(db, columns)
+                    _migrate_v3(db, {row[1] for row in db.execute("PRAGMA table_info(runs)")})
                 for statement in SCHEMA.split(";"):  # executescript would commit this transaction
                     if statement.strip():
                         db.execute(statement)
@@ -539,6 +548,10 @@ _UPDATABLE = frozenset(
         "owner_started",
         "heartbeat",
         "env",
+        "price_per_hour",
+        "autostop",
+        "restarts",
+        "expires",
     }
 )
 _JSON = frozenset({"metrics", "detail", "env"})
@@ -595,6 +608,18 @@ def _migrate_v1(db: sqlite3.Connection, columns: set[str]) -> None:
                     "INSERT INTO phases (run_id, phase, node, started, ended) VALUES (?, ?, NULL, ?, ?)",
                     (run_id, _V1_PHASES[st], at, nxt),
                 )
+
+
+def _migrate_v3(db: sqlite3.Connection, columns: set[str]) -> None:
+    """v4's columns on a store written before them (a fresh store gets them from SCHEMA)."""
+    for column, kind in (
+        ("price_per_hour", "REAL"),
+        ("autostop", "REAL"),
+        ("restarts", "INTEGER NOT NULL DEFAULT 0"),
+        ("expires", "REAL"),
+    ):
+        if column not in columns:
+            db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
 
 def _v1_verdict(state: str, code: int | None, error: str | None) -> str:

@@ -132,7 +132,7 @@ def test_an_existing_state_directory_is_made_private(tmp_path: Path) -> None:
     assert store.path.stat().st_mode & 0o777 == 0o600
 
 
-def test_a_v2_store_gains_the_attempts_table(tmp_path: Path) -> None:
+def test_a_v2_store_gains_the_attempts_table_and_v4_columns(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "runs.db")
     for statement in SCHEMA.split(";"):
         if statement.strip() and "attempts" not in statement:
@@ -142,12 +142,19 @@ def test_a_v2_store_gains_the_attempts_table(tmp_path: Path) -> None:
         " updated, verdict)"
         " VALUES ('old-aaaaaa', 'j', 'j.yaml', 'local', 's', 'orch-old', 'gone', 1, 1, 1, 'succeeded')"
     )
+    for column in ("price_per_hour", "autostop", "restarts", "expires"):  # v4's columns
+        db.execute(f"ALTER TABLE runs DROP COLUMN {column}")
     db.execute("PRAGMA user_version = 2")
     db.commit()
     db.close()
     store = open_store(tmp_path)
-    assert sqlite3.connect(tmp_path / "runs.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-    assert store.get("old-aaaaaa") is not None and store.attempts("old-aaaaaa") == []
+    assert sqlite3.connect(tmp_path / "runs.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    old = store.get("old-aaaaaa")
+    assert old is not None and store.attempts("old-aaaaaa") == []
+    assert (old.price_per_hour, old.autostop, old.restarts, old.expires) == (None, None, 0, None)
+    store.update("old-aaaaaa", price_per_hour=1.052, restarts=2)
+    old = store.get("old-aaaaaa")
+    assert old is not None and (old.price_per_hour, old.restarts) == (1.052, 2)
     store.attempt("old-aaaaaa", 1, Candidate(T4, "eastus", "1", True).to_json(), "AllocationFailed", "no room", 2.5)
     (a,) = store.attempts("old-aaaaaa")
     assert a.line() == f"1. {T4} in eastus zone 1 (spot): AllocationFailed after 2.5 s"
