@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.targets.localvm.image import VmPaths, install_requirements, make_environment, vm_environ
+from orchestrator.targets.localvm.imds import ENV_VAR as IMDS_ENV_VAR
 
 PR_SET_CHILD_SUBREAPER = 36
 FALLBACK_PORT = 2222
@@ -48,6 +49,8 @@ class VmHost:
         self.environment: asyncio.Future[str] | None = None  # making the VM's Python, if under way
         self.spawned: set[int] = set()  # asyncio waits for these itself
         self.cloud_config: dict[str, Any] | None = None
+        self.imds: Any = None  # imds.Imds, on the VM's address
+        self.imds_endpoint = ""
 
     # ------------------------------------------------------------------ liveness
 
@@ -93,10 +96,8 @@ class VmHost:
 
     # ------------------------------------------------------------------ cloud-init
 
-    def custom_data(self) -> dict[str, Any] | None:
-        """The VM's cloud-config, from the emulator's store (custom data is never returned by ARM)."""
-        from orchestrator.emulator.cloudinit import CloudInitError, parse_cloud_init
-
+    def record(self) -> dict[str, Any] | None:
+        """The VM's record in the emulator's store (None: not there, or no store)."""
         store = self.spec.get("store")
         if not store:
             return None
@@ -104,7 +105,14 @@ class VmHost:
             data = json.loads(Path(store).read_text() or "{}")
         except (OSError, ValueError):
             return None
-        resource = data.get("resources", {}).get(str(self.spec["vm_id"]).lower()) or {}
+        found = data.get("resources", {}).get(str(self.spec["vm_id"]).lower())
+        return found if isinstance(found, dict) else None
+
+    def custom_data(self) -> dict[str, Any] | None:
+        """The VM's cloud-config, from the emulator's store (custom data is never returned by ARM)."""
+        from orchestrator.emulator.cloudinit import CloudInitError, parse_cloud_init
+
+        resource = self.record() or {}
         custom = resource.get("_customData")
         if not custom:
             return None
@@ -211,7 +219,7 @@ class VmHost:
             "-c",
             command,
             cwd=str(self.vm.home),
-            env=vm_environ(self.vm, self.spec["user"]),
+            env=self.environ(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -252,6 +260,20 @@ class VmHost:
         self.spawned.discard(proc.pid)
         if not broken:
             process.exit(code)
+
+    def environ(self) -> dict[str, str]:
+        env = vm_environ(self.vm, self.spec["user"])
+        if self.imds_endpoint:  # the VM-side code's metadata service: never 169.254.169.254 here
+            env[IMDS_ENV_VAR] = self.imds_endpoint
+        return env
+
+    async def serve_imds(self) -> int:
+        from orchestrator.targets.localvm.imds import Imds
+
+        self.imds = Imds(self.record)
+        port: int = await self.imds.start(str(self.spec["address"]))
+        self.imds_endpoint = f"http://{self.spec['address']}:{port}"
+        return port
 
     # ------------------------------------------------------------------ the VM's processes
 
@@ -316,9 +338,11 @@ async def amain(vm: VmPaths) -> None:
         host.environment = asyncio.ensure_future(
             asyncio.to_thread(make_environment, vm, python.version if python else None)
         )
+    imds_port = await host.serve_imds()  # before SSH: every command gets ORCH_IMDS_ENDPOINT
     port = await host.serve()
     tmp = vm.host.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "address": host.spec["address"], "port": port}))
+    info = {"pid": os.getpid(), "address": host.spec["address"], "port": port, "imds_port": imds_port}
+    tmp.write_text(json.dumps(info))
     tmp.replace(vm.host)
     note = await host.environment if host.environment is not None else ""
     installing = asyncio.ensure_future(host.install(python.requirements, note)) if python else None
@@ -331,6 +355,7 @@ async def amain(vm: VmPaths) -> None:
                 await asyncio.wait_for(installing, timeout=10)
         host.drop()
         host.server.close()
+        host.imds.close()
         host.end_processes()
 
 
