@@ -136,6 +136,30 @@ def test_the_preflight_drops_candidates_it_can_tell_are_doomed(emu: Emulator, se
     assert requests == 4  # one usages and one SKUs request per region
 
 
+def test_check_reports_every_candidate_and_passes_while_one_is_left(emu: Emulator) -> None:
+    """`orchestrator check` on a job with candidates asks what `run` asks: the first candidate's
+    quota problem is a warning while another candidate is left, and the report lists both."""
+    from orchestrator.azure.preflight import preflight_job
+    from orchestrator.targets.emulated import emulator_session
+
+    emu.set_quota("eastus", FAMILY, 0)
+    spec = make_spec(resources={"region": ["eastus", "westus2"]})
+    report = preflight_job(emulator_session(emu, subscription="22222222-2222-2222-2222-222222222222"), spec, print)
+    assert report.exit_code == 0 and not report.problems
+    (quota,) = [c for c in report.checks if c.name == "quota"]
+    assert quota.status == "warning"
+    assert quota.message.startswith(f"The first candidate, {T4} in eastus, would be refused; 1 left.")
+    assert [(c.region, c.spot) for c in report.candidates] == [("westus2", False)]
+    ((dropped, why),) = report.dropped
+    assert dropped.region == "eastus" and why.startswith("QuotaExceeded: ")
+    out = report.to_json()
+    assert out["candidates"] == [{"vm_size": T4, "region": "westus2", "zone": None, "spot": False}]
+    assert out["dropped"][0]["region"] == "eastus" and out["dropped"][0]["reason"].startswith("QuotaExceeded")
+    emu.set_quota("westus2", FAMILY, 0)
+    refused = preflight_job(emulator_session(emu, subscription="22222222-2222-2222-2222-222222222222"), spec, print)
+    assert refused.exit_code == EXIT_AZURE_REFUSED and refused.candidates == [] and len(refused.dropped) == 2
+
+
 def test_lifecycle_records_attempts_and_fails_with_the_preflight_list(tmp_path: Path, emu: Emulator) -> None:
     from orchestrator.azure.preflight import preflight
 

@@ -199,6 +199,8 @@ class PreflightReport:
             "seconds": round(self.seconds, 3),
             "requests": self.requests,
             "checks": [c.to_json() for c in self.checks],
+            "candidates": [c.to_json() for c in self.candidates],
+            "dropped": [{**c.to_json(), "reason": why} for c, why in self.dropped],
         }
 
 
@@ -1066,14 +1068,42 @@ class CandidatesRefused(CloudError):
         self.dropped = dropped
 
 
+def preflight_job(session: AzureSession, spec: JobSpec, say: Callable[[str], None]) -> PreflightReport:
+    """Every check for the job, with all its candidates: quota and the size's availability for each
+    (one usages and one SKUs request per region), the others (credential, providers, image, rights,
+    policy) for the first. The first candidate's quota and size problems become warnings while
+    another candidate is left; `report.candidates` are those left, `report.dropped` the others."""
+    found: list[Candidate] = list(spec.resources.candidates.ordered)
+    result = run_preflight(session, spec, say=say)
+    if len(found) == 1:
+        result.candidates = [] if result.problems else found
+        return result
+    if any(c.name not in {"quota", "sku"} for c in result.problems):
+        return result  # a problem no other candidate can avoid: the checks say it
+    kept, dropped, requests = check_candidates(session, spec, found)
+    result.candidates, result.dropped = kept, dropped
+    result.requests += requests
+    if not kept and not result.problems:  # the first looked fine alone, not with its region's full answers
+        lines = "; ".join(f"{c.label()}: {why}" for c, why in dropped)
+        result.checks.append(problem("candidates", f"Azure would refuse every candidate: {lines}", "SkuNotAvailable"))
+    if kept:
+        first = found[0].label()
+        result.checks = [
+            warning(
+                c.name, f"The first candidate, {first}, would be refused; {len(kept)} left. {c.message}", **c.details
+            )
+            if c.status == PROBLEM
+            else c
+            for c in result.checks
+        ]
+    return result
+
+
 def preflight(spec: JobSpec, session: AzureSession, target: Any, report: _Says) -> PreflightReport:
     """The lifecycle's hook (run and provision, before the run record or any resource exists): say the
-    warnings, raise the classified error when Azure would refuse the job.
-
-    With several candidates, quota and the size's availability are checked for each (one usages and
-    one SKUs request per region) and the doomed ones dropped, saying which and why; the run fails here
-    only when every candidate is (exit 3, the list). The other checks (credential, providers, image,
-    rights, policy) are asked for the first candidate and stop the run as before."""
+    warnings, raise the classified error when Azure would refuse the job; with several candidates it
+    fails only when every candidate would be refused (exit 3, the list), dropping the doomed ones
+    and saying which and why."""
     found: list[Candidate] = list(spec.resources.candidates.ordered)
     if len(found) == 1:
         report.say(f"checking quota, {spec.resources.vm_size} in {spec.resources.region}, image, providers and rights")
@@ -1083,30 +1113,17 @@ def preflight(spec: JobSpec, session: AzureSession, target: Any, report: _Says) 
             f"checking quota and availability of {len(found)} candidates in {regions} region(s), image, "
             "providers and rights"
         )
-    result = run_preflight(session, spec, say=report.say)
+    result = preflight_job(session, spec, report.say)
     for c in result.warnings:
         report.say(f"warning: {c.message}")
-    if len(found) == 1:
-        if result.problems:
-            raise result.error()
-        result.candidates = found
-        report.say(
-            f"preflight passed: {len(result.checks)} checks in {result.seconds:.1f} s ({result.requests} requests)"
-        )
-        return result
-    fatal = [c for c in result.problems if c.name not in {"quota", "sku"}]
-    if fatal:
-        only = PreflightReport([c for c in result.checks if c.name not in {"quota", "sku"}], result.subscription)
-        raise only.error()
-    kept, dropped, requests = check_candidates(session, spec, found)
-    result.candidates, result.dropped = kept, dropped
-    result.requests += requests
-    if not kept:
-        raise CandidatesRefused(dropped, result)
-    for cand, why in dropped:
+    if result.problems:
+        if len(found) > 1 and result.dropped and not result.candidates:
+            raise CandidatesRefused(result.dropped, result)
+        raise result.error()
+    for cand, why in result.dropped:
         report.say(f"preflight dropped {cand.label()}: {why}")
+    left = "" if len(found) == 1 else f"{len(result.candidates)} of {len(found)} candidates left, "
     report.say(
-        f"preflight passed: {len(kept)} of {len(found)} candidates left, {len(result.checks)} checks in "
-        f"{result.seconds:.1f} s ({result.requests} requests)"
+        f"preflight passed: {left}{len(result.checks)} checks in {result.seconds:.1f} s ({result.requests} requests)"
     )
     return result
