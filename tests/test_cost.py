@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator import catalog
 from orchestrator.commands import cost as cost_cmd
-from orchestrator.state import Phase, RunRecord
+from orchestrator.state import Phase, RunRecord, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
@@ -119,7 +119,8 @@ def test_cost_of_local_runs_status_and_down(tmp_path: Path) -> None:
     text = cli(*local, "cost", env=env).stdout
     assert f"{kept_id} " in text and f"{ran_id} " in text and "kept *" in text
     assert "on the local target (emulated: nothing billed)" in text and f"{kept_id} ($" in text
-    assert "at today's list price" in text and f"catalog's snapshot of {catalog.PRICE_SNAPSHOT_DATE}" in text
+    assert "at the price recorded when its VMs were made" in text and "today's list price" not in text
+    assert kept["price_recorded"] is True and done["price_recorded"] is True
 
     status = cli(*local, "status", env=env).stdout
     assert "Running cost: $" in status and "/h now" in status
@@ -139,7 +140,10 @@ def test_cost_of_local_runs_status_and_down(tmp_path: Path) -> None:
     assert r.returncode == 2 and "is not a period" in json.loads(r.stdout)["message"]
 
 
-def test_a_run_whose_job_file_is_gone_says_so(tmp_path: Path) -> None:
+def test_a_run_is_priced_as_recorded_and_an_older_one_from_its_job_file(tmp_path: Path) -> None:
+    """The price is the one recorded when the VMs were made: it survives the job file. A run
+    recorded before prices were (store schema < 4) is priced from its job file, and says so when
+    that file is gone."""
     job = tmp_path / "job" / "job.yaml"
     job.parent.mkdir()
     job.write_text((SMOKE.parent / "job.yaml").read_text())
@@ -150,11 +154,17 @@ def test_a_run_whose_job_file_is_gone_says_so(tmp_path: Path) -> None:
     r = cli(*local, "--json", "provision", str(job))
     assert r.returncode == 0, r.stderr
     run_id = json.loads(r.stdout.splitlines()[-1])["run_id"]
+    per_node = catalog.node_usd_per_hour(catalog.VM_SIZES["Standard_NC4as_T4_v3"], "eastus", False, 64)
     try:
         job.unlink()
+        c = json.loads(cli(*local, "--json", "cost").stdout)["runs"][0]
+        assert c["price_recorded"] is True and c["node_usd_per_hour"] == pytest.approx(per_node, abs=1e-6)
+        assert c["usd"] is not None and c["price_problem"] is None
+        open_store(tmp_path / "state").update(run_id, price_per_hour=None)  # as a v3 store left it
         c = json.loads(cli(*local, "--json", "cost").stdout)["runs"][0]
         assert c["usd"] is None and "cannot be read now" in c["price_problem"] and c["nodes"] == 1
         text = cli(*local, "cost").stdout
         assert f"{run_id}: no price: job file {job} cannot be read now" in text
+        assert f"Recorded before prices were ({run_id})" in text
     finally:
         cli(*local, "down", run_id)

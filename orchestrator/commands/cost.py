@@ -3,11 +3,12 @@
 A run is billed from the start of its `provision` phase to the end of its `teardown` (or the moment
 `down`/`gc` confirmed its group gone), or until now while it still holds resources; times the VMs it
 had. The price per node is the one the run's estimate uses (VM, Premium SSD OS disk, Standard public
-IP: `catalog.node_usd_per_hour`) for the size, region and spot choice in the run's job file, at
+IP: `catalog.node_usd_per_hour`) for the candidate the run provisioned on, as recorded when its VMs
+were made (the winning attempt's size, region and spot choice, whatever the command line said).
+Runs recorded before prices were (store schema < 4) fall back to the job file's first candidate at
 today's list price (refreshed prices where `gpus --refresh` fetched them, else the catalog's
-snapshot): the store does not record the price a run started with, nor --vm-size/--region/--spot
-given on the command line. Runs on the local target are emulated: nothing is billed, and their
-figures say what the same run would cost on Azure.
+snapshot), and say so. Runs on the local target are emulated: nothing is billed, and their figures
+say what the same run would cost on Azure.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Price:
     spot: bool | None = None
     planned_nodes: int | None = None
     problem: str = ""  # why there is no price
+    recorded: bool = False  # the price recorded when the run's VMs were made, not today's
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class RunCost:
             "usd": None if self.usd is None else round(self.usd, 6),
             "usd_per_hour_now": round(self.usd_per_hour_now, 6),
             "price_problem": self.price.problem or None,
+            "price_recorded": self.price.recorded,
         }
 
 
@@ -151,12 +154,10 @@ def price_of(source: str, cache: dict[str, Price]) -> Price:
 def _nodes(store: RunStore, record: RunRecord, phases: list[Phase], price: Price) -> int:
     """How many VMs the run had: its VM resources, else its nodes file, else the job's count if it
     got as far as connecting to them."""
-    from orchestrator.runfiles import RunFiles
-
     vms = {name for type_, name, _ in store.resources(record.run_id) if type_.lower() == VM_TYPE}
     if vms:
         return len(vms)
-    nodes = RunFiles(store.path.parent, record.run_id).read_nodes()
+    nodes = _nodes_file(store, record)
     if nodes:
         return len(nodes)
     if any(p.phase in {"boot", "connect"} for p in phases):
@@ -169,9 +170,28 @@ def _gone_at(store: RunStore, run_id: str) -> float | None:
     return max(gone) if gone else None
 
 
+def recorded_price(store: RunStore, record: RunRecord) -> Price | None:
+    """The price recorded when the run's VMs were made, per node, with the winning candidate."""
+    if record.price_per_hour is None:
+        return None
+    won = [a for a in store.attempts(record.run_id) if a.ok]
+    if not won:
+        return None
+    a = won[-1]
+    vms = {name for type_, name, _ in store.resources(record.run_id) if type_.lower() == VM_TYPE}
+    nodes = len(vms) or len(_nodes_file(store, record)) or 1
+    return Price(record.price_per_hour / nodes, a.vm_size, a.region, a.spot, nodes, recorded=True)
+
+
+def _nodes_file(store: RunStore, record: RunRecord) -> list[Any]:
+    from orchestrator.runfiles import RunFiles
+
+    return list(RunFiles(store.path.parent, record.run_id).read_nodes() or [])
+
+
 def cost_of(store: RunStore, record: RunRecord, now: float, cache: dict[str, Price] | None = None) -> RunCost:
     phases = store.phases(record.run_id)
-    price = price_of(record.source, {} if cache is None else cache)
+    price = recorded_price(store, record) or price_of(record.source, {} if cache is None else cache)
     start, end, hours = billed_interval(record, phases, _gone_at(store, record.run_id), now)
     return RunCost(
         record.run_id,
@@ -219,7 +239,11 @@ def running_cost_line(store: RunStore, live: list[RunRecord], now: float | None 
     per_hour = sum(c.usd_per_hour_now for c in costs)
     unknown = sum(1 for c in costs if c.usd is None and c.started is not None)
     local = all(not c.billed for c in costs)
-    notes = ["today's list prices"]
+    notes = [
+        "prices recorded when each run's VMs were made"
+        if all(c.price.recorded for c in costs if c.started)
+        else "recorded prices, today's list prices for older runs"
+    ]
     if unknown:
         notes.append(f"{unknown} run(s) without a price: `orchestrator cost` says why")
     if local:
@@ -247,7 +271,7 @@ def _prices_said() -> str:
 )
 @click.pass_obj
 def cost(obj: Ctx, run_id: str | None, since: str) -> None:
-    """What runs cost: VM-hours from the recorded phases, at today's list price, and the total.
+    """What runs cost: VM-hours from the recorded phases, at the recorded price, and the total.
 
     A run is billed from the start of provisioning to the end of teardown (or now, while it holds
     resources), for each of its VMs. Also what kept runs cost per hour now."""
@@ -319,7 +343,13 @@ def cost(obj: Ctx, run_id: str | None, since: str) -> None:
         click.echo(f"Holding resources now (* above): {names}; {_money(per_hour)}/h in all. `orchestrator down RUN`")
     else:
         click.echo("Nothing holds resources now.")
+    older = [c.run_id for c in costs if c.started is not None and not c.price.recorded]
     click.echo(
-        "Per node: VM, OS disk and public IP for the job file's size and region at today's list price "
-        f"(Linux pay-as-you-go, USD), from {_prices_said()}."
+        "Per node: VM, OS disk and public IP for the size and region each run provisioned on, at the price "
+        "recorded when its VMs were made (Linux pay-as-you-go, USD)."
     )
+    if older:
+        click.echo(
+            f"Recorded before prices were ({', '.join(older)}): the job file's first candidate at today's list "
+            f"price, from {_prices_said()}."
+        )

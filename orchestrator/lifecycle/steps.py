@@ -156,6 +156,10 @@ def provision(ctx: RunContext, candidates: Sequence[Candidate] | None = None) ->
         provisioner = Provisioner(ctx.session, on_event=ctx.resource_event, on_attempt=on_attempt)
         result = provisioner.provision_candidates(tried, plan_for)
     ctx.spec = ctx.spec.pinned(result.candidate)
+    # The price the run is billed at from now on (`cost`): today's list price may change later.
+    if result.candidate is not None:
+        price = result.candidate.usd_per_hour(ctx.spec.nodes, ctx.spec.resources.disk_gb)
+        ctx.store.update(ctx.run_id, price_per_hour=price)
     if len(result.attempts) > 1:
         ctx.report.say(f"provisioned on candidate {result.attempts[-1].line()}")
     nodes = [
