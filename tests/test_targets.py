@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import json
 import threading
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def test_the_dry_run_shows_the_rule_a_real_run_would_create_and_warns_where_it_w
     assert DryRunTarget(tmp_path, of="local").ssh_sources([], "job.yaml", print).cidrs == ["127.0.0.1/32"]
 
 
-def test_each_run_gets_its_own_loopback_block_and_blocks_are_reused_when_free(tmp_path: Path) -> None:
+def test_each_run_gets_its_own_loopback_block_and_blocks_are_reused_when_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCH_LOCAL_ADDRESSES", str(tmp_path / "machine" / "addresses.json"))
     book = AddressBook(tmp_path)
     a = book.block_of("orch-a", set())
     b = book.block_of("orch-b", {"orch-a"})
@@ -83,3 +87,18 @@ def test_each_run_gets_its_own_loopback_block_and_blocks_are_reused_when_free(tm
     assert len(set(addresses)) == 3
     assert all(ipaddress.ip_address(x).is_loopback for x in addresses)
     assert book.block_of("orch-c", {"orch-b"}) == a, "orch-a has no VM left: its block is free again"
+
+
+def test_two_state_directories_never_share_a_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table is the machine's, not the state directory's: a second checkout (or a parallel test
+    worker) with a group of the same name gets another block while the first one's VM lives."""
+    monkeypatch.setenv("ORCH_LOCAL_ADDRESSES", str(tmp_path / "machine" / "addresses.json"))
+    first, second = tmp_path / "one" / "vms", tmp_path / "two" / "vms"
+    vm = first / "orch-same-vm0"
+    vm.mkdir(parents=True)
+    (vm / "vm.json").write_text(json.dumps({"resource_group": "orch-same"}))
+    a = AddressBook(first).block_of("orch-same", {"orch-same"})
+    b = AddressBook(second).block_of("orch-same", set())
+    assert a != b
+    (vm / "vm.json").unlink()  # the first one's VM is gone: its block may be handed out again
+    assert AddressBook(second).block_of("orch-other", {"orch-same"}) == a

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.targets.localvm.addresses import AddressBook, loopback_for
+from orchestrator.targets.localvm.addresses import AddressBook, groups_under, loopback_for
 from orchestrator.targets.localvm.image import VmPaths
 
 HOST_MODULE = "orchestrator.targets.localvm.host"
@@ -160,11 +160,7 @@ class VmHosts:
         return pid if _is_host(pid, vm) else None
 
     def _live_groups(self) -> set[str]:
-        groups = set()
-        for spec in self.root.glob("*/vm.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                groups.add(json.loads(spec.read_text())["resource_group"])
-        return groups
+        return groups_under(self.root)
 
 
 def _running(pid: int) -> bool:
