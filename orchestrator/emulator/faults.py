@@ -13,6 +13,13 @@ zone are separate (DESIGN: a zoneless request can fail where a pinned zone has r
 every one of them, size "*" every size. Like faults, capacity belongs to this emulator object (one
 command, on the local target), not to the shared store; what counts against it is the VMs the store
 holds.
+
+Eviction (phase "evict"): a spot VM created while such a fault is armed is evicted `after` emulated
+seconds once it runs (default 60), as Azure evicts spot VMs: its host process announces a Preempt
+scheduled event EVICTION_NOTICE_S ahead on the VM's metadata endpoint, then applies the VM's
+`evictionPolicy` (compute.evict). `vm` picks the VM by name, or by node index ("1": the VM whose
+name ends in "-1"); left out, the next spot VM created. Each fault evicts `count` VMs (default 1),
+so two faults, or one with count 2, evict a run twice (its replacement VM included).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import random
 import threading
 from dataclasses import dataclass, field
 from typing import Literal
+
+EVICTION_NOTICE_S = 30.0  # Azure's Preempt scheduled event comes about 30 s before the eviction
+DEFAULT_EVICT_AFTER_S = 60.0
 
 # Messages as Azure words them, so the classifier is tested on the real shapes.
 DEFAULT_MESSAGES: dict[str, str] = {
@@ -61,6 +71,7 @@ DEFAULT_MESSAGES: dict[str, str] = {
         "The request is being throttled as the limit has been reached for operation type - Write. "
         "For more information, see - https://aka.ms/srpthrottlinglimits"
     ),
+    "Evicted": "The Spot VM has been evicted because Azure needed the capacity back.",
     "InternalServerError": "An unexpected error occured while processing the request.",
     "AuthorizationFailed": (
         "The client '{client}' does not have authorization to perform action '{action}' over scope "
@@ -76,12 +87,14 @@ class Fault:
     message: str | None = None
     method: str | None = None
     resource_type: str | None = None
-    phase: Literal["sync", "lro"] = "sync"
+    phase: Literal["sync", "lro", "evict"] = "sync"
     count: int | None = 1
     probability: float = 1.0
     retry_after: float | None = None
     location: str | None = None  # only requests for resources in this region
     zone: str | None = None  # only requests pinned to this zone ("": only zoneless ones)
+    after: float | None = None  # phase "evict": emulated seconds from running to the eviction
+    vm: str | None = None  # phase "evict": the VM's name, or a node index ("0": the name ends in "-0")
     fired: int = field(default=0, init=False)
 
     @property
@@ -160,6 +173,20 @@ class FaultInjector:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def take_eviction(self, vm_name: str) -> Fault | None:
+        """The first armed eviction fault for this (spot) VM, counted as fired."""
+        with self._lock:
+            for f in self.faults:
+                if f.phase != "evict" or (f.count is not None and f.fired >= f.count):
+                    continue
+                which = None if f.vm is None else str(f.vm)  # JSON may give the node index as a number
+                if which is not None and which != vm_name and not (which.isdigit() and vm_name.endswith(f"-{which}")):
+                    continue
+                if self._rng.random() < f.probability:
+                    f.fired += 1
+                    return f
+        return None
 
     def clear(self) -> None:
         with self._lock:

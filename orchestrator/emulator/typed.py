@@ -81,6 +81,10 @@ class TypedResources(ArmCore):
         ]
         return self._ok(200, {"value": out})
 
+    def _read_view(self, res: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        """A resource as a GET returns it (providers add expansions, such as a VM's instanceView)."""
+        return public(res)
+
     def _h_typed(
         self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
     ) -> EmuResponse:
@@ -99,7 +103,7 @@ class TypedResources(ArmCore):
                     "ResourceNotFound",
                     f"The Resource '{rtype}/{name}' under resource group '{rg}' was not found.",
                 )
-            return self._ok(200, public(existing))
+            return self._ok(200, self._read_view(existing, query))
         if method == "DELETE":
             rec.kind = "delete"
             self._fault(method, rtype, rec)
