@@ -242,12 +242,14 @@ def build_plan(
     custom_data: Mapping[int, str] | None = None,
     candidate: Candidate | None = None,
     group_location: str | None = None,
+    identity: bool = False,
 ) -> ResourcePlan:
     """`custom_data` maps a node's rank to its base64 cloud-init (each VM has its own host key).
     `candidate`: where the nodes go (default: the job's first candidate); every node of a plan is in
     its one region and zone. `group_location`: where the run's group already is, when an earlier
     candidate created it in another region (a group's location cannot change; what it holds may be
-    in any region)."""
+    in any region). `identity`: each VM gets a system-assigned managed identity (autostop: the VM
+    deallocates itself with it)."""
     if not RUN_ID_RE.match(run_id):
         raise ValueError(f"run id {run_id!r} is not valid in Azure resource names")
     if candidate is not None:
@@ -314,7 +316,16 @@ def build_plan(
                 vm_name,
                 _rid(sub, rg, T_VM, vm_name),
                 _vm_body(
-                    spec, node, tags, image, security, subnet_id, nsg_id, ssh_public_key, (custom_data or {}).get(rank)
+                    spec,
+                    node,
+                    tags,
+                    image,
+                    security,
+                    subnet_id,
+                    nsg_id,
+                    ssh_public_key,
+                    (custom_data or {}).get(rank),
+                    identity,
                 ),
                 (vnet.id, nsg.id),
                 2,
@@ -397,6 +408,7 @@ def _vm_body(
     nsg_id: str,
     ssh_public_key: str,
     custom_data: str | None,
+    identity: bool = False,
 ) -> dict[str, Any]:
     res = spec.resources
     user = spec.ssh.user
@@ -470,6 +482,8 @@ def _vm_body(
         props["evictionPolicy"] = "Delete"
         props["billingProfile"] = {"maxPrice": -1}
     body: dict[str, Any] = {"location": res.region, "tags": tags, "properties": props}
+    if identity:
+        body["identity"] = {"type": "SystemAssigned"}
     if res.zone:
         body["zones"] = [res.zone]
     return body

@@ -22,6 +22,7 @@ from typing import Any
 
 from orchestrator.clock import Clock, VirtualClock
 from orchestrator.emulator import openapi
+from orchestrator.emulator.authorization import AuthorizationRP
 from orchestrator.emulator.compute import ComputeRP, VmEvent
 from orchestrator.emulator.devtestlab import DevTestLabRP
 from orchestrator.emulator.faults import FaultInjector
@@ -47,7 +48,7 @@ DEFAULT_QUOTA_VCPUS = 96  # per family and region; real new subscriptions often 
 __all__ = ["DEFAULT_QUOTA_VCPUS", "HOST", "EmuResponse", "Emulator", "LoggedRequest", "Store", "VmEvent"]
 
 
-class Emulator(ResourcesRP, ComputeRP, DevTestLabRP, SubscriptionRP):
+class Emulator(ResourcesRP, ComputeRP, DevTestLabRP, SubscriptionRP, AuthorizationRP):
     """Thread-safe: the SDK's pollers call in from several threads at once.
 
     `subscription` names the subscription profile (subscription.PROFILES): "ready" (the default) or

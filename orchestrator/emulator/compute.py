@@ -5,6 +5,7 @@ cloud-init check of customData. Whoever serves the emulated VMs subscribes with 
 from __future__ import annotations
 
 import copy
+import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,9 +14,21 @@ from typing import Any
 from orchestrator import catalog
 from orchestrator.emulator import validation as v
 from orchestrator.emulator.cloudinit import CloudInitError, parse_cloud_init
-from orchestrator.emulator.faults import DEFAULT_MESSAGES
+from orchestrator.emulator.faults import DEFAULT_EVICT_AFTER_S, DEFAULT_MESSAGES, EVICTION_NOTICE_S
 from orchestrator.emulator.network import NetworkRP
-from orchestrator.emulator.store import T_DISK, T_NIC, T_VM, base, now_iso, rid
+from orchestrator.emulator.store import (
+    T_DISK,
+    T_NIC,
+    T_PIP,
+    T_VM,
+    EmuResponse,
+    LoggedRequest,
+    Store,
+    base,
+    now_iso,
+    public,
+    rid,
+)
 from orchestrator.emulator.typed import Write, Written
 from orchestrator.emulator.validation import ArmFault
 
@@ -24,7 +37,7 @@ from orchestrator.emulator.validation import ArmFault
 class VmEvent:
     """A VM became running (its create or update succeeded) or was deleted."""
 
-    kind: str  # "running" | "deleted"
+    kind: str  # "running" | "deallocated" (its OS is shut down, its disks stay) | "deleted"
     name: str  # VM name
     resource_group: str
     vm_id: str  # ARM id
@@ -38,6 +51,21 @@ class VmEvent:
 
 
 VmListener = Callable[[VmEvent], None]
+
+EMULATOR_TENANT = "22222222-2222-2222-2222-222222222222"
+# A power action's state while under way, and once done (instanceView's PowerState/<state>).
+_POWER = {
+    "deallocate": ("deallocating", "deallocated"),
+    "start": ("starting", "running"),
+    "poweroff": ("stopping", "stopped"),
+}
+_OFF = frozenset({"deallocating", "deallocated", "stopping", "stopped"})
+
+
+def power_state(vm: dict[str, Any]) -> str:
+    """The VM's power state as instanceView reports it (a VM whose create succeeded runs)."""
+    created = vm["properties"].get("provisioningState") == "Succeeded"
+    return str(vm.get("_power") or ("running" if created else "starting"))
 
 
 class ComputeRP(NetworkRP):
@@ -54,13 +82,103 @@ class ComputeRP(NetworkRP):
             self._vm_listeners.append(listener)
             if replay:
                 for res in list(self.store.resources.values()):
-                    if res["type"] == T_VM and res["properties"].get("provisioningState") == "Succeeded":
+                    if res["type"] != T_VM or res["properties"].get("provisioningState") != "Succeeded":
+                        continue
+                    if power_state(res) not in _OFF:  # a deallocated VM has no host until started
                         listener(self._vm_event("running", res))
 
     def _on_provisioned(self, res: dict[str, Any]) -> None:
         super()._on_provisioned(res)
-        if res["type"] == T_VM:
+        if res["type"] == T_VM and power_state(res) not in _OFF:
             self._notify("running", res)
+
+    # ------------------------------------------------------------------ power: deallocate, start, powerOff
+
+    def _vm_or_404(self, g: dict[str, str]) -> dict[str, Any]:
+        vm = self.store.resources.get(rid(g["sub"], g["rg"], T_VM, g["name"]).lower())
+        if vm is None:
+            self._group(g["sub"], g["rg"])
+            raise ArmFault(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.Compute/virtualMachines/{g['name']}' under resource group '{g['rg']}' "
+                "was not found.",
+            )
+        return vm
+
+    def _h_vm_action(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
+        """POST .../deallocate|start|powerOff: an LRO (202, Azure-AsyncOperation and Location). A
+        deallocated VM keeps its OS disk, NIC and addresses and stops being billed for compute; its
+        host process stops now (the OS shuts down when the operation begins)."""
+        if method != "POST":
+            raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
+        vm = self._vm_or_404(g)
+        action = g["action"].lower()
+        rec.kind, rec.resource_type, rec.resource_id = "update", T_VM, vm["id"]
+        self._fault("POST", T_VM, rec)
+        if vm["properties"].get("provisioningState") != "Succeeded" or power_state(vm) in {
+            "deallocating",
+            "starting",
+            "stopping",
+        }:
+            raise ArmFault(
+                409,
+                "OperationNotAllowed",
+                f"Operation '{g['action']}' is not allowed on VM '{vm['name']}' since the VM is "
+                f"{power_state(vm)} or another operation is in progress.",
+            )
+        during, after = _POWER[action]
+        vm["_power"] = during
+        seconds = {"deallocate": self.profile.vm_deallocate, "start": self.profile.vm_start}.get(action, 0.0)
+        if during in _OFF:
+            self._notify("deallocated", vm)
+        vm["_powerTime"] = now_iso(self.clock.now())
+        op_id = self._new_op("vm-power", vm["id"].lower(), seconds * self.profile.scale, power=after)
+        return EmuResponse(202, self._op_headers(g["sub"], T_VM, vm["location"], op_id, query, result=True))
+
+    def _power_settled(self, res_id: str, power: str) -> None:
+        vm = self.store.resources.get(res_id)
+        if vm is None:
+            return
+        vm["_power"] = power
+        if power == "running":
+            self._notify("running", vm)
+
+    def _h_vm_instance_view(
+        self, method: str, g: dict[str, str], query: dict[str, str], body: Any, rec: LoggedRequest
+    ) -> EmuResponse:
+        if method != "GET":
+            raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
+        vm = self._vm_or_404(g)
+        rec.kind, rec.resource_type, rec.resource_id = "read", T_VM, vm["id"]
+        return self._ok(200, self.instance_view(vm))
+
+    def instance_view(self, vm: dict[str, Any]) -> dict[str, Any]:
+        """Provisioning and power state, as Compute words them (PowerState/deallocated, ...)."""
+        state = str(vm["properties"].get("provisioningState", "Succeeded"))
+        power = power_state(vm)
+        return {
+            "computerName": vm["name"],
+            "osName": "ubuntu",
+            "statuses": [
+                {
+                    "code": f"ProvisioningState/{state.lower()}",
+                    "level": "Info",
+                    "displayStatus": f"Provisioning {state.lower()}",
+                    "time": vm.get("_powerTime") or vm["properties"].get("timeCreated"),
+                },
+                {"code": f"PowerState/{power}", "level": "Info", "displayStatus": f"VM {power}"},
+            ],
+        }
+
+    def vm_public(self, vm: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        """GET of a VM; `$expand=instanceView` adds properties.instanceView, as Compute does."""
+        out = public(vm)
+        if query.get("$expand", "").lower() == "instanceview":
+            out["properties"]["instanceView"] = self.instance_view(vm)
+        return out
 
     def _on_removed(self, res: dict[str, Any]) -> None:
         super()._on_removed(res)
@@ -115,6 +233,20 @@ class ComputeRP(NetworkRP):
                 if public_ip is None and pip is not None:
                     public_ip = str(pip["properties"]["ipAddress"])
         return public_ip, private_ip
+
+    # ------------------------------------------------------------------ spot eviction
+
+    def evict(self, vm_id: str) -> str | None:
+        """Evict a spot VM now, following its evictionPolicy (see `evict`); the policy applied."""
+        with self._locked():
+            vm = self.store.resources.get(vm_id.lower())
+            policy = evict(self.store, vm_id)
+            if vm is not None and policy is not None:
+                self._notify("deleted" if policy == "Delete" else "deallocated", vm)
+            return policy
+
+    def _read_view(self, res: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        return self.vm_public(res, query) if res["type"] == T_VM else super()._read_view(res, query)
 
     # ------------------------------------------------------------------ the writer
 
@@ -198,6 +330,9 @@ class ComputeRP(NetworkRP):
         res = base(vm_id, name, T_VM, location, body)
         if body.get("zones"):
             res["zones"] = list(body["zones"])
+        self._identity(res, body, existing)
+        if existing is not None and existing.get("_power"):
+            res["_power"] = existing["_power"]
         out = copy.deepcopy(props)
         custom = props["osProfile"].get("customData")
         if custom is not None:
@@ -250,8 +385,59 @@ class ComputeRP(NetworkRP):
         out["provisioningState"] = "Creating"
         res["properties"] = out
         res["_cascade"] = cascade
+        if existing is not None and existing.get("_eviction"):
+            res["_eviction"] = existing["_eviction"]
+        elif existing is None and props.get("priority") == "Spot":
+            evict = self.faults.take_eviction(name)
+            if evict is not None:  # the VM's host process carries it out, in wall seconds
+                speed = float(getattr(self.clock, "speed", 1.0))
+                after = evict.after if evict.after is not None else DEFAULT_EVICT_AFTER_S
+                res["_eviction"] = {"after_s": after / speed, "notice_s": EVICTION_NOTICE_S / speed}
         seconds = self.profile.create_seconds(T_VM) if existing is None else 2.0 * self.profile.scale
         return Written(res, children, seconds)
+
+    @staticmethod
+    def _identity(res: dict[str, Any], body: dict[str, Any], existing: dict[str, Any] | None) -> None:
+        """identity {type: SystemAssigned}: Azure makes a service principal for the VM and returns its
+        principalId and tenantId (kept across updates). The key the VM's metadata service signs its
+        tokens with is the emulator's own (never returned)."""
+        kind = str((body.get("identity") or {}).get("type") or "None")
+        if kind.lower() == "none":
+            return
+        if "systemassigned" not in kind.replace(" ", "").lower().split(","):
+            raise v.invalid(f"The identity type '{kind}' is not supported by the emulator.", "InvalidParameter")
+        old = (existing or {}).get("identity") or {}
+        res["identity"] = {
+            "type": "SystemAssigned",
+            "principalId": old.get("principalId") or str(uuid.uuid4()),
+            "tenantId": EMULATOR_TENANT,
+        }
+        res["_identityKey"] = (existing or {}).get("_identityKey") or secrets.token_hex(16)
+
+
+def evict(store: Store, vm_id: str) -> str | None:
+    """Apply a spot VM's eviction to the store, as Azure does (None: no such VM). Delete: the VM and
+    its OS disk go; its NIC and public IP stay, detached (a user's cleanup, or the group's delete,
+    removes them). Deallocate: the VM stays, deallocated (instance view PowerState/deallocated), its
+    disk with it. Whoever holds the store's lock calls this; the VM's host process ends its processes."""
+    vm = store.resources.get(vm_id.lower())
+    if vm is None or vm["type"] != T_VM:
+        return None
+    policy = str(vm["properties"].get("evictionPolicy") or "Delete")
+    vm.pop("_eviction", None)
+    if policy == "Deallocate":
+        vm["_power"] = "deallocated"
+        return policy
+    store.resources.pop(vm_id.lower())
+    for child in vm.get("_cascade", {}):
+        res = store.resources.get(child)
+        if res is None:
+            continue
+        if res["type"] == T_DISK:
+            store.resources.pop(child)
+        elif res["type"] in {T_NIC, T_PIP}:
+            res["properties"].pop("virtualMachine", None)
+    return policy
 
 
 def _check_os_disk(storage: dict[str, Any]) -> None:

@@ -62,6 +62,18 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [
                                r"/permissions/?$", re.I)),
     ("policy_check", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.policyinsights"
                                 r"/checkpolicyrestrictions/?$", re.I)),
+    ("role_definitions", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.authorization"
+                                    r"/roledefinitions/?$", re.I)),
+    ("role_definition", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.authorization"
+                                   r"/roledefinitions/(?P<name>[^/]+)$", re.I)),
+    ("role_assignments", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.authorization"
+                                    r"/roleassignments/?$", re.I)),
+    ("role_assignment", re.compile(_SUB + r"(?:/resourcegroups/(?P<rg>[^/]+))?/providers/microsoft\.authorization"
+                                   r"/roleassignments/(?P<name>[^/]+)$", re.I)),
+    ("vm_action", re.compile(_RG + r"/providers/microsoft\.compute/virtualmachines/(?P<name>[^/]+)"
+                             r"/(?P<action>deallocate|start|poweroff)/?$", re.I)),
+    ("vm_instance_view", re.compile(_RG + r"/providers/microsoft\.compute/virtualmachines/(?P<name>[^/]+)"
+                                    r"/instanceview/?$", re.I)),
     ("rg_list", re.compile(_SUB + r"/resourcegroups/?$", re.I)),
     ("rg", re.compile(_RG + r"/?$", re.I)),
     ("rg_resources", re.compile(_RG + r"/resources/?$", re.I)),
@@ -206,7 +218,8 @@ class ArmCore:
             try:
                 parsed = self._parse_body(body) if method in {"PUT", "PATCH", "POST"} else None
                 rec.body = parsed
-                self._authenticate(lower_headers)
+                token = self._authenticate(lower_headers)
+                self._authorize(method, parts.path, token)
                 resp = self._route(method, parts.path, query, parsed, rec, body)
             except ArmFault as f:
                 resp = self._error(f.status, f.code, f.message, f.retry_after, body=f.body())
@@ -231,12 +244,24 @@ class ArmCore:
                 "The request content was invalid and could not be deserialized.", "InvalidRequestContent"
             ) from None
 
-    def _authenticate(self, headers: dict[str, str]) -> None:
+    def _authenticate(self, headers: dict[str, str]) -> str:
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             raise ArmFault(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing.")
-        if self.accept_token is not None and not self.accept_token(auth[7:].strip()):
+        token = auth[7:].strip()
+        if self._managed_identity(token):
+            return token  # checked against its role assignments by _authorize
+        if self.accept_token is not None and not self.accept_token(token):
             raise ArmFault(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        return token
+
+    def _managed_identity(self, token: str) -> bool:
+        """Whether `token` is one a VM's managed identity got from its metadata service (authorization.py)."""
+        return False
+
+    def _authorize(self, method: str, path: str, token: str) -> None:
+        """Raise 403 AuthorizationFailed when the token's role assignments do not allow the request
+        (authorization.py; the tool's own credential is the subscription's Owner)."""
 
     @staticmethod
     def _error(
@@ -323,6 +348,9 @@ class ArmCore:
     def _on_removed(self, res: dict[str, Any]) -> None:
         """`res` has just left the store (providers override, e.g. to cascade)."""
 
+    def _power_settled(self, res_id: str, power: str) -> None:
+        """A VM's deallocate/start/powerOff operation ended (compute.py)."""
+
     def _remove_resource(self, res_id: str) -> None:
         res = self.store.resources.pop(res_id, None)
         if res is not None:
@@ -337,6 +365,7 @@ class ArmCore:
         seconds: float,
         error: dict[str, str] | None = None,
         children: list[str] | None = None,
+        **extra: Any,
     ) -> str:
         if error is None and kind in {"create", "update"}:
             error = self._late_error(kind, res_id)
@@ -346,7 +375,7 @@ class ArmCore:
         seq = 1 + max((op.get("seq", 0) for op in self.store.operations.values()), default=0)
         self.store.operations[op_id] = {
             "kind": kind, "resource": res_id, "start": now, "end": now + seconds, "status": "InProgress",
-            "error": error, "children": children or [], "seq": seq,
+            "error": error, "children": children or [], "seq": seq, **extra,
         }  # fmt: skip
         if seconds <= 0:
             self._finish(op_id, self.store.operations[op_id])
@@ -406,7 +435,11 @@ class ArmCore:
             prefix = res_id + "/"
             for child in [r for r in self.store.resources if r.startswith(prefix)]:
                 self._remove_resource(child)
+            for role in [r for r in self.store.roles if r.startswith(prefix)]:  # assignments at its scope
+                del self.store.roles[role]
             self.store.groups.pop(res_id, None)
+        elif kind == "vm-power":
+            self._power_settled(res_id, str(op["power"]))
 
     def _op_headers(
         self, sub: str, rtype: str, location: str, op_id: str, query: dict[str, str], *, result: bool

@@ -34,6 +34,8 @@ class LatencyProfile:
     boot_to_ssh: float = 0.0
     request: float = 0.0  # ARM front-door round trip, charged on every request
     provider_registration: float = 0.0  # POST .../register: Registering for this long, then Registered
+    vm_deallocate: float = 0.0  # POST .../deallocate: the OS shuts down, the host lets go of the VM
+    vm_start: float = 0.0  # POST .../start: allocated again and booted
     scale: float = 1.0
 
     def create_seconds(self, resource_type: str) -> float:
@@ -63,6 +65,8 @@ PROFILES: dict[str, LatencyProfile] = {
         boot_to_ssh=catalog.TYPICAL_BOOT_TO_SSH_SECONDS,
         request=0.15,
         provider_registration=60.0,
+        vm_deallocate=60.0,
+        vm_start=45.0,
     ),
 }
 

@@ -68,6 +68,9 @@ class Store:
     restrictions: list[dict[str, Any]] = field(default_factory=list)
     policies: list[dict[str, Any]] = field(default_factory=list)
     permissions: list[dict[str, Any]] = field(default_factory=list)  # the caller's; empty: Owner (*)
+    # Microsoft.Authorization role definitions and assignments, keyed by lower-cased id (a group's
+    # go with it).
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
