@@ -288,7 +288,6 @@ def down(obj: Ctx, run_id: str) -> None:
     from orchestrator import lifecycle
 
     existed = lifecycle.down(run_id, obj.target_obj())
-    ssh_cmd.remove_entries(run_id)  # its `Host orch-<run>` entries in ~/.ssh/config, if any
     _say(
         obj,
         {"schema": 1, "event": "down", "run": run_id, "deleted": existed},

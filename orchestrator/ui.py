@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator import catalog
 from orchestrator.lifecycle.reporter import Quiet
+from orchestrator.verdict import Verdict
 
 if TYPE_CHECKING:
     from orchestrator.azure.provision import ProvisionResult, ResourceEvent
@@ -308,7 +309,8 @@ class ProgressPrinter:
         elif outcome.kept:
             self.say(f"kept: the VMs stay up; `orchestrator down {outcome.run_id}` deletes them")
         if outcome.message:
-            print(("error: " if not outcome.verdict.ok else "") + outcome.message, file=sys.stderr, flush=True)
+            failed = not outcome.verdict.ok and outcome.verdict != Verdict.CANCELLED  # a cancel was asked for
+            print(("error: " if failed else "") + outcome.message, file=sys.stderr, flush=True)
 
     def provisioned(self, result: ProvisionResult) -> None:
         plan = result.plan

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import sshconfig
 from orchestrator.commands import ssh as ssh_cmd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,14 +205,14 @@ def test_config_blocks_come_out_alone(tmp_path: Path) -> None:
     config = tmp_path / ".ssh" / "config"
     a = ssh_cmd.config_block("a-aaaaaa", [])
     b = ssh_cmd.config_block("b-bbbbbb", [])
-    assert ssh_cmd.remove_entries("a-aaaaaa", config) is False  # no file: nothing to do
-    ssh_cmd.write_entries("a-aaaaaa", a, config)
+    assert sshconfig.remove_entries("a-aaaaaa", config) is False  # no file: nothing to do
+    sshconfig.write_entries("a-aaaaaa", a, config)
     assert config.stat().st_mode & 0o777 == 0o600 and config.parent.stat().st_mode & 0o777 == 0o700
-    ssh_cmd.write_entries("b-bbbbbb", b, config)
+    sshconfig.write_entries("b-bbbbbb", b, config)
     assert config.read_text() == b + a
-    assert ssh_cmd.remove_entries("orch-a-aaaaaa", config) is True  # `down orch-<id>` works too
+    assert sshconfig.remove_entries("orch-a-aaaaaa", config) is True  # `down orch-<id>` works too
     assert config.read_text() == b
-    assert ssh_cmd.remove_entries("a-aaaaaa", config) is False
+    assert sshconfig.remove_entries("a-aaaaaa", config) is False
 
 
 # ----------------------------------------------------------------------------- shell completion

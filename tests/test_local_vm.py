@@ -324,18 +324,26 @@ def test_cancel_from_another_process_collects_then_tears_down(tmp_path: Path, wa
 
     state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
     job = _job(tmp_path, TICKING.replace("sleep 30", "true"))
+    home = tmp_path / "home"
+    home.mkdir()
     if watched:
-        proc = start([*state, "run", str(job)])
+        proc = start([*state, "run", str(job)], env={"HOME": str(home)})
         wait_for(proc, "tick 5", [])
     else:
         detached = cli(*state, "--json", "run", str(job), "--detach")
         assert detached.returncode == 0, detached.stderr
     run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
-    cancelled = cli(*state, "cancel", run_id)
+    assert cli(*state, "ssh-config", run_id, "--write", env={"HOME": str(home)}).returncode == 0
+    assert f"Host orch-{run_id}" in (home / ".ssh" / "config").read_text()
+    cancelled = cli(*state, "cancel", run_id, env={"HOME": str(home)})
     assert cancelled.returncode == 0, cancelled.stderr
+    assert "error:" not in cancelled.stderr, "the user asked for it: not an error"
+    # The process that tore the run down (the watcher, or this cancel) took its ssh entry out.
     if watched:
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 130, out
+        proc.communicate(timeout=60)
+    assert (home / ".ssh" / "config").read_text() == ""
+    if watched:
+        assert proc.returncode == 130
     record = json.loads(cli(*state, "--json", "status", run_id).stdout)
     assert record["verdict"] == "cancelled" and record["torn_down"] and record["verdict_exit_code"] == 130
     assert store_of(tmp_path / "state")["groups"] == {}

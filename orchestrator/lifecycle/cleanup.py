@@ -6,6 +6,7 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
+from orchestrator import sshconfig
 from orchestrator.errors import CloudError, UserInputError
 from orchestrator.lifecycle.kept import unknown_run
 from orchestrator.plan import RUN_ID_RE, resource_group_name
@@ -53,6 +54,7 @@ def down(run: str, target: Target) -> bool:
         store.mark_resources(run_id, "deleted")
         store.end_open_phases(run_id)
         store.transition(run_id, "gone", torn_down=True)
+    sshconfig.remove_entries(run_id)  # its `Host orch-<run>` entries in ~/.ssh/config, if any
     return existed
 
 
@@ -104,4 +106,7 @@ def gc(
                 store.mark_resources(g.run_id, "deleted")
                 store.end_open_phases(g.run_id)
                 store.transition(g.run_id, "gone", torn_down=True, error=record.error or "removed by gc")
+    if not dry_run:
+        for g in groups:
+            sshconfig.remove_entries(g.run_id)
     return groups

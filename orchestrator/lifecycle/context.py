@@ -64,6 +64,10 @@ class RunContext:
 
     def state(self, state: str, **fields: Any) -> None:
         self.store.transition(self.run_id, state, **fields)
+        if state == "gone":
+            from orchestrator import sshconfig
+
+            sshconfig.remove_entries(self.run_id)  # no `Host orch-<run>` entry outlives the VMs
 
     @contextlib.contextmanager
     def phase(self, name: str, node: int | None = None) -> Iterator[None]:
