@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -51,6 +53,7 @@ class VmHost:
         self.cloud_config: dict[str, Any] | None = None
         self.imds: Any = None  # imds.Imds, on the VM's address
         self.imds_endpoint = ""
+        self.evicted: Any = None  # the VM's lock, held from its eviction until this process exits
 
     # ------------------------------------------------------------------ liveness
 
@@ -275,6 +278,48 @@ class VmHost:
         self.imds_endpoint = f"http://{self.spec['address']}:{port}"
         return port
 
+    # ------------------------------------------------------------------ spot eviction
+
+    async def evict_when_due(self, after_s: float, notice_s: float) -> None:
+        """An armed eviction (emulator/faults.py, phase evict): the Preempt scheduled event is posted
+        `notice_s` ahead on the metadata service, then at its NotBefore (or once a StartRequest
+        approves it) the VM is evicted as Azure would: the store first (ARM shows it at once), then
+        the network (SSH cut) and every process the VM ran; with Delete its folder (the OS disk) goes."""
+        start = time.time()
+        evict_at = start + after_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=max(0.0, evict_at - notice_s - time.time()))
+        if self.stopping.is_set():
+            return
+        event = self.imds.events.schedule("Preempt", self.spec["name"], evict_at)
+        await self.imds.events.due(event, self.stopping)
+        if self.stopping.is_set():
+            return
+        # The manager's per-VM lock, held until this process exits: a replacement VM of the same name
+        # waits for this host to be gone before its own host starts.
+        self.evicted = open(self.vm.root.parent / f"{self.spec['name']}.lock", "a+")  # noqa: SIM115
+        await asyncio.to_thread(fcntl.flock, self.evicted, fcntl.LOCK_EX)
+        policy = await asyncio.to_thread(self._evict_in_store)
+        logging.getLogger(__name__).warning("evicted (%s)", policy)
+        self.drop()
+        self.server.close()
+        self.imds.close()
+        self.end_processes()
+        if policy != "Deallocate":
+            shutil.rmtree(self.vm.root, ignore_errors=True)
+        self.stopping.set()
+
+    def _evict_in_store(self) -> str | None:
+        from orchestrator.emulator.compute import evict
+        from orchestrator.emulator.persist import StoreFile
+
+        store = StoreFile(Path(self.spec["store"]))
+        with store.locked():
+            data = store.load()
+            policy = evict(data, str(self.spec["vm_id"]))
+            store.save(data)
+        return policy
+
     # ------------------------------------------------------------------ the VM's processes
 
     def end_processes(self) -> None:
@@ -346,9 +391,17 @@ async def amain(vm: VmPaths) -> None:
     tmp.replace(vm.host)
     note = await host.environment if host.environment is not None else ""
     installing = asyncio.ensure_future(host.install(python.requirements, note)) if python else None
+    eviction = (host.record() or {}).get("_eviction") if host.spec.get("store") else None
+    evicting = (
+        asyncio.ensure_future(host.evict_when_due(float(eviction["after_s"]), float(eviction["notice_s"])))
+        if eviction
+        else None
+    )
     try:
         await host.watch()
     finally:
+        if evicting is not None and not evicting.done():
+            evicting.cancel()
         if installing is not None and not installing.done():
             host.end_processes()  # uv, if still installing: its thread then returns
             with contextlib.suppress(Exception):
