@@ -92,6 +92,45 @@ def test_a_wrong_host_key_is_refused(kept: tuple[list[str], str, Path], tmp_path
     assert "HOST IDENTIFICATION HAS CHANGED" in r.stderr or "Host key verification failed" in r.stderr, r.stderr
 
 
+@needs_ssh
+def test_an_interactive_session_gets_a_terminal(kept: tuple[list[str], str, Path], tmp_path: Path) -> None:
+    """`ssh -t` (and `orchestrator ssh RUN` from a terminal) gets a PTY, as the Azure VM's sshd gives:
+    the shell is interactive, a program sees a terminal, and the exit code comes back."""
+    local, run_id, state = kept
+    entry = ssh_cmd.SshEntry(
+        0,
+        f"orch-{run_id}",
+        f"orch-{run_id}-0",
+        *_endpoint(local, run_id, tmp_path),
+        "azureuser",
+        state / "runs" / run_id / "id_ed25519",
+        state / "runs" / run_id / "known_hosts",
+    )
+    argv = ssh_cmd.ssh_argv(entry)
+    forced = [argv[0], "-tt", *argv[1:]]  # our stdin is a pipe: -tt asks for a PTY all the same
+    r = subprocess.run(
+        [*forced, "--", "tty; test -t 0 && echo stdin-is-a-terminal; echo TERM=$TERM; exit 5"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    out = r.stdout.decode().replace("\r\n", "\n")
+    assert r.returncode == 5, out + r.stderr.decode()
+    assert out.startswith("/dev/pts/") and "stdin-is-a-terminal\n" in out and "TERM=" in out
+    shell = subprocess.run(
+        forced,
+        input=b"echo answer=$((6*7)) $-\nexit 3\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    text = shell.stdout.decode().replace("\r\n", "\n")
+    assert shell.returncode == 3, text + shell.stderr.decode()
+    answer = [line for line in text.splitlines() if line.startswith("answer=")]
+    assert answer and answer[-1].startswith("answer=42 ") and "i" in answer[-1].split()[1], text  # an interactive shell
+
+
 def _endpoint(local: list[str], run_id: str, home: Path) -> tuple[str, int]:
     doc = json.loads(cli(*local, "--json", "ssh-config", run_id, "--node", "0", env={"HOME": str(home)}).stdout)
     host = doc["hosts"][0]
