@@ -750,6 +750,8 @@ def load_spec(path: str | Path, overrides: Overrides | None = None) -> JobSpec:
                 loc = loc[:-1]  # an item of a one-value form (`region: eastus`): blame the value itself
             where = _where(doc, flags, filename, loc)
             problems.append(SpecProblem(where, _field_name(loc), _message(err)))
+        if not any(p.field.startswith("python") for p in problems):
+            problems += _early_file_problems(doc.data, doc, filename, base_dir)
         raise SpecError(sorted(problems, key=_line_key)) from None
     _check_files(spec, doc, filename)
     return spec
@@ -780,29 +782,48 @@ def _check_python(spec: JobSpec, doc: LinedDocument, filename: str) -> list[Spec
     if spec.python is None or spec.python.requirements is None:
         return []
     where = f"{filename}:{doc.line_of(('python', 'requirements'))}"
+    text, message = _read_requirements(spec.workdir_path, spec.python.requirements)
+    if text is not None:
+        from orchestrator.bootstrap import PythonSetup, custom_data_problem
 
-    def problem(message: str) -> list[SpecProblem]:
-        return [SpecProblem(where, "python.requirements", message)]
+        path = (spec.workdir_path / spec.python.requirements).resolve()
+        message = custom_data_problem(PythonSetup(spec.python.version, text, str(path)), user=spec.ssh.user)
+    return [SpecProblem(where, "python.requirements", message)] if message else []
 
-    workdir = spec.workdir_path
-    path = (workdir / spec.python.requirements).resolve()
+
+def _read_requirements(workdir: Path, requirements: str) -> tuple[str | None, str]:
+    """(the file's text, "") or (None, why it cannot be used)."""
+    path = (workdir / requirements).resolve()
     if not path.is_relative_to(workdir):
-        return problem(f"{path} is outside the workdir {workdir}")
+        return None, f"{path} is outside the workdir {workdir}"
     if not path.is_file():
-        return problem(f"no such file {path} (the path is relative to the workdir {workdir})")
+        return None, f"no such file {path} (the path is relative to the workdir {workdir})"
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        return problem(f"{path} is not UTF-8 text")
+        return None, f"{path} is not UTF-8 text"
     except OSError as e:
-        return problem(f"cannot read {path}: {e.strerror}")
+        return None, f"cannot read {path}: {e.strerror}"
     for number, line in enumerate(text.splitlines(), 1):
         if _FILE_REFERENCE_RE.search(line):
-            return problem(
+            return None, (
                 f"{path.name}:{number}: '{line.strip()}' refers to a file; the requirements are installed "
                 "while the VM boots, before the job's code arrives. Install it in `setup` instead"
             )
-    from orchestrator.bootstrap import PythonSetup, custom_data_problem
+    return text, ""
 
-    too_big = custom_data_problem(PythonSetup(spec.python.version, text, str(path)), user=spec.ssh.user)
-    return problem(too_big) if too_big else []
+
+def _early_file_problems(data: dict[str, Any], doc: LinedDocument, filename: str, base_dir: str) -> list[SpecProblem]:
+    """The requirements file's problems, said with the field errors (the model's own file checks only
+    run on a valid model): a user fixes everything in one pass."""
+    python = data.get("python")
+    requirements = python.get("requirements") if isinstance(python, dict) else None
+    workdir = data.get("workdir", ".")
+    if not isinstance(requirements, str) or not isinstance(workdir, str):
+        return []
+    folder = (Path(base_dir) / workdir).resolve()
+    if not folder.is_dir():
+        return []
+    _, message = _read_requirements(folder, requirements)
+    where = f"{filename}:{doc.line_of(('python', 'requirements'))}"
+    return [SpecProblem(where, "python.requirements", message)] if message else []

@@ -251,3 +251,17 @@ def test_an_a10_size_is_refused_with_the_reason(job_dir: Callable[[str], Path]) 
     path = job_dir("name: a10\nrun: python train.py\nresources:\n  vm_size: Standard_NV36ads_A10_v5\n")
     with pytest.raises(UserInputError, match=r"job.yaml:4: resources.vm_size: .*GRID driver.*Standard_NC4as_T4_v3"):
         load_spec(str(path))
+
+
+def test_a_missing_requirements_file_is_said_with_the_field_errors(tmp_path: Path) -> None:
+    """One pass: the user sees every problem of the file at once, the requirements file's included."""
+    job = tmp_path / "job.yaml"
+    job.write_text("name: BAD NAME\nresources:\n  disk_gb: 20\npython:\n  requirements: nope.txt\nrun: python x.py\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(job)
+    assert [(p.where, p.field) for p in info.value.problems] == [
+        (f"{job}:1", "name"),
+        (f"{job}:3", "resources.disk_gb"),
+        (f"{job}:5", "python.requirements"),
+    ]
+    assert info.value.problems[2].message.startswith(f"no such file {tmp_path / 'nope.txt'}")
