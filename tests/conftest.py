@@ -89,11 +89,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+_WORKERS_CHECKED: list[int] = []  # under pytest-xdist: what each worker process checked
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from orchestrator.emulator import openapi
+
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the count to the controller
+        workeroutput["arm_bodies_checked"] = openapi.BODIES_CHECKED[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    _WORKERS_CHECKED.append(int(getattr(node, "workeroutput", {}).get("arm_bodies_checked", 0)))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """How many ARM request bodies this pytest process held to Microsoft's specs (CLI subprocesses
+    """How many ARM request bodies the test processes held to Microsoft's specs (CLI subprocesses
     check theirs too; they are not counted here)."""
     from orchestrator.emulator import openapi
 
-    terminalreporter.write_line(
-        f"ARM request bodies checked against the REST specs in-process: {openapi.BODIES_CHECKED[0]}"
-    )
+    checked = openapi.BODIES_CHECKED[0] + sum(_WORKERS_CHECKED)
+    terminalreporter.write_line(f"ARM request bodies checked against the REST specs in-process: {checked}")
