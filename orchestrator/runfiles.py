@@ -83,6 +83,11 @@ class RunFiles:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
+    @property
+    def checkpoints(self) -> Path:
+        """Spot runs: each node's $ORCH_CHECKPOINT_DIR copied home, `<rank>/` (lifecycle/recovery.py)."""
+        return self.root / "checkpoints"
+
     def write_nodes(self, nodes: list[NodeRecord]) -> None:
         tmp = self.nodes_file.with_suffix(".tmp")
         tmp.write_text(json.dumps([asdict(n) for n in nodes], indent=2))

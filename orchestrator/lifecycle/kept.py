@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserInputError
-from orchestrator.lifecycle import install, steps
+from orchestrator.lifecycle import install, recovery, steps
 from orchestrator.lifecycle.outcome import RunOutcome
 from orchestrator.lifecycle.reporter import Reporter
 from orchestrator.runfiles import NodeRecord, RunFiles
@@ -252,7 +252,9 @@ def attach(
                 log = files.log("run", n.label)
                 offsets[n.ep.rank] = log.stat().st_size if log.exists() else 0
             report.say(f"attached to {run_id}; Ctrl-C detaches again (the job goes on)")
-            phases.append(runner.follow("run", offsets))
+            phases.append(
+                recovery.train(ctx, runner, records, report, client_key=files.client_key, offsets=offsets, start=False)
+            )
         except KeyboardInterrupt:
             for n in nodes:
                 n.cancel()

@@ -85,6 +85,10 @@ def verdict_of(
         return Verdict.INTERRUPTED, "Interrupted."
     if isinstance(error, UserInputError):
         return Verdict.BAD_INPUT, str(error)
+    from orchestrator.lifecycle.recovery import RestartsExhausted
+
+    if isinstance(error, RestartsExhausted):
+        return Verdict.RESTARTS_EXHAUSTED, str(error)
     if isinstance(error, CloudError | CredentialsError):
         return Verdict.AZURE_REFUSED, str(error)
     if error is not None:

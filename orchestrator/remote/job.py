@@ -118,6 +118,7 @@ class JobRunner:
                 secrets=self.secrets,
             )
             | self.network_env
+            | ({"ORCH_SPOT": "1"} if self.spec.resources.spot else {})  # the wrapper watches for Preempt
         )
 
     def connect(self) -> None:

@@ -82,6 +82,7 @@ def start_phase(node: Node, layout: RemoteLayout, phase: str, commands: list[str
             "env": (env_file(env), 0o600),
             "wrapper.sh": (wrapper.encode(), 0o700),
             "log-follower.py": (follower, 0o600),
+            "preempt-watch.py": ((TEMPLATES / "preempt-watch.py").read_bytes(), 0o600),
         }
     )
     cmd = (

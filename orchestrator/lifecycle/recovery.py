@@ -1,0 +1,461 @@
+"""Spot eviction recovery, done by the process watching a run (`run`, or `attach` for a detached one).
+
+While a spot run's job trains:
+- each node's `$ORCH_CHECKPOINT_DIR` is copied home (`<run folder>/checkpoints/<rank>/`) every
+  `ORCH_CHECKPOINT_SYNC_S` seconds (60 by default), and at once when the VM-side watcher
+  (templates/preempt-watch.py, started by the job wrapper) has seen Azure's Preempt scheduled event
+  and left its marker: Azure gives about 30 s;
+- ARM is asked, every `watch_interval_s`, whether each node's VM still exists and runs. A VM that is
+  gone (evictionPolicy Delete) or deallocated (Deallocate) is an eviction: the watching stops at once.
+
+Then, within `recovery.max_restarts`: the survivors' job is stopped (a DDP job cannot lose one rank);
+the evicted VM is replaced (started again when deallocated, else created again for the candidate the
+run holds, with a new pinned host key; each replacement is recorded as an attempt); the latest
+checkpoint home is restored to every node; setup runs again and the job restarts on every node,
+appending to the same logs. Beyond max_restarts the verdict is `restarts-exhausted`. max_duration
+and the budget keep counting the whole run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.lifecycle.context import RunContext
+from orchestrator.runfiles import NodeRecord
+
+SYNC_ENV = "ORCH_CHECKPOINT_SYNC_S"
+DEFAULT_SYNC_S = 60.0
+PREEMPT_MARKER = "preempted"  # in the run's folder on the VM (RemoteLayout.root)
+
+
+class RestartsExhausted(OrchestratorError):
+    """More evictions than recovery.max_restarts allows."""
+
+
+@dataclass(frozen=True)
+class Eviction:
+    rank: int
+    vm_name: str
+    policy: str  # "Delete": the VM is gone; "Deallocate": it is stopped, its disk kept
+    at: datetime
+
+
+def sync_interval() -> float:
+    try:
+        return max(0.5, float(os.environ.get(SYNC_ENV, DEFAULT_SYNC_S)))
+    except ValueError:
+        return DEFAULT_SYNC_S
+
+
+# ------------------------------------------------------------------------------------ evictions
+
+
+def evictions(session: Any, group: str, records: list[NodeRecord]) -> list[Eviction]:
+    """The nodes whose VM ARM reports gone (404 ResourceNotFound while the group exists) or
+    deallocated. A group that is gone is not an eviction (the group watch reports it)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    found = []
+    for r in records:
+        try:
+            vm = session.compute.virtual_machines.get(group, r.vm_name, expand="instanceView")
+        except ResourceNotFoundError as e:
+            code = getattr(e.error, "code", "") or ""
+            if code != "ResourceGroupNotFound":
+                found.append(Eviction(r.rank, r.vm_name, "Delete", datetime.now(UTC)))
+            continue
+        view = getattr(vm, "instance_view", None)
+        codes = {str(getattr(s, "code", "")) for s in (getattr(view, "statuses", None) or [])}
+        if codes & {"PowerState/deallocated", "PowerState/deallocating"}:
+            found.append(Eviction(r.rank, r.vm_name, "Deallocate", datetime.now(UTC)))
+    return found
+
+
+class EvictionWatch:
+    """Asks ARM every `interval` s whether a node was evicted; on the first eviction it records them
+    and calls `on_evicted` (which cancels the nodes, so every SSH wait ends at once)."""
+
+    def __init__(self, check: Callable[[], list[Eviction]], interval: float, on_evicted: Callable[[], None]) -> None:
+        self.found: list[Eviction] = []
+        self._check, self._interval, self._on_evicted = check, interval, on_evicted
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eviction-watch", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                found = self._check()
+            except Exception:  # throttled or a blip: ask again next time
+                continue
+            if found and not self._stop.is_set():
+                self.found = found
+                self._on_evicted()
+                return
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointShipper:
+    """One thread per node: waits on the VM (one command per interval) for the interval to pass or
+    the Preempt marker to appear, then copies the node's checkpoint folder home if it changed."""
+
+    def __init__(self, nodes: list[Any], layout: Any, home: Path, interval: float, say: Callable[[str], None]) -> None:
+        self.layout, self.home, self.interval, self.say = layout, home, interval, say
+        self._stop = threading.Event()
+        self._seen: dict[int, str] = {}
+        self._threads = [threading.Thread(target=self._loop, args=(n,), daemon=True) for n in nodes]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self, node: Any) -> None:
+        from orchestrator.remote.layout import rq
+
+        marker = rq(f"{self.layout.root}/{PREEMPT_MARKER}")
+        ticks = max(1, round(self.interval * 2))
+        wait = (
+            f"i=0; while [ $i -lt {ticks} ] && [ ! -e {marker} ]; do sleep 0.5; i=$((i+1)); done; "
+            f"[ -e {marker} ] && echo preempt || echo tick"
+        )
+        announced = False
+        while not self._stop.is_set():
+            try:
+                preempt = node.exec(wait, timeout=self.interval + 30).text.strip() == "preempt"
+                if self._stop.is_set():
+                    return
+                if preempt and not announced:
+                    announced = True
+                    self.say(
+                        f"node {node.ep.rank}: Azure announced a spot eviction (Preempt); copying its checkpoint home"
+                    )
+                pull(node, self.layout, self.home, self._seen)
+                if preempt:
+                    self._stop.wait(1.0)  # until the VM goes: the job may still write a last one
+            except Exception:  # the connection is gone (eviction?) or cancelled: the watch decides
+                if self._stop.wait(1.0):
+                    return
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+def pull(node: Any, layout: Any, home: Path, seen: dict[int, str]) -> bool:
+    """Copy the node's checkpoint folder home (`home/<rank>`) if it changed since the last copy;
+    replaced whole once received. True if copied."""
+    from orchestrator.remote.layout import rq
+
+    rank = node.ep.rank
+    ckpt = rq(layout.checkpoints)
+    cmd = (
+        f"cd {ckpt} 2>/dev/null || exit 0; fp=$(find . -type f ! -name '*.tmp' -printf '%P %s %T@\\n' | sort | cksum); "
+        f'echo "$fp" >&2; [ -z "$(ls -A)" ] && exit 0; [ "$fp" = {seen.get(rank, "-")!r} ] && exit 0; '
+        "tar --exclude='*.tmp' -cf - . 2>/dev/null; [ $? -le 1 ]"
+    )
+    result = node.exec(cmd, timeout=600)
+    fingerprint = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+    if result.exit_code != 0 or not result.stdout:
+        return False
+    final = home / str(rank)
+    incoming = home / f".incoming-{rank}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    incoming.mkdir(parents=True, mode=0o700)
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+        tar.extractall(incoming, filter="data")
+    old = home / f".old-{rank}"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    incoming.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    seen[rank] = fingerprint[0]
+    return True
+
+
+def restore(node: Any, layout: Any, home: Path) -> Path | None:
+    """Replace the node's checkpoint folder with the latest copy home: its own rank's if it has one,
+    else rank 0's (the rank that writes them in the example jobs); an empty folder when there is
+    none, so every rank starts from the same place. Returns the copy used."""
+    from orchestrator.remote.layout import rq
+
+    source = next((home / str(r) for r in (node.ep.rank, 0) if _has_files(home / str(r))), None)
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        if source is not None:
+            for path in sorted(source.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(source)), recursive=False)
+    ckpt = rq(layout.checkpoints)
+    node.run(f"rm -rf {ckpt} && mkdir -p {ckpt} && tar -C {ckpt} -xf -", "restoring the checkpoint", data.getvalue())
+    return source
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+
+
+def latest_step(folder: Path | None) -> int | None:
+    """The step of the latest checkpoint, read from the numbers in its file names (ckpt-00000120.pt)."""
+    if folder is None:
+        return None
+    steps = [int(m) for p in folder.rglob("*") if p.is_file() for m in re.findall(r"\d+", p.name)[-1:]]
+    return max(steps) if steps else None
+
+
+# ----------------------------------------------------------------------------------- replacement
+
+
+def _candidate_of(ctx: RunContext) -> Any:
+    from orchestrator.candidates import Candidate
+
+    res = ctx.spec.resources
+    first = res.candidates.ordered[0] if res.candidates.ordered else None
+    if first is not None:
+        return first
+    return Candidate(res.size.name, res.region, res.zone, bool(res.spot))
+
+
+def replace_node(ctx: RunContext, record: NodeRecord, eviction: Eviction, client_key: Path) -> NodeRecord:
+    """A running VM for an evicted node: a deallocated one is started again (same disk, same host
+    key); a deleted one is created again for the candidate the run holds, with a new host key
+    (pinned in nodes.json by the caller). Recorded as an attempt; raises CloudError when Azure
+    refuses it."""
+    from orchestrator.azure.errors import classify
+    from orchestrator.bootstrap import as_custom_data, cloud_init
+    from orchestrator.lifecycle.steps import owner_name
+    from orchestrator.plan import build_plan
+    from orchestrator.sshkeys import generate_host_key, generate_rsa_host_key, public_key_of
+
+    session, group = ctx.session, ctx.group
+    candidate = _candidate_of(ctx)
+    attempt_n = len(ctx.store.attempts(ctx.run_id)) + 1
+    t0 = time.monotonic()
+    try:
+        if eviction.policy == "Deallocate":
+            session.compute.virtual_machines.begin_start(group, record.vm_name).result()
+            new = record
+        else:
+            hk = generate_host_key()
+            rsa = generate_rsa_host_key()
+            custom = as_custom_data(
+                cloud_init(
+                    run_id=ctx.run_id,
+                    vm_name=record.vm_name,
+                    rank=record.rank,
+                    host_private_key=hk.private_openssh,
+                    host_public_key=hk.public,
+                    user=ctx.spec.ssh.user,
+                    max_duration=ctx.spec.max_duration,
+                    gpu=ctx.spec.resources.size.is_gpu,
+                    job=ctx.spec,
+                    rsa_host_key=(rsa.private_openssh, rsa.public),
+                )
+            )
+            run = ctx.store.get(ctx.run_id)
+            created = datetime.fromtimestamp(run.created, UTC) if run is not None else datetime.now(UTC)
+            plan = build_plan(
+                ctx.spec,
+                ctx.run_id,
+                subscription_id=session.subscription_id,
+                owner=owner_name(),
+                now=created,  # the run's expiry tags, not a later one
+                ssh_public_key=public_key_of(client_key),
+                custom_data=dict.fromkeys(range(ctx.spec.nodes), custom),
+                candidate=candidate,
+            )
+            vm = next(
+                r for r in plan.resources if r.type == "Microsoft.Compute/virtualMachines" and r.name == record.vm_name
+            )
+            poller = session.compute.virtual_machines.begin_create_or_update(
+                group, vm.name, vm.body, polling=session.polling(vm.type)
+            )
+            poller.result()
+            new = replace(record, host_key=hk.public)
+    except Exception as e:
+        cloud = classify(e, resource=f"replacing {record.vm_name}")
+        ctx.store.attempt(
+            ctx.run_id,
+            attempt_n,
+            candidate.to_json(),
+            cloud.code or type(cloud).__name__,
+            str(cloud).split("\n", 1)[0],
+            time.monotonic() - t0,
+        )
+        raise cloud from e
+    ctx.store.attempt(ctx.run_id, attempt_n, candidate.to_json(), None, None, time.monotonic() - t0)
+    return new
+
+
+# -------------------------------------------------------------------------------- the run phase
+
+
+def held_spec(ctx: RunContext) -> Any:
+    """The job pinned to the candidate the run holds (its last successful attempt): `attach` reads
+    the job file again, which may list several."""
+    from orchestrator.candidates import Candidate
+
+    held = [a for a in ctx.store.attempts(ctx.run_id) if a.code is None]
+    if not held or len(ctx.spec.resources.candidates.ordered) == 1:
+        return ctx.spec
+    a = held[-1]
+    return ctx.spec.pinned(Candidate(a.vm_size, a.region, a.zone, a.spot))
+
+
+def train(
+    ctx: RunContext,
+    runner: Any,
+    records: list[NodeRecord],
+    report: Any,
+    *,
+    client_key: Path,
+    offsets: dict[int, int] | None = None,
+    start: bool = True,
+) -> Any:
+    """The job's run phase on every node, started (start) or followed from `offsets` (attach); for
+    a spot run, recovered from evictions within recovery.max_restarts. Returns its PhaseResult."""
+    from orchestrator.lifecycle import steps
+
+    ctx.spec = held_spec(ctx)
+    spot = bool(ctx.spec.resources.spot)
+    record = ctx.store.get(ctx.run_id)
+    restarts = record.restarts if record is not None else 0
+    found: list[Eviction] = []
+    if spot and not start:  # a detached run may have been evicted while nobody watched
+        found = evictions(ctx.session, ctx.group, records)
+    while True:
+        if found:
+            restarts += 1
+            ctx.store.update(ctx.run_id, restarts=restarts)
+            if restarts > ctx.spec.max_restarts:
+                raise RestartsExhausted(
+                    f"Spot VM(s) of run {ctx.run_id} were evicted {restarts} times; recovery.max_restarts allows "
+                    f"{ctx.spec.max_restarts}. " + _evicted_line(found) + ". The outputs and checkpoints that reached "
+                    "home are kept. Raise recovery.max_restarts, or run on-demand (`--no-spot`) where spot "
+                    "capacity is scarce."
+                )
+            failed = recover(ctx, runner, records, found, report, client_key, restarts)
+            if failed is not None:
+                return failed
+            start = True
+        watch: EvictionWatch | None = None
+        shipper: CheckpointShipper | None = None
+        if spot:
+
+            def stop_all() -> None:
+                for n in list(runner.nodes):
+                    n.cancel()
+
+            watch = EvictionWatch(
+                lambda: evictions(ctx.session, ctx.group, records), ctx.target.watch_interval_s, stop_all
+            )
+            shipper = CheckpointShipper(
+                list(runner.nodes), runner.layout, ctx.files.checkpoints, sync_interval(), report.say
+            )
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            if start:
+                result = steps.job_phase(ctx, runner, "run", [ctx.spec.run], report)
+            else:
+                with ctx.phase("train"):
+                    result = runner.follow("run", offsets)
+        except BaseException as e:
+            error = e
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if shipper is not None:
+                shipper.cancel()
+        found = watch.found if watch is not None else []
+        interrupted = isinstance(error, KeyboardInterrupt)
+        if spot and not found and not interrupted and (error is not None or result.exit_code != 0):
+            found = evictions(ctx.session, ctx.group, records)  # the VM went just as the phase ended
+        if not found or interrupted:
+            if error is not None:
+                raise error
+            return result
+
+
+def _evicted_line(found: list[Eviction]) -> str:
+    return "; ".join(
+        f"node {e.rank} ({e.vm_name}) evicted at {e.at:%H:%M:%S} UTC"
+        + (" (deallocated)" if e.policy == "Deallocate" else "")
+        for e in found
+    )
+
+
+def recover(
+    ctx: RunContext,
+    runner: Any,
+    records: list[NodeRecord],
+    found: list[Eviction],
+    report: Any,
+    client_key: Path,
+    restarts: int,
+) -> Any:
+    """Stop the survivors' job, replace the evicted nodes, restore the latest checkpoint everywhere,
+    run setup again. Returns setup's PhaseResult if it failed, else None (the caller restarts the job)."""
+    from orchestrator.lifecycle import install, steps
+
+    layout, home = runner.layout, ctx.files.checkpoints
+    evicted = {e.rank for e in found}
+    survivors = [n for n in runner.nodes if n.ep.rank not in evicted]
+    for n in survivors:
+        n.resume()
+    for n in survivors:  # a surviving node's checkpoint may be newer than the copy home
+        try:
+            pull(n, layout, home, {})
+        except Exception as e:  # the copy home stands
+            report.say(f"could not copy node {n.ep.rank}'s checkpoint home: {e}")
+    try:
+        steps.stop_job(survivors, ctx.run_id)
+    except Exception as e:  # a node that cannot be told is replaced below only if evicted; said
+        report.say(f"could not stop the job everywhere: {e}")
+    step = latest_step(next((home / str(r) for r in (0, *sorted(evicted)) if _has_files(home / str(r))), None))
+    line = (
+        f"{_evicted_line(found)}; restarting from "
+        + (f"checkpoint step {step}" if step is not None else "the beginning (no checkpoint yet)")
+        + f" (restart {restarts} of {ctx.spec.max_restarts})"
+    )
+    report.say(line)
+    for n in runner.nodes:  # the logs read as one run
+        log = ctx.files.log("run", n.label)
+        if log.exists():
+            with open(log, "a") as f:
+                f.write(f"orchestrator: {line}\n")
+    ctx.state("provisioning")
+    with ctx.phase("provision"):
+        for ev in found:
+            i = next(i for i, r in enumerate(records) if r.rank == ev.rank)
+            records[i] = replace_node(ctx, records[i], ev, client_key)
+            report.say(f"node {ev.rank}: {records[i].vm_name} replaced")
+    ctx.files.write_nodes(records)
+    for ev in found:
+        i = next(i for i, n in enumerate(runner.nodes) if n.ep.rank == ev.rank)
+        runner.nodes[i] = steps.ssh_nodes(ctx.target, [records[i]], client_key)[0]
+    runner.network_env = dict(ctx.target.job_network_env(records))
+    steps.connect(ctx, runner)
+    steps.sync(ctx, runner)
+    install.wait_for_install(ctx, runner, report)
+    runner.restart_phases()
+    for n in runner.nodes:
+        restore(n, layout, home)
+    if ctx.spec.setup:
+        setup = steps.job_phase(ctx, runner, "setup", ctx.spec.setup, report)
+        if setup.exit_code != 0:
+            return setup
+    return None

@@ -1,0 +1,40 @@
+"""The VM side of spot eviction recovery, started by the job wrapper on a spot VM.
+
+Polls the metadata service's scheduled events once a second; when a Preempt names this VM (Azure
+gives about 30 s), writes the marker (argv[1]) the watching orchestrator waits on, so it copies the
+checkpoints home before the VM goes. On Azure the service is http://169.254.169.254; elsewhere (the
+local target) ORCH_IMDS_ENDPOINT names it. Standard library only; never through a proxy.
+"""
+
+import json
+import os
+import sys
+import time
+import urllib.request
+
+API = "2020-07-01"
+
+
+def main() -> None:
+    marker = sys.argv[1]
+    endpoint = os.environ.get("ORCH_IMDS_ENDPOINT") or "http://169.254.169.254"
+    url = f"{endpoint.rstrip('/')}/metadata/scheduledevents?api-version={API}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        try:
+            with opener.open(urllib.request.Request(url, headers={"Metadata": "true"}), timeout=5) as r:
+                doc = json.load(r)
+            preempts = [e for e in doc.get("Events", []) if e.get("EventType") == "Preempt"]
+            if preempts:
+                tmp = marker + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(preempts[0], f)
+                os.replace(tmp, marker)
+                return
+        except (OSError, ValueError):
+            pass  # not answering yet, or a blip: ask again
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
