@@ -184,8 +184,14 @@ def finish(
         try:
             collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
         except KeyboardInterrupt as e:
+            first = error is None and not isinstance(e, Terminated)
             error = error or e
             collected = steps.Collected(error="collection abandoned (interrupt)")
+            if first:  # the job had finished: a first Ctrl-C must not cost its outputs, only a second
+                try:
+                    collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
+                except KeyboardInterrupt:
+                    collected = steps.Collected(error="collection abandoned (second interrupt)")
     job_code = next((p.exit_code for p in phases if p.exit_code != 0), 0 if phases else None)
     failed_phase = next((p.name for p in phases if p.exit_code != 0), None)
     gate_results = evaluate(spec.expect, collected.metrics or {}) if job_code == 0 and spec.expect else []

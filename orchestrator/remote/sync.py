@@ -72,7 +72,9 @@ class SyncReport:
             f"({self.wire_bytes * mb:,.1f} MB on the wire{', zstd' if self.compressed else ''})"
             + (f", deleted {self.deleted}" if self.deleted else "")
         )
-        return f"{self.files:,} files, {self.bytes * mb:,.1f} MB: {what} in {self.seconds:.1f} s"
+        # a retried upload is said: a link that drops now and then is worth knowing about
+        retried = f" ({self.attempts} attempts: the connection dropped)" if self.attempts > 1 else ""
+        return f"{self.files:,} files, {self.bytes * mb:,.1f} MB: {what} in {self.seconds:.1f} s{retried}"
 
 
 # ------------------------------------------------------------------------------------ what to send
