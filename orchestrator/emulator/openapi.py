@@ -93,6 +93,8 @@ class SpecIndex:
         self._ops: list[Operation] | None = None
         self._docs: dict[Path, Any] = {}
         self._compiled: dict[tuple[Path, str], Schema] = {}
+        self._real: dict[Path, Path] = {}  # resolve() remembered: a few files, referred to thousands of times
+        self._fallbacks: dict[tuple[Path, str], Path | None] = {}
         self._lock = threading.Lock()
         self.versions: dict[str, set[str]] = {}  # namespace (lower) -> api-versions vendored
 
@@ -104,8 +106,14 @@ class SpecIndex:
                 self._ops = self._load()
             return self._ops
 
+    def _resolved(self, path: Path) -> Path:
+        real = self._real.get(path)
+        if real is None:
+            real = self._real[path] = path.resolve()
+        return real
+
     def _doc(self, path: Path) -> Any:
-        path = path.resolve()
+        path = self._resolved(path)
         if path not in self._docs:
             self._docs[path] = json.loads(path.read_text()) if path.is_file() else None
         return self._docs[path]
@@ -158,7 +166,7 @@ class SpecIndex:
     def _resolve(self, file: Path, ref: str) -> tuple[Path, Any] | None:
         """(file, node) a $ref points at; common-types fall back to the nearest stored copy."""
         rel, _, pointer = ref.partition("#")
-        target_file = (file.parent / rel).resolve() if rel else file.resolve()
+        target_file = self._resolved(file.parent / rel if rel else file)
         doc = self._doc(target_file)
         if doc is None and "common-types" in rel:
             target_file = self._common_fallback(file, rel) or target_file
@@ -173,9 +181,16 @@ class SpecIndex:
         return target_file, node
 
     def _common_fallback(self, file: Path, rel: str) -> Path | None:
+        key = (file.parent, rel)
+        if key not in self._fallbacks:
+            self._fallbacks[key] = self._find_common(file, rel)
+        return self._fallbacks[key]
+
+    def _find_common(self, file: Path, rel: str) -> Path | None:
         tail = rel.split("common-types/", 1)[1]  # e.g. v1/common.json, resource-management/v2/types.json
-        directory = file.parent.resolve()
-        while self.root.resolve() in directory.parents or directory == self.root.resolve():
+        directory = self._resolved(file.parent)
+        root = self._resolved(self.root)
+        while root in directory.parents or directory == root:
             exact = directory / "common-types" / tail
             if exact.is_file():
                 return exact
