@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -130,6 +131,20 @@ def _job_command(f: Any) -> Any:
     return wrapped
 
 
+def _autostop_option(help_text: str) -> Callable[[Any], Any]:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+        from orchestrator.spec import parse_autostop
+
+        if value is None:
+            return None
+        try:
+            return parse_autostop(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option("--autostop", metavar="DURATION", callback=parse, help=help_text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="orchestrator")
 @click.option(
@@ -195,6 +210,8 @@ def cli(
     show_default=True,
     help="After Ctrl-C, how long to spend bringing the outputs home before tearing down (seconds).",
 )
+@_autostop_option("With --keep or --detach: the VMs deallocate themselves after this long with no job and no SSH "
+                  "session (e.g. 30m; --detach alone: 10m after the job ends).")  # fmt: skip
 @_job_command
 def run(
     obj: Ctx,
@@ -204,6 +221,7 @@ def run(
     keep: bool,
     detach: bool,
     collect_deadline: float,
+    autostop: int | None,
 ) -> None:
     """Provision, sync the code, set up, train with live logs, collect artifacts, tear down.
 
@@ -211,6 +229,8 @@ def run(
     """
     from orchestrator import lifecycle
 
+    if autostop is not None and not (keep or detach):
+        raise click.UsageError("--autostop needs --keep or --detach: without them the run tears everything down.")
     printer, report = _reporters(obj)
     try:
         outcome = lifecycle.run(
@@ -222,6 +242,7 @@ def run(
             upload_limit=max_upload_mb << 20,
             artifacts_dir=Path(artifacts_dir).resolve() if artifacts_dir else None,
             collect_deadline=collect_deadline,
+            autostop=autostop,
         )
     finally:
         printer.stop()
@@ -267,17 +288,35 @@ class JobFailed(OrchestratorError):
 
 
 @cli.command()
+@_autostop_option("The VMs deallocate themselves after this long with no job and no SSH session (e.g. 30m).")
 @_job_command
-def provision(obj: Ctx, spec: JobSpec) -> None:
+def provision(obj: Ctx, spec: JobSpec, autostop: int | None) -> None:
     """Create the run's resource group, network and VM(s), and print how to reach them."""
     from orchestrator import lifecycle
 
     printer, report = _reporters(obj, summary=False)
     try:
-        result = lifecycle.provision(spec, obj.target_obj(), report)
+        result = lifecycle.provision(spec, obj.target_obj(), report, autostop=autostop)
     finally:
         printer.stop()
     printer.provisioned(result)
+
+
+def _stopped_refreshed(obj: Ctx, store: Any, records: list[Any]) -> list[Any]:
+    """Kept and detached runs whose VMs deallocated themselves (autostop) are now `stopped`."""
+    from orchestrator.lifecycle.autostop import refresh
+
+    return refresh(store, obj.target_obj(), records)
+
+
+def _stopped_note(record: Any) -> str:
+    import datetime as dt
+
+    until = dt.datetime.fromtimestamp(record.expires, dt.UTC).strftime("%Y-%m-%d %H:%M UTC") if record.expires else "?"
+    return (
+        f"its VMs deallocated themselves (no compute billed; its disks are, until deleted): `orchestrator collect "
+        f"{record.run_id}` or `attach` starts them, brings the outputs home and tears down; gc deletes it after {until}"
+    )
 
 
 @cli.command()
@@ -359,6 +398,9 @@ class _LazyStore:
     def attempts(self, run_id: str) -> Any:
         return _store(self.obj).attempts(run_id)
 
+    def get(self, run_id: str) -> Any:
+        return _store(self.obj).get(run_id)
+
 
 def _lazy_store(obj: Ctx) -> Any:
     return _LazyStore(obj)
@@ -391,6 +433,7 @@ _RECORD_FIELDS = (
     "torn_down",
     "created",
     "updated",
+    "restarts",
 )
 
 
@@ -556,6 +599,7 @@ def status(obj: Ctx, run_id: str | None) -> None:
     store = _store(obj)
     if run_id is None:
         live = [r for r in store.runs(500) if r.active or r.holds_resources]
+        live = _stopped_refreshed(obj, store, live)
         if obj.as_json:
             click.echo(json.dumps({"schema": 1, "runs": [_record_json(r) for r in live]}))
             return
@@ -567,7 +611,9 @@ def status(obj: Ctx, run_id: str | None) -> None:
             click.echo(
                 f"{r.run_id:<28} {r.shown_state:<22} {r.target:<7} {r.resource_group}  since {_age(now - r.updated)}"
             )
-            if r.holds_resources and not r.active and r.state != "kept":
+            if r.state == "stopped":
+                click.echo(f"    {_stopped_note(r)}")
+            elif r.holds_resources and not r.active and r.state not in {"kept", "detached"}:
                 cause = (r.error or "teardown was not confirmed").replace("\n", " ")
                 click.echo(f"    holds resources: {cause}")
                 click.echo(f"    remove them with: orchestrator down {r.run_id}")
@@ -577,7 +623,7 @@ def status(obj: Ctx, run_id: str | None) -> None:
         return
     from orchestrator.lifecycle import record_of
 
-    record = record_of(run_id, obj.target_obj())
+    record = _stopped_refreshed(obj, store, [record_of(run_id, obj.target_obj())])[0]
     phases = store.phases(run_id)
     resources = store.resources(run_id)
     attempts = store.attempts(run_id)
@@ -605,6 +651,8 @@ def status(obj: Ctx, run_id: str | None) -> None:
         click.echo("  attempts:")
         for a in attempts:
             click.echo(f"    {a.line()}")
+    if record.restarts:
+        click.echo(f"  restarts: {record.restarts} (spot evictions recovered from checkpoints)")
     for t, n, st in resources:
         click.echo(f"  {t.rsplit('/', 1)[-1]:<22} {n:<32} {st}")
     if record.exit_code is not None:

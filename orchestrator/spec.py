@@ -172,6 +172,21 @@ def parse_duration(value: Any) -> int:
     return seconds
 
 
+def parse_autostop(value: str) -> int:
+    """--autostop: '30m', '2h', '1h30m', '45s' or seconds, from 1 second (tests, demos) to 7 days."""
+    m = DURATION_RE.match(value.strip())
+    if value.strip().isdigit():
+        seconds = int(value)
+    elif m and any(m.groups()):
+        d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    else:
+        raise ValueError(f"'{value}' is not a duration; write e.g. '30m', '2h', '1h30m' or seconds")
+    if not 1 <= seconds <= MAX_DURATION_SECONDS:
+        raise ValueError("must be between 1 second and 7 days")
+    return seconds
+
+
 class Condition(BaseModel):
     model_config = ConfigDict(frozen=True)
     op: Literal[">=", "<=", "==", "!=", ">", "<"]

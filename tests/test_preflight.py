@@ -193,7 +193,7 @@ def test_a_ready_subscription_passes_with_nine_requests(emu: Emulator) -> None:
     report = preflight_on(emu)
     assert report.exit_code == 0 and not report.warnings, report.checks
     assert [c.name for c in report.checks] == [
-        "credential", "providers", "quota", "sku", "image", "permissions", "policy",
+        "credential", "providers", "quota", "sku", "image", "permissions", "autostop", "policy",
     ]  # fmt: skip
     # 3 providers, permissions, usages, SKUs, image list + get, policy; nothing written.
     assert report.requests == len(emu.requests()) == 9
@@ -282,7 +282,7 @@ def test_a_refused_token_is_one_credential_paragraph(clock: VirtualClock) -> Non
 
 def test_no_job_checks_only_what_does_not_depend_on_one(emu: Emulator) -> None:
     report = run_preflight(emulator_session(emu, subscription=SUB))
-    assert [c.name for c in report.checks] == ["credential", "providers", "permissions"]
+    assert [c.name for c in report.checks] == ["credential", "providers", "permissions", "autostop"]
     assert report.requests == 4
 
 
@@ -417,7 +417,7 @@ def test_cli_check_passes_on_a_ready_subscription_and_its_json_document(tmp_path
     assert (doc["region"], doc["vm_size"], doc["job"]) == ("westus2", T4, str(job))
     assert doc["requests"] == 9 and doc["seconds"] >= 0
     assert [c["name"] for c in doc["checks"]] == [
-        "credential", "providers", "quota", "sku", "image", "permissions", "policy",
+        "credential", "providers", "quota", "sku", "image", "permissions", "autostop", "policy",
     ]  # fmt: skip
     for c in doc["checks"]:
         assert c["status"] in {"ok", "warning", "problem"} and isinstance(c["message"], str) and c["message"]

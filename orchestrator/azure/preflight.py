@@ -79,7 +79,7 @@ QUOTA_DOCS = {
 REGISTRATION_WAIT_S = 300.0  # Azure says a registration takes a minute or two
 REGISTRATION_POLL_S = 5.0
 WORKERS = 32
-CHECK_ORDER = ("credential", "providers", "quota", "sku", "image", "permissions", "policy")
+CHECK_ORDER = ("credential", "providers", "quota", "sku", "image", "permissions", "autostop", "policy")
 
 
 class _Says(Protocol):
@@ -576,6 +576,28 @@ def check_permissions(
     return ok("permissions", f"Your identity may do everything a run needs at {scope} ({len(needed)} actions).")
 
 
+def check_autostop(permissions: list[dict[str, Any]], scope: str) -> Check:
+    """Whether the caller may give a run's VMs their self-stop role (autostop). Either way the run
+    can go on: without it, kept and detached VMs stop at their auto-shutdown, so this is never a
+    problem, only said."""
+    from orchestrator.azure.selfstop import ASSIGN_ACTION, VM_ROLE_NAME
+
+    if rbac.allowed(ASSIGN_ACTION, permissions):
+        return ok(
+            "autostop",
+            f"Your identity may assign roles at {scope} ({ASSIGN_ACTION}): VMs kept with --autostop or detached "
+            f"get the role '{VM_ROLE_NAME}' and deallocate themselves when idle.",
+            can_assign=True,
+        )
+    return ok(
+        "autostop",
+        f"Your identity may not assign roles at {scope} ({ASSIGN_ACTION}), so --autostop cannot make VMs "
+        "deallocate themselves: kept and detached runs stop at their auto-shutdown (the run's expiry) or with "
+        "`orchestrator down`. An administrator grants it once, limited to that one role (README, 'Autostop').",
+        can_assign=False,
+    )
+
+
 def _assignment_name(assignment_id: str) -> str:
     return assignment_id.rstrip("/").rsplit("/", 1)[-1] if assignment_id else "?"
 
@@ -866,6 +888,7 @@ class _Preflight:
         if perm_list is not None:
             needed = rbac.role_actions()
             checks.append(check_permissions(perm_list, needed, rbac.PREFLIGHT_ACTIONS, f"/subscriptions/{self.sub}"))
+            checks.append(check_autostop(perm_list, f"/subscriptions/{self.sub}"))
         else:
             assert perm_answer.error is not None
             checks.append(could_not_check("permissions", "your permissions", perm_answer.error))

@@ -114,6 +114,8 @@ def billed_interval(
     if not starts:
         return None, None, 0.0
     start = min(starts)
+    if record.state == "stopped":  # deallocated (autostop): compute ended when it was seen stopped
+        return start, record.phase_started, max(0.0, record.phase_started - start) / 3600
     if record.holds_resources:
         return start, None, max(0.0, now - start) / 3600
     ends = [p.ended for p in phases if p.phase == "teardown" and p.ended is not None]
@@ -289,6 +291,9 @@ def cost(obj: Ctx, run_id: str | None, since: str) -> None:
     else:
         start = parse_since(since, now)
         records = [r for r in store.runs(100_000) if start is None or r.created >= start or r.holds_resources]
+    from orchestrator.lifecycle.autostop import refresh
+
+    records = refresh(store, obj.target_obj(), records)  # autostopped runs are billed no compute
     costs = [cost_of(store, r, now, cache) for r in records]
     total = sum(c.usd or 0.0 for c in costs)
     billed = sum(c.usd or 0.0 for c in costs if c.billed)
@@ -338,10 +343,16 @@ def cost(obj: Ctx, run_id: str | None, since: str) -> None:
     if local > 0:
         parts.append(f"of which {_money(local)} on the local target (emulated: nothing billed)")
     click.echo("; ".join(parts) + ".")
+    stopped = [c.run_id for c in costs if c.state == "stopped"]
+    if stopped:
+        click.echo(
+            f"Stopped (deallocated by autostop): {', '.join(stopped)}: no compute is billed, only their OS disks "
+            "(not counted here) until `orchestrator collect RUN` or gc deletes them."
+        )
     if holding:
         names = ", ".join(f"{c.run_id} ({_money(c.usd_per_hour_now)}/h)" for c in holding)
         click.echo(f"Holding resources now (* above): {names}; {_money(per_hour)}/h in all. `orchestrator down RUN`")
-    else:
+    elif not stopped:
         click.echo("Nothing holds resources now.")
     older = [c.run_id for c in costs if c.started is not None and not c.price.recorded]
     click.echo(

@@ -154,6 +154,16 @@ class AuthorizationRP(ArmCore):
                     return True
         return False
 
+    def _caller_may(self, action: str) -> bool:
+        """The tool's own credential: what `set_permissions` lists (nothing listed: Owner)."""
+        if not self.store.permissions:
+            return True
+        return any(
+            any(_matches(a, action) for a in p.get("actions") or [])
+            and not any(_matches(n, action) for n in p.get("notActions") or [])
+            for p in self.store.permissions
+        )
+
     # ------------------------------------------------------------------ role definitions
 
     def _h_role_definitions(
@@ -240,6 +250,14 @@ class AuthorizationRP(ArmCore):
             raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
         rec.kind = "create"
         self._fault("PUT", T_ROLE_ASSIGNMENT, rec)
+        if not self._caller_may("Microsoft.Authorization/roleAssignments/write"):
+            raise ArmFault(
+                403,
+                "AuthorizationFailed",
+                "The client does not have authorization to perform action "
+                f"'Microsoft.Authorization/roleAssignments/write' over scope '{rid}' or the scope is invalid. "
+                "If access was recently granted, please refresh your credentials.",
+            )
         props = (body or {}).get("properties") or {}
         role_id, principal = str(props.get("roleDefinitionId", "")), str(props.get("principalId", ""))
         if not role_id or not principal:

@@ -69,15 +69,27 @@ def gc(
 ) -> list[Any]:
     """DESIGN.md's ownership rule: plain gc deletes expired runs and runs whose watching process on
     this host is gone; --all every run without a live owner; --all --force everything."""
+    import time
+
     from orchestrator.azure.teardown import gc as azure_gc
+    from orchestrator.lifecycle.autostop import refresh
 
     try:
         store: Any = open_store(target.state)
         records = store.runs(10_000)
+        records = refresh(store, target, records)  # kept/detached runs whose VMs deallocated: stopped
     except StoreError:
         store, records = None, []
     here = socket.gethostname()
-    protect = frozenset(r.run_id for r in records if r.active and r.owner_alive and not force and run_id != r.run_id)
+    now = time.time()
+    # A stopped run (autostop) is kept until its own expiry (autostop.STOPPED_EXPIRY_S after it
+    # stopped), whatever its group's tag says; then plain gc deletes it.
+    stopped_live = {r.run_id for r in records if r.state == "stopped" and r.expires and r.expires > now}
+    stopped_expired = {r.run_id for r in records if r.state == "stopped" and r.expires and r.expires <= now}
+    protect = frozenset(
+        {r.run_id for r in records if r.active and r.owner_alive and not force and run_id != r.run_id}
+        | (set() if include_unexpired else stopped_live - {run_id})
+    )
     # Owned by nobody any more: its watching process on this host is gone (killed, or it ended with
     # a teardown that did not finish). Kept, detached and stopped runs are left to their expiry.
     orphans = frozenset(
@@ -96,7 +108,7 @@ def gc(
             include_unexpired=include_unexpired,
             dry_run=dry_run,
             owner=owner,
-            include=orphans,
+            include=orphans | stopped_expired,
             protect=protect,
         )
     if not dry_run and store is not None:  # the records of runs whose groups gc removed stop looking alive

@@ -125,9 +125,32 @@ def _q(text: str) -> str:
     return shlex.quote(text)
 
 
+def _woken(run_id: str, target: Target, report: Reporter) -> RunRecord:
+    """The run's record; a run whose VMs deallocated themselves (autostop) is `stopped` and its VMs
+    are started again (same disks, addresses and host keys) so its outputs can come home."""
+    from orchestrator.lifecycle import autostop
+
+    record = autostop.refresh(open_store(target.state), target, [record_of(run_id, target)])[0]
+    if record.state == "stopped":
+        autostop.start_stopped(record, target, report.say)
+    return record
+
+
 def collect(run_id: str, target: Target, report: Reporter, dest: Path | None = None) -> Any:
+    """Bring a kept run's outputs home; a stopped run's VMs are started for it and torn down after."""
     from orchestrator.lifecycle.run import artifacts_destination
 
+    stopped = _woken(run_id, target, report).state == "stopped"
+    out = _collect(run_id, target, report, dest, artifacts_destination)
+    if stopped:
+        from orchestrator.lifecycle.cleanup import down
+
+        report.say(f"tearing down {run_id}: its outputs are in {out.destination}")
+        down(run_id, target)
+    return out
+
+
+def _collect(run_id: str, target: Target, report: Reporter, dest: Path | None, artifacts_destination: Any) -> Any:
     with attached(run_id, target) as (record, records, nodes, where):
         spec = _spec_of(record)
         files = RunFiles(target.state, run_id)
@@ -234,8 +257,10 @@ def attach(
     Ctrl-C only detaches again (AttachInterrupted)."""
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
+    _woken(run_id, target, report)
     record, where, spec, records, files = _take_over(run_id, target, report)
-    if record.state not in {"detached", "kept"} and not record.orphaned:
+    trained = any(p.phase == "train" for p in open_store(target.state).phases(run_id))
+    if record.state not in {"detached", "kept", "stopped"} and not record.orphaned:
         raise UserInputError(
             f"run {run_id} is {record.shown_state} and watched by process {record.pid}; "
             f"`orchestrator logs {run_id} -f` follows it from here."
@@ -252,9 +277,12 @@ def attach(
                 log = files.log("run", n.label)
                 offsets[n.ep.rank] = log.stat().st_size if log.exists() else 0
             report.say(f"attached to {run_id}; Ctrl-C detaches again (the job goes on)")
-            phases.append(
-                recovery.train(ctx, runner, records, report, client_key=files.client_key, offsets=offsets, start=False)
-            )
+            if trained or record.state != "stopped":  # a stopped `provision` never ran a job: nothing to follow
+                phases.append(
+                    recovery.train(
+                        ctx, runner, records, report, client_key=files.client_key, offsets=offsets, start=False
+                    )
+                )
         except KeyboardInterrupt:
             for n in nodes:
                 n.cancel()

@@ -57,10 +57,14 @@ def run(
     upload_limit: int = 2 << 30,
     artifacts_dir: Path | None = None,
     collect_deadline: float = DEFAULT_COLLECT_DEADLINE_S,
+    autostop: float | None = None,
 ) -> RunOutcome | Detached:
     """Provision, sync, set up, train, collect, and always tear down (unless keep). With detach, return
-    once training has started: the job goes on on the VMs, `attach` finishes the run."""
+    once training has started: the job goes on on the VMs, `attach` finishes the run. `autostop`
+    (seconds; a detached run gets autostop.DETACHED_DEFAULT_S): the VMs left behind deallocate
+    themselves once idle that long (lifecycle/autostop.py)."""
     from orchestrator.azure.teardown import group_exists
+    from orchestrator.lifecycle import autostop as selfstop
 
     t0 = time.monotonic()
     spec, secrets, run_id = _checked(spec, target, report, run_id)
@@ -81,8 +85,9 @@ def run(
         error: BaseException | None = None
         phases: list[Any] = []
         in_job = False
+        idle = autostop if autostop is not None else (selfstop.DETACHED_DEFAULT_S if detach else None)
         try:
-            result, records, keys = steps.provision(ctx, checked.candidates)
+            result, records, keys = steps.provision(ctx, checked.candidates, identity=idle is not None)
             report.say(f"provisioned {len(result.nodes)} node(s) in {result.seconds:.1f} s")
             if ctx.spec.hourly_usd() != spec.hourly_usd():  # another candidate than the first: its price
                 limits.cancel()
@@ -127,7 +132,7 @@ def run(
             if enabler is not None:
                 enabler.cancel()
         group_gone = watch is not None and watch.error is not None
-        return finish(
+        outcome = finish(
             ctx,
             runner if in_job and not group_gone else None,
             nodes,
@@ -138,6 +143,9 @@ def run(
             collect_deadline=collect_deadline,
             t0=t0,
         )
+        if outcome.kept and idle is not None:
+            selfstop.arm(ctx, records, steps.ssh_nodes(target, records, keys.client_key), idle)
+        return outcome
 
 
 def _remaining(spec: JobSpec, elapsed: float) -> JobSpec:
@@ -180,7 +188,7 @@ def finish(
     sigterm = isinstance(error, Terminated)
     cancelled = cancelled or ctx.store.cancel_requested(run_id)
     collected = steps.Collected()
-    if runner is not None and not sigterm:
+    if runner is not None and runner.nodes and not sigterm:
         try:
             collected = _collect(ctx, runner, nodes, dest, error, collect_deadline, run_id)
         except KeyboardInterrupt as e:
@@ -289,14 +297,20 @@ def _record(ctx: RunContext, outcome: RunOutcome) -> None:
     ctx.state("kept" if outcome.kept else ("gone" if outcome.torn_down else "tearing-down"))
 
 
-def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | None = None) -> Any:
-    """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them."""
+def provision(
+    spec: JobSpec, target: Target, report: Reporter, *, run_id: str | None = None, autostop: float | None = None
+) -> Any:
+    """Create the run's resources and keep them (state `kept`); on any failure or interrupt, delete them.
+    `autostop` (seconds): the VMs deallocate themselves once idle that long (this waits for SSH to
+    start the agent on them)."""
+    from orchestrator.lifecycle import autostop as selfstop
+
     spec, _, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
         checked = preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         try:
-            result, records, _ = steps.provision(ctx, checked.candidates)
+            result, records, keys = steps.provision(ctx, checked.candidates, identity=autostop is not None)
         except BaseException as e:
             verdict, message = verdict_of(error=e, job_exit_code=None, gates=[], artifacts_error="", skipped=[])
             torn, teardown_error = ctx.teardown()
@@ -308,6 +322,13 @@ def provision(spec: JobSpec, target: Target, report: Reporter, *, run_id: str | 
             ctx.close()
             raise
         ctx.state("kept")
+        if autostop is not None:
+            nodes = steps.ssh_nodes(target, records, keys.client_key)
+            try:
+                selfstop.arm(ctx, records, nodes, autostop)
+            finally:
+                for n in nodes:
+                    n.cancel()
         ctx.close()
         for r in records:  # the address a user (and `ssh`) dials, on this target
             report.say(f"node {r.rank}: {r.vm_name} reachable at {':'.join(map(str, target.endpoint(r)))}")

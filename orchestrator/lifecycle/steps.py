@@ -111,10 +111,13 @@ def make_keys(spec: JobSpec, run_id: str, files: RunFiles, gpu_flags: Iterable[b
     return RunKeys(key, public, host_keys, by_gpu[primary], by_gpu)
 
 
-def provision(ctx: RunContext, candidates: Sequence[Candidate] | None = None) -> tuple[Any, list[NodeRecord], RunKeys]:
+def provision(
+    ctx: RunContext, candidates: Sequence[Candidate] | None = None, *, identity: bool = False
+) -> tuple[Any, list[NodeRecord], RunKeys]:
     """Create the run's resources on the first candidate Azure provisions (default: every
     candidate of the job, in order; the preflight passes those it did not drop). Each attempt is
-    recorded in the store and said; afterwards `ctx.spec` is pinned to the candidate that won."""
+    recorded in the store and said; afterwards `ctx.spec` is pinned to the candidate that won.
+    `identity`: the VMs get a system-assigned managed identity (autostop)."""
     from orchestrator.azure.provision import Attempt, Provisioner
 
     tried = list(candidates if candidates is not None else ctx.spec.resources.candidates.ordered)
@@ -146,6 +149,7 @@ def provision(ctx: RunContext, candidates: Sequence[Candidate] | None = None) ->
                 custom_data=keys.custom_data_for(c.vm.is_gpu),
                 candidate=c,
                 group_location=group_location,
+                identity=identity,
             )
             for warning in plan.warnings:
                 if warning not in warned:

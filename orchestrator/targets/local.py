@@ -100,6 +100,11 @@ class LocalTarget(Target):
         for fault in injected_faults():
             emulator.inject(fault)
         emulator.set_capacity_json(os.environ.get("ORCH_EMULATOR_CAPACITY", ""))  # "Azure is short of GPUs"
+        if os.environ.get("ORCH_EMULATOR_VM_ROLE", "1") != "0":
+            # The administrator's one-time step (README, 'Autostop'), done: the VM role is defined.
+            from orchestrator.azure.selfstop import vm_role
+
+            emulator.define_role(vm_role(), LOCAL_SUBSCRIPTION)
         emulator.add_vm_listener(self.hosts().on_event, replay=True)
         # Operations on the instant profile finish at once: poll without waiting.
         yield emulator_session(emulator, LOCAL_SUBSCRIPTION, poll_scale=0.0 if profile == "instant" else 1.0)

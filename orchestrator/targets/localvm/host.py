@@ -34,7 +34,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.targets.localvm.image import VmPaths, install_requirements, make_environment, vm_environ
+from orchestrator.targets.localvm.identity import ARM_ENV_VAR
+from orchestrator.targets.localvm.image import (
+    VmPaths,
+    install_requirements,
+    make_environment,
+    mount_temp_disk,
+    vm_environ,
+    wipe_temp_disk,
+)
 from orchestrator.targets.localvm.imds import ENV_VAR as IMDS_ENV_VAR
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -54,6 +62,10 @@ class VmHost:
         self.imds: Any = None  # imds.Imds, on the VM's address
         self.imds_endpoint = ""
         self.evicted: Any = None  # the VM's lock, held from its eviction until this process exits
+        self.arm: Any = None  # identity.VmArm: the VM's token and the ARM endpoint it reaches
+        self.arm_server: Any = None
+        self.arm_endpoint = ""
+        self.deallocated = False  # the emulator says its OS is shut down: stop, keep the OS disk
 
     # ------------------------------------------------------------------ liveness
 
@@ -76,7 +88,11 @@ class VmHost:
             data = json.loads(path.read_text() or "{}")
         except (OSError, ValueError):
             return True  # being replaced right now: ask again next time
-        return str(self.spec["vm_id"]).lower() in {k.lower() for k in data.get("resources", {})}
+        record = {k.lower(): r for k, r in data.get("resources", {}).items()}.get(str(self.spec["vm_id"]).lower())
+        if isinstance(record, dict) and record.get("_power") in {"deallocating", "deallocated", "stopping", "stopped"}:
+            self.deallocated = True  # its own agent's deallocation, or the tool's: the host lets go of it
+            return False
+        return record is not None
 
     async def watch(self) -> None:
         while not self.stopping.is_set():
@@ -268,6 +284,8 @@ class VmHost:
         env = vm_environ(self.vm, self.spec["user"])
         if self.imds_endpoint:  # the VM-side code's metadata service: never 169.254.169.254 here
             env[IMDS_ENV_VAR] = self.imds_endpoint
+        if self.arm_endpoint:  # and ARM (never management.azure.com here)
+            env[ARM_ENV_VAR] = self.arm_endpoint
         return env
 
     async def serve_imds(self) -> int:
@@ -277,6 +295,18 @@ class VmHost:
         port: int = await self.imds.start(str(self.spec["address"]))
         self.imds_endpoint = f"http://{self.spec['address']}:{port}"
         return port
+
+    async def serve_arm(self) -> None:
+        """The VM's managed identity on its metadata service, and the ARM endpoint its token works
+        with (identity.py); after serve_imds."""
+        from orchestrator.targets.localvm import identity
+
+        if not self.spec.get("store"):
+            return
+        self.arm = identity.VmArm(Path(self.spec["store"]), str(self.spec["vm_id"]))
+        identity.install(self.imds, self.arm)
+        self.arm_server, port = await self.arm.serve(str(self.spec["address"]))
+        self.arm_endpoint = f"http://{self.spec['address']}:{port}"
 
     # ------------------------------------------------------------------ spot eviction
 
@@ -383,7 +413,9 @@ async def amain(vm: VmPaths) -> None:
         host.environment = asyncio.ensure_future(
             asyncio.to_thread(make_environment, vm, python.version if python else None)
         )
+    mount_temp_disk(vm)
     imds_port = await host.serve_imds()  # before SSH: every command gets ORCH_IMDS_ENDPOINT
+    await host.serve_arm()
     port = await host.serve()
     tmp = vm.host.with_suffix(".tmp")
     info = {"pid": os.getpid(), "address": host.spec["address"], "port": port, "imds_port": imds_port}
@@ -409,7 +441,11 @@ async def amain(vm: VmPaths) -> None:
         host.drop()
         host.server.close()
         host.imds.close()
+        if host.arm_server is not None:
+            host.arm_server.close()
         host.end_processes()
+        if host.deallocated:  # the temporary disk does not survive a deallocation; the OS disk does
+            wipe_temp_disk(vm)
 
 
 def main() -> None:

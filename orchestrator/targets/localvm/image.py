@@ -57,6 +57,11 @@ class VmPaths:
         return self.root / "python"
 
     @property
+    def temp_disk(self) -> Path:
+        """The VM's temporary (resource) disk, /mnt on Azure: wiped when the VM is deallocated."""
+        return self.root / "mnt"
+
+    @property
     def bin(self) -> Path:
         return self.root / "bin"
 
@@ -71,6 +76,25 @@ class VmPaths:
     @property
     def log(self) -> Path:
         return self.root / "host.log"
+
+
+def mount_temp_disk(vm: VmPaths) -> None:
+    """As the Azure VM's cloud-init does once (templates/cloud-init.yaml.j2): ~/orch, where runs keep
+    their job, outputs and checkpoints, is a link to the temporary disk. After a deallocation the
+    disk comes back empty and the link is not made again (cloud-init's runcmd runs once per VM): what
+    the autostop agent moved to the OS disk is what is left."""
+    vm.temp_disk.mkdir(parents=True, exist_ok=True, mode=0o755)
+    vm.home.mkdir(parents=True, exist_ok=True, mode=0o755)
+    link = vm.home / "orch"
+    if not link.exists() and not link.is_symlink():
+        (vm.temp_disk / "orch").mkdir(exist_ok=True)
+        link.symlink_to(vm.temp_disk / "orch")
+
+
+def wipe_temp_disk(vm: VmPaths) -> None:
+    import shutil
+
+    shutil.rmtree(vm.temp_disk, ignore_errors=True)
 
 
 def make_environment(vm: VmPaths, version: str | None = None) -> str:

@@ -47,6 +47,8 @@ class VmHosts:
     def on_event(self, event: Any) -> None:
         if event.kind == "running":
             self.ensure(event)
+        elif event.kind == "deallocated":
+            self.stop(event.name)
         elif event.kind == "deleted":
             self.destroy(event.name)
 
@@ -98,18 +100,33 @@ class VmHosts:
         """The VM was deleted: its host ends everything it ran, then its folder goes."""
         vm = self.vm(name)
         with self._locked(name):
-            pid = self._host_pid(vm)
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 10
-                while _running(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            _kill_recorded_jobs(vm.home)  # a host killed earlier could not end its jobs itself
+            self._end_host(vm)
             shutil.rmtree(vm.root, ignore_errors=True)
         (self.root / f"{name}.lock").unlink(missing_ok=True)
+
+    def stop(self, name: str) -> None:
+        """The VM was deallocated: its host ends everything it ran and goes, its folder (the OS disk,
+        with the host key and the address record) stays for a later start; its temporary disk is
+        wiped, as Azure's is."""
+        from orchestrator.targets.localvm.image import wipe_temp_disk
+
+        vm = self.vm(name)
+        with self._locked(name):
+            self._end_host(vm)
+            wipe_temp_disk(vm)
+            vm.host.unlink(missing_ok=True)
+
+    def _end_host(self, vm: VmPaths) -> None:
+        pid = self._host_pid(vm)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _kill_recorded_jobs(vm.home)  # a host killed earlier could not end its jobs itself
 
     # ------------------------------------------------------------------ reaching a VM
 
