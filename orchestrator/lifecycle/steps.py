@@ -179,9 +179,10 @@ def provision(
 
 
 def ssh_nodes(target: Target, nodes: list[NodeRecord], key: Path) -> list[Any]:
-    from orchestrator.remote.connect import Endpoint, Node
+    from orchestrator.remote.connect import Endpoint, Node, load_client
 
     opts = connect_options(target)
+    load_client()  # before the endpoints: a local VM's host may still be starting
     out = []
     for n in nodes:
         host, port = target.endpoint(n)
@@ -198,7 +199,10 @@ def runner_for(
     report: Any,
     secrets: dict[str, str],
     upload_limit: int | None = None,
+    network_env: dict[str, str] | None = None,
 ) -> Any:
+    """`network_env`: instead of the target's (a run whose node 0 was evicted has no master address
+    until it is replaced; recovery sets it then)."""
     from orchestrator.remote.job import JobRunner
     from orchestrator.remote.layout import RemoteLayout
     from orchestrator.remote.sync import DEFAULT_LIMIT_BYTES
@@ -208,7 +212,7 @@ def runner_for(
         nodes,
         RemoteLayout(files.run_id),
         files,
-        network_env=target.job_network_env(records),
+        network_env=target.job_network_env(records) if network_env is None else network_env,
         emit=report.log,
         say=report.say,
         secrets=secrets,

@@ -93,6 +93,13 @@ def _known_host_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def load_client() -> None:
+    """Import the SSH client (Fabric, paramiko: ~0.15 s) now, while the caller waits anyway (a local
+    VM's host process starting on another core), not on the way to the first connection."""
+    import fabric  # noqa: F401
+    import paramiko  # noqa: F401
+
+
 def open_connection(ep: Endpoint, opts: ConnectOptions) -> Any:
     """One attempt: a connected fabric.Connection, or the paramiko/socket error as it came."""
     import paramiko
