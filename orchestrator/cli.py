@@ -434,6 +434,8 @@ _RECORD_FIELDS = (
     "created",
     "updated",
     "restarts",
+    "autostop",
+    "expires",
 )
 
 

@@ -4,7 +4,11 @@ actions (a VM's token may deallocate a VM of its own group only)."""
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from orchestrator.azure import selfstop
 from orchestrator.emulator import Emulator, VmEvent
@@ -117,3 +121,143 @@ def test_a_group_delete_takes_its_role_assignments_with_it(emu: Emulator) -> Non
 def power(emu: Emulator, vm_url: str) -> str:
     view = call(emu, "GET", f"{vm_url}/instanceView").json()
     return str(next(s["code"] for s in view["statuses"] if s["code"].startswith("PowerState/")))
+
+
+# ------------------------------------------------------------------------------ the VM's identity endpoint
+
+
+def test_the_metadata_service_hands_the_vm_its_identity_token_and_arm_accepts_it(tmp_path: Path) -> None:
+    import asyncio
+
+    from orchestrator.clock import SystemClock
+    from orchestrator.emulator.persist import StoreFile
+    from orchestrator.targets.localvm.identity import TOKEN_PATH, VmArm
+    from orchestrator.targets.localvm.imds import Imds, ImdsRequest
+
+    store = tmp_path / "store.json"
+    emu = Emulator("instant", clock=SystemClock(), backing=StoreFile(store))
+    role_id = emu.define_role(vm_role(), SUB)
+    vm_url = make_group(emu, "first-aaa111")
+    assert assign(emu, vm_url, role_id).status == 201
+    vm_id = vm_url.removeprefix(HOST)
+    arm = VmArm(store, vm_id)
+    imds = Imds(lambda: None)
+    imds.add_route(TOKEN_PATH, arm.token)
+    query = {"api-version": "2018-02-01", "resource": "https://management.azure.com/"}
+
+    def ask(headers: dict[str, str], q: dict[str, str] = query) -> Any:
+        return asyncio.run(imds.handle(ImdsRequest("GET", TOKEN_PATH, q, headers)))
+
+    assert ask({}).status == 400, "IMDS answers only requests with Metadata: true"
+    missing = ask({"metadata": "true"}, {"api-version": "2018-02-01"})
+    assert (missing.status, missing.body["error"]) == (400, "invalid_request")
+    got = ask({"metadata": "true"})
+    assert got.status == 200 and got.body["token_type"] == "Bearer"
+    assert got.body["resource"] == "https://management.azure.com/" and int(got.body["expires_on"]) > 0
+    headers = {"Authorization": f"Bearer {got.body['access_token']}"}
+    # What the agent does with it: through the VM's ARM endpoint (the same store), deallocate itself.
+    assert arm.emulator().handle("POST", f"{vm_url}/deallocate?api-version=2026-04-01", headers, None).status == 202
+    assert json.loads(store.read_text())["resources"][vm_id.lower()]["_power"] == "deallocated"
+    # A VM without an identity gets none.
+    plain = VmArm(store, vm_id.replace("first-aaa111-0", "nope-0"))
+    assert asyncio.run(plain.token(ImdsRequest("GET", TOKEN_PATH, query, {}))).body["error_description"] == (
+        "Identity not found"
+    )
+
+
+# ------------------------------------------------------------------------------ whole cycles (slow)
+
+
+def _until_stopped(state: list[str], run_id: str) -> dict[str, Any]:
+    """`status RUN --json` until the run is stopped (its VMs deallocate themselves after 2 s idle;
+    the deadline only bounds a broken agent)."""
+    from tests.test_cli import cli
+
+    deadline = time.monotonic() + 60
+    while True:
+        record = dict(json.loads(cli(*state, "--json", "status", run_id).stdout))
+        if record["state"] == "stopped" or time.monotonic() > deadline:
+            return record
+        time.sleep(0.5)
+
+
+def _vm_folders(state_dir: Path) -> list[Path]:
+    return sorted(p for p in (state_dir / "vms").glob("*") if p.is_dir())
+
+
+@pytest.mark.slow
+def test_a_provisioned_vm_left_idle_deallocates_itself_and_collect_brings_its_outputs_home(tmp_path: Path) -> None:
+    from tests.test_cli import cli, store_of
+
+    state_dir = tmp_path / "state"
+    state = ["--target", "local", "--state-dir", str(state_dir)]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text("name: idle\nrun: 'true'\n")
+    provisioned = cli(*state, "--json", "provision", str(job / "job.yaml"), "--autostop", "2s")
+    assert provisioned.returncode == 0, provisioned.stderr  # the provisioning process has exited
+    run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
+    wrote = cli(*state, "exec", run_id, "--", "mkdir -p ../outputs && echo kept > ../outputs/note.txt")
+    assert wrote.returncode == 0, wrote.stderr
+    record = _until_stopped(state, run_id)
+    assert record["state"] == "stopped" and not record["torn_down"] and record["autostop"] == 2
+    (vm,) = _vm_folders(state_dir)
+    deadline = time.monotonic() + 30  # the host notices within its 1 s watch; this bounds a broken one
+    while (vm / "host.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (vm / "host.json").exists(), "its host process stopped with it"
+    assert not (vm / "mnt").exists(), "the temporary disk is wiped"
+    assert (vm / "home" / "orch" / run_id / "outputs" / "note.txt").read_text() == "kept\n", "moved to the OS disk"
+    assert "no compute billed" in cli(*state, "status").stdout
+    assert cli(*state, "gc").returncode == 0
+    assert json.loads(cli(*state, "--json", "status", run_id).stdout)["state"] == "stopped", "not expired yet"
+    collected = cli(*state, "collect", run_id)
+    assert collected.returncode == 0, collected.stderr
+    assert (state_dir / "runs" / run_id / "artifacts" / "note.txt").read_text() == "kept\n"
+    assert "Nothing running" in cli(*state, "status").stdout
+    assert store_of(state_dir)["groups"] == {} and _vm_folders(state_dir) == []
+
+
+@pytest.mark.slow
+def test_a_detached_run_whose_job_ends_unwatched_deallocates_and_attach_finishes_it(tmp_path: Path) -> None:
+    from tests.test_cli import cli, store_of
+
+    state_dir = tmp_path / "state"
+    state = ["--target", "local", "--state-dir", str(state_dir)]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text(
+        "name: unwatched\nrun: |\n  echo done\n  echo '{\"acc\": 0.9}' > $ORCH_OUTPUT_DIR/metrics.json\n"
+        "expect: {acc: '>= 0.5'}\n"
+    )
+    started = cli(*state, "--json", "run", str(job / "job.yaml"), "--detach", "--autostop", "2s")
+    assert started.returncode == 0, started.stderr
+    run_id = json.loads(started.stdout.splitlines()[-1])["run_id"]
+    assert _until_stopped(state, run_id)["state"] == "stopped"
+    attached = cli(*state, "--json", "attach", run_id)
+    assert attached.returncode == 0, attached.stderr
+    result = json.loads(attached.stdout.splitlines()[-1])
+    assert result["verdict"] == "succeeded" and result["torn_down"] and result["metrics"] == {"acc": 0.9}
+    assert store_of(state_dir)["groups"] == {} and _vm_folders(state_dir) == []
+
+
+@pytest.mark.slow
+def test_gc_deletes_a_stopped_run_once_it_has_expired(tmp_path: Path) -> None:
+    from orchestrator.state import open_store
+    from tests.test_cli import cli, store_of
+
+    state_dir = tmp_path / "state"
+    state = ["--target", "local", "--state-dir", str(state_dir)]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text("name: expiring\nrun: 'true'\n")
+    assert cli(*state, "provision", str(job / "job.yaml"), "--autostop", "1s").returncode == 0
+    run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
+    record = _until_stopped(state, run_id)
+    assert record["state"] == "stopped"
+    assert record["expires"] - time.time() > 6 * 24 * 3600, "kept for a week after it stopped"
+    open_store(state_dir).update(run_id, expires=time.time() - 1)  # a week later
+    swept = cli(*state, "--json", "gc")
+    assert swept.returncode == 0, swept.stderr
+    assert json.loads(cli(*state, "--json", "status", run_id).stdout)["torn_down"]
+    assert store_of(state_dir)["groups"] == {} and _vm_folders(state_dir) == []
