@@ -286,13 +286,30 @@ class ProgressPrinter:
         except Exception:  # an unreadable store must not hide the verdict
             return []
 
+    def _restarts(self, run_id: str) -> int:
+        try:
+            record = self.store.get(run_id) if self.store is not None else None
+        except Exception:  # an unreadable store must not hide the verdict
+            return 0
+        return int(getattr(record, "restarts", 0) or 0)
+
     def result(self, outcome: RunOutcome) -> None:
         attempts = self._attempts(outcome.run_id)
+        restarts = self._restarts(outcome.run_id)
         if self.as_json:
-            self._json({"event": "result", **outcome.to_json(), "attempts": [a.to_json() for a in attempts]})
+            self._json(
+                {
+                    "event": "result",
+                    **outcome.to_json(),
+                    "attempts": [a.to_json() for a in attempts],
+                    "restarts": restarts,
+                }
+            )
             return
         if len(attempts) > 1 and outcome.verdict.ok:
             self.say("candidates tried: " + "; ".join(a.line() for a in attempts))
+        if restarts:
+            self.say(f"restarted {restarts} time(s) after spot evictions, from the latest checkpoint")
         took = f"in {outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} of compute at list price"
         verdict = str(outcome.verdict)
         if outcome.job_exit_code not in (None, 0):
@@ -432,18 +449,25 @@ class StepSummary(Quiet):
                     self.store.phases(outcome.run_id),
                     self.store.resources(outcome.run_id),
                     self.store.attempts(outcome.run_id),
+                    restarts=getattr(self.store.get(outcome.run_id), "restarts", 0) or 0,
                 )
             )
 
 
 def step_summary(
-    outcome: RunOutcome, phases: list[Any], resources: list[tuple[str, str, str]], attempts: list[Any] | None = None
+    outcome: RunOutcome,
+    phases: list[Any],
+    resources: list[tuple[str, str, str]],
+    attempts: list[Any] | None = None,
+    *,
+    restarts: int = 0,
 ) -> str:
     """A run as Markdown for a CI job's summary page."""
     lines = [f"## orchestrator run `{outcome.run_id}`: {outcome.verdict}", ""]
     lines += [
         f"{outcome.seconds:.1f} s, about ${outcome.cost_usd:,.4f} of compute; "
-        + ("all resources deleted" if outcome.torn_down else "**resources kept**"),
+        + ("all resources deleted" if outcome.torn_down else "**resources kept**")
+        + (f"; restarted {restarts} time(s) after spot evictions" if restarts else ""),
         "",
     ]
     if phases:

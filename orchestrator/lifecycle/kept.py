@@ -233,15 +233,24 @@ def _take_over(
 
 
 def _resumed(
-    where: Target, session: Any, spec: Any, run_id: str, records: list[NodeRecord], files: RunFiles, report: Reporter
+    where: Target,
+    session: Any,
+    spec: Any,
+    run_id: str,
+    records: list[NodeRecord],
+    files: RunFiles,
+    report: Reporter,
+    evicted: list[Any] | None = None,
 ) -> tuple[Any, list[Any], Any]:
     """This process now owns the run (state running): its context, SSH nodes and job runner."""
     from orchestrator.lifecycle.context import RunContext
 
     ctx = RunContext(spec, where, session, run_id, report, resume=True)
     ctx.state("running")
-    nodes = steps.ssh_nodes(where, records, files.client_key)
-    return ctx, nodes, steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec))
+    nodes = recovery.ssh_nodes(where, records, files.client_key, evicted or [])
+    network: dict[str, str] | None = {} if evicted else None
+    runner = steps.runner_for(spec, where, records, nodes, files, report, job_env_secrets(spec), network_env=network)
+    return ctx, nodes, runner
 
 
 def attach(
@@ -267,11 +276,15 @@ def attach(
         )
     t0 = time.monotonic()
     with where.session() as session:
-        ctx, nodes, runner = _resumed(where, session, spec, run_id, records, files, report)
+        # A spot run evicted while nobody watched: recovered here, before anything dials its VMs.
+        spot = bool(recovery.held_spec_of(spec, open_store(where.state), run_id).resources.spot)
+        evicted = recovery.evictions(session, record.resource_group, records) if spot else []
+        ctx, nodes, runner = _resumed(where, session, spec, run_id, records, files, report, evicted)
         phases: list[Any] = []
         error: BaseException | None = None
         try:
-            runner.connect()
+            if not evicted:
+                runner.connect()
             offsets = {}
             for n in nodes:
                 log = files.log("run", n.label)
@@ -280,7 +293,14 @@ def attach(
             if trained or record.state != "stopped":  # a stopped `provision` never ran a job: nothing to follow
                 phases.append(
                     recovery.train(
-                        ctx, runner, records, report, client_key=files.client_key, offsets=offsets, start=False
+                        ctx,
+                        runner,
+                        records,
+                        report,
+                        client_key=files.client_key,
+                        offsets=offsets,
+                        start=False,
+                        evicted=evicted,
                     )
                 )
         except KeyboardInterrupt:

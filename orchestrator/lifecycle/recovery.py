@@ -18,11 +18,7 @@ and the budget keep counting the whole run.
 
 from __future__ import annotations
 
-import io
 import os
-import re
-import shutil
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,11 +29,11 @@ from typing import Any
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.lifecycle.context import RunContext
+from orchestrator.remote.checkpoints import CheckpointShipper, has_files, latest_step, pull, restore
 from orchestrator.runfiles import NodeRecord
 
 SYNC_ENV = "ORCH_CHECKPOINT_SYNC_S"
 DEFAULT_SYNC_S = 60.0
-PREEMPT_MARKER = "preempted"  # in the run's folder on the VM (RemoteLayout.root)
 
 
 class RestartsExhausted(OrchestratorError):
@@ -107,113 +103,6 @@ class EvictionWatch:
 
     def cancel(self) -> None:
         self._stop.set()
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-
-class CheckpointShipper:
-    """One thread per node: waits on the VM (one command per interval) for the interval to pass or
-    the Preempt marker to appear, then copies the node's checkpoint folder home if it changed."""
-
-    def __init__(self, nodes: list[Any], layout: Any, home: Path, interval: float, say: Callable[[str], None]) -> None:
-        self.layout, self.home, self.interval, self.say = layout, home, interval, say
-        self._stop = threading.Event()
-        self._seen: dict[int, str] = {}
-        self._threads = [threading.Thread(target=self._loop, args=(n,), daemon=True) for n in nodes]
-        for t in self._threads:
-            t.start()
-
-    def _loop(self, node: Any) -> None:
-        from orchestrator.remote.layout import rq
-
-        marker = rq(f"{self.layout.root}/{PREEMPT_MARKER}")
-        ticks = max(1, round(self.interval * 2))
-        wait = (
-            f"i=0; while [ $i -lt {ticks} ] && [ ! -e {marker} ]; do sleep 0.5; i=$((i+1)); done; "
-            f"[ -e {marker} ] && echo preempt || echo tick"
-        )
-        announced = False
-        while not self._stop.is_set():
-            try:
-                preempt = node.exec(wait, timeout=self.interval + 30).text.strip() == "preempt"
-                if self._stop.is_set():
-                    return
-                if preempt and not announced:
-                    announced = True
-                    self.say(
-                        f"node {node.ep.rank}: Azure announced a spot eviction (Preempt); copying its checkpoint home"
-                    )
-                pull(node, self.layout, self.home, self._seen)
-                if preempt:
-                    self._stop.wait(1.0)  # until the VM goes: the job may still write a last one
-            except Exception:  # the connection is gone (eviction?) or cancelled: the watch decides
-                if self._stop.wait(1.0):
-                    return
-
-    def cancel(self) -> None:
-        self._stop.set()
-
-
-def pull(node: Any, layout: Any, home: Path, seen: dict[int, str]) -> bool:
-    """Copy the node's checkpoint folder home (`home/<rank>`) if it changed since the last copy;
-    replaced whole once received. True if copied."""
-    from orchestrator.remote.layout import rq
-
-    rank = node.ep.rank
-    ckpt = rq(layout.checkpoints)
-    cmd = (
-        f"cd {ckpt} 2>/dev/null || exit 0; fp=$(find . -type f ! -name '*.tmp' -printf '%P %s %T@\\n' | sort | cksum); "
-        f'echo "$fp" >&2; [ -z "$(ls -A)" ] && exit 0; [ "$fp" = {seen.get(rank, "-")!r} ] && exit 0; '
-        "tar --exclude='*.tmp' -cf - . 2>/dev/null; [ $? -le 1 ]"
-    )
-    result = node.exec(cmd, timeout=600)
-    fingerprint = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-    if result.exit_code != 0 or not result.stdout:
-        return False
-    final = home / str(rank)
-    incoming = home / f".incoming-{rank}"
-    shutil.rmtree(incoming, ignore_errors=True)
-    incoming.mkdir(parents=True, mode=0o700)
-    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
-        tar.extractall(incoming, filter="data")
-    old = home / f".old-{rank}"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    incoming.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    seen[rank] = fingerprint[0]
-    return True
-
-
-def restore(node: Any, layout: Any, home: Path) -> Path | None:
-    """Replace the node's checkpoint folder with the latest copy home: its own rank's if it has one,
-    else rank 0's (the rank that writes them in the example jobs); an empty folder when there is
-    none, so every rank starts from the same place. Returns the copy used."""
-    from orchestrator.remote.layout import rq
-
-    source = next((home / str(r) for r in (node.ep.rank, 0) if _has_files(home / str(r))), None)
-    data = io.BytesIO()
-    with tarfile.open(fileobj=data, mode="w") as tar:
-        if source is not None:
-            for path in sorted(source.rglob("*")):
-                tar.add(path, arcname=str(path.relative_to(source)), recursive=False)
-    ckpt = rq(layout.checkpoints)
-    node.run(f"rm -rf {ckpt} && mkdir -p {ckpt} && tar -C {ckpt} -xf -", "restoring the checkpoint", data.getvalue())
-    return source
-
-
-def _has_files(folder: Path) -> bool:
-    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
-
-
-def latest_step(folder: Path | None) -> int | None:
-    """The step of the latest checkpoint, read from the numbers in its file names (ckpt-00000120.pt)."""
-    if folder is None:
-        return None
-    steps = [int(m) for p in folder.rglob("*") if p.is_file() for m in re.findall(r"\d+", p.name)[-1:]]
-    return max(steps) if steps else None
 
 
 # ----------------------------------------------------------------------------------- replacement
@@ -300,19 +189,42 @@ def replace_node(ctx: RunContext, record: NodeRecord, eviction: Eviction, client
     return new
 
 
+def ssh_nodes(target: Any, records: list[NodeRecord], key: Path, evicted: list[Eviction]) -> list[Any]:
+    """The run's SSH nodes; an evicted node's is a stand-in that refuses every use (it is replaced
+    before anything needs it), since its address may answer as another machine, or not at all."""
+    from orchestrator.lifecycle import steps
+    from orchestrator.remote.connect import Endpoint, Node
+
+    gone = {e.rank for e in evicted}
+    live = iter(steps.ssh_nodes(target, [r for r in records if r.rank not in gone], key))
+    out = []
+    for r in records:
+        if r.rank in gone:
+            node = Node(Endpoint(r.vm_name, "127.0.0.1", 0, r.user, r.host_key, key, r.rank))
+            node.cancel()
+            out.append(node)
+        else:
+            out.append(next(live))
+    return out
+
+
 # -------------------------------------------------------------------------------- the run phase
 
 
-def held_spec(ctx: RunContext) -> Any:
+def held_spec_of(spec: Any, store: Any, run_id: str) -> Any:
     """The job pinned to the candidate the run holds (its last successful attempt): `attach` reads
     the job file again, which may list several."""
     from orchestrator.candidates import Candidate
 
-    held = [a for a in ctx.store.attempts(ctx.run_id) if a.code is None]
-    if not held or len(ctx.spec.resources.candidates.ordered) == 1:
-        return ctx.spec
+    held = [a for a in store.attempts(run_id) if a.code is None]
+    if not held or len(spec.resources.candidates.ordered) == 1:
+        return spec
     a = held[-1]
-    return ctx.spec.pinned(Candidate(a.vm_size, a.region, a.zone, a.spot))
+    return spec.pinned(Candidate(a.vm_size, a.region, a.zone, a.spot))
+
+
+def held_spec(ctx: RunContext) -> Any:
+    return held_spec_of(ctx.spec, ctx.store, ctx.run_id)
 
 
 def train(
@@ -324,6 +236,7 @@ def train(
     client_key: Path,
     offsets: dict[int, int] | None = None,
     start: bool = True,
+    evicted: list[Eviction] | None = None,
 ) -> Any:
     """The job's run phase on every node, started (start) or followed from `offsets` (attach); for
     a spot run, recovered from evictions within recovery.max_restarts. Returns its PhaseResult."""
@@ -333,14 +246,19 @@ def train(
     spot = bool(ctx.spec.resources.spot)
     record = ctx.store.get(ctx.run_id)
     restarts = record.restarts if record is not None else 0
-    found: list[Eviction] = []
-    if spot and not start:  # a detached run may have been evicted while nobody watched
-        found = evictions(ctx.session, ctx.group, records)
+    found = list(evicted or [])  # a detached run evicted while nobody watched (attach found them)
     while True:
         if found:
             restarts += 1
             ctx.store.update(ctx.run_id, restarts=restarts)
             if restarts > ctx.spec.max_restarts:
+                gone = {e.rank for e in found}
+                for n in runner.nodes:
+                    if n.ep.rank in gone:
+                        n.cancel()
+                # Collection reaches the survivors only: an evicted VM's address may answer as
+                # another machine now (its pinned host key refuses it, after a wait).
+                runner.nodes[:] = [n for n in runner.nodes if n.ep.rank not in gone]
                 raise RestartsExhausted(
                     f"Spot VM(s) of run {ctx.run_id} were evicted {restarts} times; recovery.max_restarts allows "
                     f"{ctx.spec.max_restarts}. " + _evicted_line(found) + ". The outputs and checkpoints that reached "
@@ -425,7 +343,7 @@ def recover(
         steps.stop_job(survivors, ctx.run_id)
     except Exception as e:  # a node that cannot be told is replaced below only if evicted; said
         report.say(f"could not stop the job everywhere: {e}")
-    step = latest_step(next((home / str(r) for r in (0, *sorted(evicted)) if _has_files(home / str(r))), None))
+    step = latest_step(next((home / str(r) for r in (0, *sorted(evicted)) if has_files(home / str(r))), None))
     line = (
         f"{_evicted_line(found)}; restarting from "
         + (f"checkpoint step {step}" if step is not None else "the beginning (no checkpoint yet)")
@@ -449,6 +367,12 @@ def recover(
         runner.nodes[i] = steps.ssh_nodes(ctx.target, [records[i]], client_key)[0]
     runner.network_env = dict(ctx.target.job_network_env(records))
     steps.connect(ctx, runner)
+    for ev in found:  # a deallocated VM kept its disk: its checkpoint may be newer than the copy home
+        if ev.policy == "Deallocate":
+            try:
+                pull(next(n for n in runner.nodes if n.ep.rank == ev.rank), layout, home, {})
+            except Exception as e:
+                report.say(f"could not copy node {ev.rank}'s checkpoint home: {e}")
     steps.sync(ctx, runner)
     install.wait_for_install(ctx, runner, report)
     runner.restart_phases()

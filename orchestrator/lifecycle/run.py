@@ -15,7 +15,7 @@ from typing import Any
 from orchestrator.azure.preflight import preflight
 from orchestrator.errors import Terminated
 from orchestrator.gates import evaluate
-from orchestrator.lifecycle import install, steps
+from orchestrator.lifecycle import install, recovery, steps
 from orchestrator.lifecycle.context import RunContext
 from orchestrator.lifecycle.interrupts import GroupWatch, Limits, ScheduleEnabler
 from orchestrator.lifecycle.outcome import RunOutcome, verdict_of
@@ -115,13 +115,15 @@ def run(
                         f"`orchestrator attach {run_id}` (the VM-side watchdog still stops the job at max_duration)"
                     )
                 steps.start_detached(ctx, runner, spec.run)
+                if idle is not None:
+                    selfstop.arm(ctx, records, nodes, idle)
                 report.say(f"training started; detached. Follow it with `orchestrator attach {run_id}`")
                 ctx.state("detached")
                 ctx.close()
                 return Detached(run_id, time.monotonic() - t0)
             if all(p.exit_code == 0 for p in phases):
                 limits.check()
-                phases.append(steps.job_phase(ctx, runner, "run", [spec.run], report))
+                phases.append(recovery.train(ctx, runner, records, report, client_key=keys.client_key))
             limits.check()
         except BaseException as e:  # decided into a verdict below; the CLI maps it to an exit code
             error = limits.error or (watch.error if watch else None) or e
