@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from orchestrator.azure import selfstop
+from orchestrator.azure.session import AzureSession
 from orchestrator.emulator import Emulator, VmEvent
 from orchestrator.emulator.store import HOST
 from tests.conftest import SUB, make_plan
@@ -261,3 +262,33 @@ def test_gc_deletes_a_stopped_run_once_it_has_expired(tmp_path: Path) -> None:
     assert swept.returncode == 0, swept.stderr
     assert json.loads(cli(*state, "--json", "status", run_id).stdout)["torn_down"]
     assert store_of(state_dir)["groups"] == {} and _vm_folders(state_dir) == []
+
+
+def test_granting_the_role_needs_only_the_assigner_role_and_without_it_the_run_is_told(
+    emu: Emulator, session: AzureSession
+) -> None:
+    from orchestrator.azure.permissions import required_actions, role_actions
+    from orchestrator.azure.preflight import check_autostop
+    from orchestrator.azure.provision import Provisioner
+
+    emu.define_role(vm_role(), SUB)
+    plan = make_plan(identity=True)
+    Provisioner(session).provision(plan)
+    vms = [n.vm_name for n in plan.nodes]
+    before = len(emu.requests())
+    assert selfstop.grant(session, plan.resource_group, vms).granted
+    runner = set(role_actions())
+    assigner = set(json.loads(selfstop.ASSIGNER_ROLE_FILE.read_text())["Actions"])
+    needed = required_actions(emu.requests()[before:])
+    assert needed - runner == {"Microsoft.Authorization/roleDefinitions/read", selfstop.ASSIGN_ACTION}
+    assert needed - runner <= assigner
+    # A caller with the runner role only: the grant is refused, the run goes on and says why; check says so.
+    emu.set_permissions(sorted(runner))
+    refused = selfstop.grant(session, plan.resource_group, vms)
+    assert not refused.granted and refused.reason == (
+        f"your identity may not assign roles in {plan.resource_group} ({selfstop.ASSIGN_ACTION})"
+    )
+    scope = f"/subscriptions/{SUB}"
+    without = check_autostop([{"actions": sorted(runner), "notActions": []}], scope)
+    assert without.details == {"can_assign": False} and "README, 'Autostop'" in without.message
+    assert check_autostop([{"actions": ["*"], "notActions": []}], scope).details == {"can_assign": True}

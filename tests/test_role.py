@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from orchestrator.azure import selfstop
 from orchestrator.azure.permissions import PREFLIGHT_ACTIONS, actions_for, required_actions
 from orchestrator.azure.preflight import PROVIDERS, run_preflight
 from orchestrator.azure.provision import Provisioner
@@ -27,6 +28,9 @@ def test_the_role_covers_a_preflight_and_a_full_run_and_grants_nothing_more(
     assert report.exit_code == 0 and not report.warnings, report.checks
     plan = make_plan(spec)
     Provisioner(session).provision(plan)  # group, network, VMs (inline NIC, IP, disk), schedules, addresses
+    vms = [n.vm_name for n in plan.nodes]
+    selfstop.power_states(session, plan.resource_group, vms)  # status: has autostop stopped them?
+    selfstop.start(session, plan.resource_group, vms)  # collect/attach of a stopped run
     list_run_groups(session)  # gc
     delete_group(session, plan.resource_group)  # down / teardown
     group_exists(session, plan.resource_group)  # down's check

@@ -26,6 +26,10 @@ CREATED_TYPES = (
 )
 _CANONICAL = {t.lower(): t for t in (*CREATED_TYPES, "Microsoft.Network/virtualNetworks/subnets")}
 _TYPED = re.compile(r"/resourcegroups/[^/]+/providers/([^/]+)/([^/]+)(?:/([^/]+))?(?:/(subnets)/[^/]+)?$", re.I)
+# A VM's actions (POST .../virtualMachines/{vm}/start) and its instance view (a read of the VM).
+_VM_ACTION = re.compile(r"/resourcegroups/[^/]+/providers/microsoft\.compute/virtualmachines/[^/]+/([^/]+)/?$", re.I)
+_VM_ACTIONS = {"start": "start", "deallocate": "deallocate", "poweroff": "powerOff", "restart": "restart"}
+_ROLE_DEFINITIONS = re.compile(r"/providers/microsoft\.authorization/roledefinitions(/[^/]+)?/?$", re.I)
 _OPERATION = re.compile(r"/providers/([^/]+)/locations/[^/]+/(operations|operationresults)/", re.I)
 # The preflight's requests (orchestrator/azure/preflight.py), all at subscription scope: the run's group
 # does not exist yet. Actions as Microsoft's resource provider operations list names them.
@@ -80,6 +84,13 @@ def actions_for(method: str, path: str, body: Any = None) -> set[str]:
         if method == wanted and (m := pattern.search(path)):
             namespace = m.group(1) if "{0}" in action else ""
             return {action.format(_NAMESPACES.get(namespace.lower(), namespace))}
+    if m := _VM_ACTION.search(path):
+        action = m.group(1).lower()
+        if action == "instanceview":
+            return {"Microsoft.Compute/virtualMachines/read"}
+        return {f"Microsoft.Compute/virtualMachines/{_VM_ACTIONS.get(action, action)}/action"}
+    if _ROLE_DEFINITIONS.search(path):
+        return {f"Microsoft.Authorization/roleDefinitions/{verb}"}
     if re.search(r"/resourcegroups/[^/]+/resources$", path, re.I):
         return {f"{RG}/resources/read"}
     if m := _TYPED.search(path):
