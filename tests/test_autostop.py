@@ -292,3 +292,30 @@ def test_granting_the_role_needs_only_the_assigner_role_and_without_it_the_run_i
     without = check_autostop([{"actions": sorted(runner), "notActions": []}], scope)
     assert without.details == {"can_assign": False} and "README, 'Autostop'" in without.message
     assert check_autostop([{"actions": ["*"], "notActions": []}], scope).details == {"can_assign": True}
+
+
+def test_the_agent_sees_ssh_sessions_on_its_address_and_port_and_keeps_outputs_on_the_os_disk(tmp_path: Path) -> None:
+    import socket
+
+    from orchestrator.remote import autostop as agent
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    assert agent.ssh_sessions(port, "127.0.0.1") == 0
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    try:
+        assert agent.ssh_sessions(port, "127.0.0.1") == 1
+        assert agent.ssh_sessions(port, "127.0.0.2") == 0, "another local VM's address"
+    finally:
+        for s in (client, accepted, server):
+            s.close()
+    temp = tmp_path / "mnt" / "orch"
+    (temp / "run1" / "outputs").mkdir(parents=True)
+    (temp / "run1" / "outputs" / "model.pt").write_bytes(b"weights")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "orch").symlink_to(temp)
+    agent.keep_outputs(home)
+    assert not (home / "orch").is_symlink()
+    assert (home / "orch" / "run1" / "outputs" / "model.pt").read_bytes() == b"weights"

@@ -156,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
             idle_since = now
         elif now - idle_since >= idle:
             log(f"idle for {now - idle_since:.1f} s")
-            keep_outputs(home)
-            if deallocate(args.resource_id):
-                return 0
+            try:
+                keep_outputs(home)
+            except OSError as e:  # a full OS disk: stopping the bill comes first (DESIGN.md's order)
+                shutil.rmtree(home / "orch.saving", ignore_errors=True)
+                log(f"could not move ~/orch to the OS disk ({e}); what is only on the temporary disk is lost")
+            try:
+                if deallocate(args.resource_id):
+                    return 0
+            except (OSError, ValueError, KeyError) as e:  # the metadata service or ARM unreachable: try again
+                log(f"could not ask for the deallocation: {e}")
             idle_since = now  # try again after another idle period (the auto-shutdown still stands)
         time.sleep(poll)
 
