@@ -79,3 +79,19 @@ def test_eviction_faults_arm_spot_vms_only_and_pick_by_node_index(emu: Emulator,
     result = _provision(emulator_session(emu2, subscription=session.subscription_id), nodes=2)
     armed = sorted(r["name"] for r in emu2.live_resources() if r.get("_eviction"))
     assert armed == [next(n.vm_name for n in result.nodes if n.rank == 1)]
+
+
+def test_the_watcher_sees_an_eviction_as_arm_shows_it(emu: Emulator, session: AzureSession) -> None:
+    from orchestrator.lifecycle.recovery import evictions
+    from orchestrator.runfiles import NodeRecord
+
+    emu.inject(Fault("Evicted", phase="evict", after=5, vm="0"))
+    result = _provision(session, nodes=2)
+    rg = result.plan.resource_group
+    records = [NodeRecord(n.rank, n.vm_name, n.public_ip, n.private_ip, "azureuser", "") for n in result.nodes]
+    assert evictions(session, rg, records) == [], "running VMs are not evicted"
+    emu.evict(_vm_record(emu, records[0].vm_name)["id"])
+    (found,) = evictions(session, rg, records)
+    assert (found.rank, found.vm_name, found.policy) == (0, records[0].vm_name, "Delete")
+    session.resources.resource_groups.begin_delete(rg).result()
+    assert evictions(session, rg, records) == [], "a deleted group is the group watch's news, not an eviction"

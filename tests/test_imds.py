@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestrator.bootstrap import TEMPLATES
 from orchestrator.targets.localvm.imds import Imds, ImdsRequest, ImdsResponse
 
 RECORD = {
@@ -147,3 +152,18 @@ async def _shut(imds: Imds) -> None:
     imds.close()
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     await asyncio.gather(*others, return_exceptions=True)  # the last connection's close
+
+
+def test_the_vm_side_watcher_reads_the_endpoint_from_the_environment(served: Served, tmp_path: Path) -> None:
+    """templates/preempt-watch.py asks ORCH_IMDS_ENDPOINT (never 169.254.169.254 here) and leaves the
+    marker the watching orchestrator waits on once a Preempt is scheduled."""
+    marker = tmp_path / "preempted"
+    env = {**os.environ, "ORCH_IMDS_ENDPOINT": served.url}
+    watcher = subprocess.Popen([sys.executable, str(TEMPLATES / "preempt-watch.py"), str(marker)], env=env)
+    try:
+        event = asyncio.run_coroutine_threadsafe(_schedule(served.imds, time.time() + 30), served.loop).result(5)
+        assert watcher.wait(timeout=20) == 0
+    finally:
+        watcher.kill()
+    written = json.loads(marker.read_text())
+    assert (written["EventId"], written["EventType"]) == (event, "Preempt")

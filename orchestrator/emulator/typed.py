@@ -98,6 +98,7 @@ class TypedResources(ArmCore):
             rec.kind = "read"
             self._fault(method, rtype, rec)
             if existing is None:
+                self._group(sub, rg)  # no group: 404 ResourceGroupNotFound, as ARM answers first
                 raise ArmFault(
                     404,
                     "ResourceNotFound",

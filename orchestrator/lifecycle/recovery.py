@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import CloudError, OrchestratorError
 from orchestrator.lifecycle.context import RunContext
 from orchestrator.remote.checkpoints import CheckpointShipper, has_files, latest_step, pull, restore
 from orchestrator.runfiles import NodeRecord
@@ -265,7 +265,17 @@ def train(
                     "home are kept. Raise recovery.max_restarts, or run on-demand (`--no-spot`) where spot "
                     "capacity is scarce."
                 )
-            failed = recover(ctx, runner, records, found, report, client_key, restarts)
+            try:
+                failed = recover(ctx, runner, records, found, report, client_key, restarts)
+            except Exception as e:
+                # A replacement evicted before its job restarted (or a survivor evicted meanwhile)
+                # is one more restart; Azure refusing the replacement, or anything else, ends the run.
+                if isinstance(e, CloudError):
+                    raise
+                found = evictions(ctx.session, ctx.group, records)
+                if found:
+                    continue
+                raise
             if failed is not None:
                 return failed
             start = True
