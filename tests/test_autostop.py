@@ -319,3 +319,12 @@ def test_the_agent_sees_ssh_sessions_on_its_address_and_port_and_keeps_outputs_o
     agent.keep_outputs(home)
     assert not (home / "orch").is_symlink()
     assert (home / "orch" / "run1" / "outputs" / "model.pt").read_bytes() == b"weights"
+
+
+def test_a_role_assignment_is_held_to_microsofts_spec(emu: Emulator) -> None:
+    role_id = emu.define_role(vm_role(), SUB)
+    scope = make_group(emu, "first-aaa111").split("/providers/")[0]
+    url = f"{scope}/providers/Microsoft.Authorization/roleAssignments/2c7f2c64-9c3f-4e3b-8d2f-6b1f1d2e3f40"
+    refused = call(emu, "PUT", url, {"properties": {"roleDefinitionId": role_id}}, api=AUTHZ)
+    assert refused.status == 400 and "principalId" in refused.json()["error"]["message"]
+    assert call(emu, "PUT", url, {"properties": {"roleDefinitionId": role_id}}, api="2015-07-01").status == 400

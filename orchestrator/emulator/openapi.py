@@ -168,7 +168,7 @@ class SpecIndex:
         rel, _, pointer = ref.partition("#")
         target_file = self._resolved(file.parent / rel if rel else file)
         doc = self._doc(target_file)
-        if doc is None and "common-types" in rel:
+        if doc is None and "common-types/" in rel:  # a folder of shared types (not a file-local common-types.json)
             target_file = self._common_fallback(file, rel) or target_file
             doc = self._doc(target_file)
         if doc is None:
