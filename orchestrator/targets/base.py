@@ -78,9 +78,10 @@ class Target:
     emulated: ClassVar[bool] = False
     watch_interval_s: ClassVar[float] = 15.0  # how often a running job's resource group is checked
     has_gpus: ClassVar[bool] = True  # a GPU size's VMs have their GPUs (the local target's do not)
-    # How long the SSH retries may wait between attempts while a VM boots: on Azure a boot takes
-    # 30-90 s and 5 s is noise; a local VM answers within a second, so retry often.
-    connect_backoff_max_s: ClassVar[float] = 5.0
+    # How long the SSH retries may wait between attempts while a VM boots: the wait after sshd starts
+    # is up to this long, on the way to the first training step; ~25 refused attempts over a 45 s
+    # boot cost nothing. A local VM answers within a second, so it retries more often still.
+    connect_backoff_max_s: ClassVar[float] = 2.0
 
     def __init__(self, state: Path, subscription: str | None = None) -> None:
         self.state = state

@@ -49,7 +49,7 @@ class LocalTarget(Target):
     emulated: ClassVar[bool] = True
     watch_interval_s: ClassVar[float] = 1.0
     has_gpus: ClassVar[bool] = False  # emulated VMs have none: a GPU size runs on this machine's CPU
-    connect_backoff_max_s: ClassVar[float] = 0.25
+    connect_backoff_max_s: ClassVar[float] = 0.1
 
     def __init__(self, state: Path, subscription: str | None = None) -> None:
         super().__init__(state, subscription)
