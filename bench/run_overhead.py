@@ -24,6 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_PHASES = {"setup", "train"}
 
 
+def compile_bytecode() -> None:
+    """The tool as pip installs it, with its modules' bytecode written. An editable install under
+    PYTHONDONTWRITEBYTECODE=1 (this machine sets it) would otherwise compile every orchestrator
+    module from source in each process: ~0.25 s for the CLI and again for each local VM's host."""
+    import compileall
+
+    compileall.compile_dir(REPO / "orchestrator", quiet=1)
+
+
 def vm_creation_seconds(state: Path) -> float:
     """A local VM from the create request to SSH answering in its own Python environment: the
     emulator's VM create, the host process start, its uv-made environment, its SSH listener."""
@@ -64,6 +73,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--job", default=str(REPO / "jobs" / "smoke" / "job.yaml"))
     args = ap.parse_args()
+    compile_bytecode()
     with tempfile.TemporaryDirectory() as tmp:
         creations = [vm_creation_seconds(Path(tmp) / f"vm{i}") for i in range(args.runs)]
         cli = [sys.executable, "-m", "orchestrator", "--target", "local", "--state-dir", tmp]
