@@ -235,6 +235,18 @@ class VmHost:
         command = process.command
         if command is None:
             command = "exec /bin/bash -i"
+        if process.term_type:  # the client asked for a terminal (`ssh -t`, an interactive session)
+            from orchestrator.targets.localvm.terminal import run_in_pty
+
+            await run_in_pty(
+                process,
+                command,
+                cwd=str(self.vm.home),
+                env=self.environ(),
+                spawned=self.spawned.add,
+                ended=self.spawned.discard,
+            )
+            return
         proc = await asyncio.create_subprocess_exec(
             "/bin/bash",
             "-c",
@@ -339,7 +351,12 @@ class VmHost:
         self.end_processes()
         if policy != "Deallocate":
             shutil.rmtree(self.vm.root, ignore_errors=True)
-        self.stopping.set()
+        else:
+            wipe_temp_disk(self.vm)  # as a deallocation does; the OS disk (the folder) stays
+        self.vm.host.unlink(missing_ok=True)
+        # Gone now, still holding the lock: interpreter shutdown would release it while this
+        # process still looks alive to the next host's start (manager.ensure).
+        os._exit(0)
 
     def _evict_in_store(self) -> str | None:
         from orchestrator.emulator.compute import evict

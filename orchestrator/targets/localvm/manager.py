@@ -56,7 +56,9 @@ class VmHosts:
         """The VM's host process is running (started now if it is not)."""
         vm = self.vm(event.name)
         with self._locked(event.name):
-            if self._host_pid(vm) is not None:
+            # No vm.json: the folder went with the VM (a Delete eviction), so a host still found is
+            # one on its way out, never the new VM's.
+            if vm.spec.exists() and self._host_pid(vm) is not None:
                 return
             vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             key_file = vm.root / "ssh_host_ed25519_key"
