@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # Preempt notice 3 s ahead; checkpoints come home every second.
 EVICT_TWICE = json.dumps([{"code": "Evicted", "phase": "evict", "after": 40, "count": 2}])
 FAST = {"ORCH_EMULATOR_SPEED": "10", "ORCH_CHECKPOINT_SYNC_S": "1"}
-TRAIN_ARGS = ["--dataset", "digits", "--epochs", "2", "--checkpoint-every", "4"]
+TRAIN_ARGS = ["--dataset", "digits", "--epochs", "1", "--checkpoint-every", "4"]
 
 
 def _events(stdout: str) -> list[dict[str, Any]]:
@@ -100,6 +100,7 @@ def test_evictions_beyond_max_restarts_end_the_run_restarts_exhausted(tmp_path: 
         "import json, os, pathlib, time\n"
         "ckpt = pathlib.Path(os.environ['ORCH_CHECKPOINT_DIR'])\n"
         "step = max([int(p.stem) for p in ckpt.glob('*.step')] or [0])\n"
+        "print(f'resumed at {step}' if step else 'from the start', flush=True)\n"
         "while step < 600:\n"
         "    step += 1\n"
         "    (ckpt / f'{step}.step').write_text('')\n"
@@ -116,11 +117,17 @@ def test_evictions_beyond_max_restarts_end_the_run_restarts_exhausted(tmp_path: 
     state = tmp_path / "state"
     env = {**FAST, "ORCH_EMULATOR_FAULTS": EVICT_TWICE}
     r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
-    result = _events(r.stdout)[-1]
+    events = _events(r.stdout)
+    result = events[-1]
     assert r.returncode == 3, r.stdout[-4000:] + r.stderr[-2000:]
     assert (result["verdict"], result["exit_code"], result["restarts"]) == ("restarts-exhausted", 3, 2), result
     assert "evicted 2 times; recovery.max_restarts allows 1" in result["message"], result["message"]
     assert result["torn_down"] is True
     copied = state / "runs" / result["run_id"] / "checkpoints" / "0"
     assert any(copied.glob("*.step")), "the checkpoints that reached home are kept"
+    said = [e["message"] for e in events if e["event"] == "progress"]
+    (restarted,) = [m for m in said if "restarting from checkpoint step" in m]
+    step = int(restarted.split("restarting from checkpoint step ")[1].split()[0])
+    lines = [e["line"] for e in events if e["event"] == "log"]
+    assert step > 0 and f"resumed at {step}" in lines, (restarted, lines)  # restored, then resumed there
     _nothing_left(state)
