@@ -243,7 +243,7 @@ def test_a_detached_run_whose_job_ends_unwatched_deallocates_and_attach_finishes
 
 
 @pytest.mark.slow
-def test_gc_deletes_a_stopped_run_once_it_has_expired(tmp_path: Path) -> None:
+def test_a_kept_run_stops_itself_and_gc_deletes_it_once_expired(tmp_path: Path) -> None:
     from orchestrator.state import open_store
     from tests.test_cli import cli, store_of
 
@@ -252,8 +252,13 @@ def test_gc_deletes_a_stopped_run_once_it_has_expired(tmp_path: Path) -> None:
     job = tmp_path / "job"
     job.mkdir()
     (job / "job.yaml").write_text("name: expiring\nrun: 'true'\n")
-    assert cli(*state, "provision", str(job / "job.yaml"), "--autostop", "1s").returncode == 0
-    run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
+    kept = cli(*state, "--json", "run", str(job / "job.yaml"), "--keep", "--autostop", "1s")
+    assert kept.returncode == 0, kept.stderr
+    events = [json.loads(line) for line in kept.stdout.splitlines()]
+    assert any("autostop: each VM deallocates itself after 1 s" in e.get("message", "") for e in events)
+    result = events[-1]  # arming autostop is said before the result, which stays the last event
+    assert result["event"] == "result" and result["verdict"] == "succeeded" and result["kept"]
+    run_id = result["run_id"]
     record = _until_stopped(state, run_id)
     assert record["state"] == "stopped"
     assert record["expires"] - time.time() > 6 * 24 * 3600, "kept for a week after it stopped"

@@ -8,6 +8,7 @@ SIGTERM tears down at once without collecting.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,12 @@ def run(
             if enabler is not None:
                 enabler.cancel()
         group_gone = watch is not None and watch.error is not None
-        outcome = finish(
+
+        def arm_kept(outcome: RunOutcome) -> None:
+            if outcome.kept and idle is not None:
+                selfstop.arm(ctx, records, steps.ssh_nodes(target, records, keys.client_key), idle)
+
+        return finish(
             ctx,
             runner if in_job and not group_gone else None,
             nodes,
@@ -144,10 +150,8 @@ def run(
             keep=keep,
             collect_deadline=collect_deadline,
             t0=t0,
+            before_result=arm_kept,
         )
-        if outcome.kept and idle is not None:
-            selfstop.arm(ctx, records, steps.ssh_nodes(target, records, keys.client_key), idle)
-        return outcome
 
 
 def _remaining(spec: JobSpec, elapsed: float) -> JobSpec:
@@ -182,6 +186,7 @@ def finish(
     t0: float,
     cancelled: bool = False,
     teardown: bool = True,
+    before_result: Callable[[RunOutcome], None] | None = None,
 ) -> RunOutcome:
     """The end of every run (`run`, `attach`, `cancel`): collect what exists, apply the gates, decide
     the one verdict, tear down unless kept, record, report. `runner` None: nothing to collect.
@@ -256,6 +261,8 @@ def finish(
         sigterm=sigterm,
     )
     _record(ctx, outcome)
+    if before_result is not None:  # e.g. arming a kept run's autostop: said before the result, the last event
+        before_result(outcome)
     ctx.close()
     report.result(outcome)
     return outcome
