@@ -210,6 +210,9 @@ def test_a_provisioned_vm_left_idle_deallocates_itself_and_collect_brings_its_ou
     assert not (vm / "mnt").exists(), "the temporary disk is wiped"
     assert (vm / "home" / "orch" / run_id / "outputs" / "note.txt").read_text() == "kept\n", "moved to the OS disk"
     assert "no compute billed" in cli(*state, "status").stdout
+    (cost,) = json.loads(cli(*state, "--json", "cost", run_id).stdout)["runs"]
+    assert cost["state"] == "stopped" and cost["usd_per_hour_now"] == 0 and cost["ended"] is not None
+    assert cost["ended"] <= time.time() and cost["hours"] < 0.1, "compute ends when the VM deallocated"
     assert cli(*state, "gc").returncode == 0
     assert json.loads(cli(*state, "--json", "status", run_id).stdout)["state"] == "stopped", "not expired yet"
     collected = cli(*state, "collect", run_id)
@@ -333,3 +336,19 @@ def test_a_role_assignment_is_held_to_microsofts_spec(emu: Emulator) -> None:
     refused = call(emu, "PUT", url, {"properties": {"roleDefinitionId": role_id}}, api=AUTHZ)
     assert refused.status == 400 and "principalId" in refused.json()["error"]["message"]
     assert call(emu, "PUT", url, {"properties": {"roleDefinitionId": role_id}}, api="2015-07-01").status == 400
+
+
+def test_a_stopped_runs_compute_ends_when_its_vms_deallocated_not_when_it_is_noticed(
+    emu: Emulator, session: AzureSession, clock: Any
+) -> None:
+    from orchestrator.azure.provision import Provisioner
+
+    plan = make_plan(identity=True)
+    Provisioner(session).provision(plan)
+    vms = [n.vm_name for n in plan.nodes]
+    clock.advance(1800)
+    deallocated = clock.now()
+    selfstop.deallocate(session, plan.resource_group, vms)
+    clock.advance(3 * 86400)  # nobody looks for three days
+    assert selfstop.power_states(session, plan.resource_group, vms) == {vms[0]: "deallocated"}
+    assert abs((selfstop.stopped_at(session, plan.resource_group, vms) or 0) - deallocated) < 1

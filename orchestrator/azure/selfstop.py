@@ -124,6 +124,19 @@ def power_states(session: AzureSession, resource_group: str, vm_names: list[str]
         return dict(zip(vm_names, pool.map(one, vm_names), strict=True))
 
 
+def stopped_at(session: AzureSession, resource_group: str, vm_names: list[str]) -> float | None:
+    """When the VMs' last operation (their deallocation, for stopped ones) happened: the latest
+    ProvisioningState time of their instance views (epoch seconds; None when Azure gives none)."""
+    times = []
+    for name in vm_names:
+        view = session.compute.virtual_machines.instance_view(resource_group, name)
+        for status in getattr(view, "statuses", None) or []:
+            when = getattr(status, "time", None)
+            if str(getattr(status, "code", "")).startswith("ProvisioningState/") and when is not None:
+                times.append(when.timestamp())
+    return max(times) if times else None
+
+
 def start(session: AzureSession, resource_group: str, vm_names: list[str]) -> None:
     """Start deallocated VMs (side by side) and wait until they run."""
     pollers = [

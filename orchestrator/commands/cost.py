@@ -114,8 +114,11 @@ def billed_interval(
     if not starts:
         return None, None, 0.0
     start = min(starts)
-    if record.state == "stopped":  # deallocated (autostop): compute ended when it was seen stopped
-        return start, record.phase_started, max(0.0, record.phase_started - start) / 3600
+    if record.state == "stopped":  # deallocated (autostop): compute ended when its VMs deallocated
+        from orchestrator.lifecycle.autostop import stopped_at
+
+        end = max(start, stopped_at(record))
+        return start, end, (end - start) / 3600
     if record.holds_resources:
         return start, None, max(0.0, now - start) / 3600
     ends = [p.ended for p in phases if p.phase == "teardown" and p.ended is not None]

@@ -109,11 +109,13 @@ def refresh(store: RunStore, target: Target, records: list[RunRecord]) -> list[R
         if not nodes:
             continue
         try:
-            states = power_states(record, target, [n.vm_name for n in nodes])
+            names = [n.vm_name for n in nodes]
+            states, when = power_states(record, target, names)
         except Exception:  # status must still answer when Azure does not: the state is refreshed next time
             continue
         if states and all(s in {"deallocated", "deallocating"} for s in states.values()):
-            store.transition(record.run_id, "stopped", expires=time.time() + STOPPED_EXPIRY_S)
+            stopped = min(when or time.time(), time.time())
+            store.transition(record.run_id, "stopped", expires=stopped + STOPPED_EXPIRY_S)
             store.end_open_phases(record.run_id)
             now = store.get(record.run_id)
             if now is not None:
@@ -121,13 +123,21 @@ def refresh(store: RunStore, target: Target, records: list[RunRecord]) -> list[R
     return [changed.get(r.run_id, r) for r in records]
 
 
-def power_states(record: RunRecord, target: Target, vm_names: list[str]) -> dict[str, str]:
+def power_states(record: RunRecord, target: Target, vm_names: list[str]) -> tuple[dict[str, str], float | None]:
+    """Each VM's power state, and when they stopped if they all have."""
     from orchestrator.azure import selfstop
     from orchestrator.targets import target_for
 
     where = target_for(record, target)
     with where.session() as session:
-        return selfstop.power_states(session, record.resource_group, vm_names)
+        states = selfstop.power_states(session, record.resource_group, vm_names)
+        off = states and all(s in {"deallocated", "deallocating"} for s in states.values())
+        return states, selfstop.stopped_at(session, record.resource_group, vm_names) if off else None
+
+
+def stopped_at(record: RunRecord) -> float:
+    """When a stopped run's VMs deallocated themselves (its compute bill ended)."""
+    return record.expires - STOPPED_EXPIRY_S if record.expires else record.phase_started
 
 
 def start_stopped(record: RunRecord, target: Target, say: Any) -> None:
