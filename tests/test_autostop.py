@@ -215,6 +215,8 @@ def test_a_provisioned_vm_left_idle_deallocates_itself_and_collect_brings_its_ou
     assert cost["ended"] <= time.time() and cost["hours"] < 0.1, "compute ends when the VM deallocated"
     assert cli(*state, "gc").returncode == 0
     assert json.loads(cli(*state, "--json", "status", run_id).stdout)["state"] == "stopped", "not expired yet"
+    refused = cli(*state, "exec", run_id, "--", "true")
+    assert refused.returncode == 2 and f"orchestrator collect {run_id}" in refused.stderr
     collected = cli(*state, "collect", run_id)
     assert collected.returncode == 0, collected.stderr
     assert (state_dir / "runs" / run_id / "artifacts" / "note.txt").read_text() == "kept\n"

@@ -46,6 +46,11 @@ def attached(run_id: str, target: Target) -> Iterator[tuple[RunRecord, list[Node
         )
     if record.torn_down:
         raise UserInputError(f"run {run_id} has been torn down; provision a new one.")
+    if record.state == "stopped":
+        raise UserInputError(
+            f"run {run_id} is stopped: its VMs deallocated themselves (autostop). `orchestrator collect {run_id}` "
+            f"brings its outputs home and tears it down; `orchestrator train {run_id}` starts it and trains again."
+        )
     where = target_for(record, target)
     with where.session():  # the local target serves its VMs while this session is open
         nodes = steps.ssh_nodes(where, records, files.client_key)
@@ -166,6 +171,7 @@ def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path 
     """sync + setup + run + collect on a kept run's VMs, gates applied, verdict recorded; the VMs stay."""
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
+    _woken(run_id, target, report)
     _, where, spec, records, files = _take_over(run_id, target, report)
     t0 = time.monotonic()
     with where.session() as session:
@@ -266,7 +272,7 @@ def attach(
     Ctrl-C only detaches again (AttachInterrupted)."""
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
-    _woken(run_id, target, report)
+    was_stopped = _woken(run_id, target, report).state == "stopped"
     record, where, spec, records, files = _take_over(run_id, target, report)
     trained = any(p.phase == "train" for p in open_store(target.state).phases(run_id))
     if record.state not in {"detached", "kept", "stopped"} and not record.orphaned:
@@ -290,7 +296,7 @@ def attach(
                 log = files.log("run", n.label)
                 offsets[n.ep.rank] = log.stat().st_size if log.exists() else 0
             report.say(f"attached to {run_id}; Ctrl-C detaches again (the job goes on)")
-            if trained or record.state != "stopped":  # a stopped `provision` never ran a job: nothing to follow
+            if trained or not was_stopped:  # a stopped `provision` never ran a job: nothing to follow
                 phases.append(
                     recovery.train(
                         ctx,
