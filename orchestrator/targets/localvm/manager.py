@@ -142,6 +142,11 @@ class VmHosts:
                     return str(info["address"]), int(info["port"])
             except (OSError, ValueError, KeyError):
                 pass
+            if not vm.root.exists():  # made when the VM runs, before anyone asks: the VM is gone
+                raise LocalVmError(
+                    f"the local VM {name} does not exist any more (deleted, or a spot VM evicted); "
+                    "`orchestrator status` shows its run"
+                )
             if time.monotonic() > deadline:
                 detail = vm.log.read_text(errors="replace")[-1500:] if vm.log.exists() else "no log"
                 raise LocalVmError(f"the local VM {name} did not start within {timeout:.0f} s; its log:\n{detail}")
