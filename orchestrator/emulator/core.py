@@ -181,13 +181,16 @@ class ArmCore:
                 yield
                 return
             with self.backing.locked():
-                self.store = self.backing.load()
-                before = self.store.to_json()
+                # Compared with the text read, not a second dump: every request of every process on
+                # the local target pays this under the one lock, and the store grows with the runs.
+                before = self.backing.read_text()
+                self.store = Store.from_json(before)
                 try:
                     yield
                 finally:
-                    if self.store.to_json() != before:
-                        self.backing.save(self.store)
+                    after = self.store.to_json()
+                    if after != before:
+                        self.backing.write_text(after)
 
     # ------------------------------------------------------------------ the HTTP entry point
 

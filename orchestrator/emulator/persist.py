@@ -33,13 +33,20 @@ class StoreFile:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def load(self) -> Store:
+        return Store.from_json(self.read_text())
+
+    def read_text(self) -> str:
+        """The store as written (a missing or empty file: the empty store's text)."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return Store()
-        return Store.from_json(text) if text else Store()
+            text = ""
+        return text or Store().to_json()
 
     def save(self, store: Store) -> None:
+        self.write_text(store.to_json())
+
+    def write_text(self, text: str) -> None:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(store.to_json())
+        tmp.write_text(text)
         os.replace(tmp, self.path)
