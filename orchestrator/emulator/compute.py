@@ -48,6 +48,9 @@ class VmEvent:
     custom_data: str | None  # base64 customData as sent (never returned on GET)
     public_ip: str | None
     private_ip: str | None  # the NIC's privateIPAddress (e.g. 10.42.0.4)
+    # Wall seconds the VM has already been running when the event is sent: an operation's end is
+    # seen on the next poll, but the VM boots from its end, whoever polls when.
+    running_for_s: float = 0.0
 
 
 VmListener = Callable[[VmEvent], None]
@@ -70,6 +73,14 @@ def power_state(vm: dict[str, Any]) -> str:
 
 class ComputeRP(NetworkRP):
     _vm_listeners: list[VmListener]
+    _ended_at: float | None = None  # the end of the operation being finished, while it is
+
+    def _finish(self, op_id: str, op: dict[str, Any]) -> None:
+        self._ended_at = float(op["end"])
+        try:
+            super()._finish(op_id, op)
+        finally:
+            self._ended_at = None
 
     def add_vm_listener(self, listener: VmListener, *, replay: bool = True) -> None:
         """Called on every VM that becomes running or is deleted; replay=True also calls it now
@@ -202,6 +213,8 @@ class ComputeRP(NetworkRP):
         os_profile = props.get("osProfile") or {}
         keys = ((os_profile.get("linuxConfiguration") or {}).get("ssh") or {}).get("publicKeys") or []
         public_ip, private_ip = self._vm_addresses(vm)
+        speed = float(getattr(self.clock, "speed", 1.0))
+        late = 0.0 if self._ended_at is None else max(0.0, (self.clock.now() - self._ended_at) / speed)
         return VmEvent(
             kind=kind,
             name=vm["name"],
@@ -214,6 +227,7 @@ class ComputeRP(NetworkRP):
             custom_data=vm.get("_customData"),
             public_ip=public_ip,
             private_ip=private_ip,
+            running_for_s=late if kind == "running" else 0.0,
         )
 
     def _vm_addresses(self, vm: dict[str, Any]) -> tuple[str | None, str | None]:

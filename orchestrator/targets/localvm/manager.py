@@ -76,7 +76,7 @@ class VmHosts:
                 "user": event.admin_user,
                 "authorized_keys": list(event.authorized_keys),
                 "host_key_file": str(key_file),
-                "boot_after": time.time() + self.boot_delay_s,
+                "boot_after": time.time() + max(0.0, self.boot_delay_s - event.running_for_s),
                 "store": str(self.store),
                 "keepalive_s": self.keepalive_s,
             }
