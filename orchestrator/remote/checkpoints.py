@@ -4,10 +4,10 @@ marker), and restored to every node before a restart (lifecycle/recovery.py)."""
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -69,16 +69,27 @@ def pull(node: Any, layout: Any, home: Path, seen: dict[int, str]) -> bool:
         f'echo "$fp" >&2; [ -z "$(ls -A)" ] && exit 0; [ "$fp" = {seen.get(rank, "-")!r} ] && exit 0; '
         "tar --exclude='*.tmp' -cf - . 2>/dev/null; [ $? -le 1 ]"
     )
-    result = node.exec(cmd, timeout=600)
-    fingerprint = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-    if result.exit_code != 0 or not result.stdout:
-        return False
     final = home / str(rank)
     incoming = home / f".incoming-{rank}"
     shutil.rmtree(incoming, ignore_errors=True)
     incoming.mkdir(parents=True, mode=0o700)
-    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
-        tar.extractall(incoming, filter="data")
+    # Streamed straight into place, never held in memory: a checkpoint may be gigabytes.
+    chan = node.channel(cmd)
+    chan.settimeout(600)
+    try:
+        try:
+            with tarfile.open(fileobj=chan.makefile("rb"), mode="r|") as tar:
+                tar.extractall(incoming, filter="data")
+        except tarfile.ReadError:  # nothing sent (unchanged or empty), or a broken stream: not kept
+            shutil.rmtree(incoming, ignore_errors=True)
+            incoming.mkdir(mode=0o700)
+        code = chan.recv_exit_status()
+        fingerprint = chan.makefile_stderr("rb").read().decode(errors="replace").strip().splitlines()[-1:] or [""]
+    finally:
+        chan.close()
+    if code != 0 or not any(incoming.iterdir()):
+        shutil.rmtree(incoming, ignore_errors=True)
+        return False
     old = home / f".old-{rank}"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -94,13 +105,15 @@ def restore(node: Any, layout: Any, home: Path) -> Path | None:
     else rank 0's (the rank that writes them in the example jobs); an empty folder when there is
     none, so every rank starts from the same place. Returns the copy used."""
     source = next((home / str(r) for r in (node.ep.rank, 0) if has_files(home / str(r))), None)
-    data = io.BytesIO()
-    with tarfile.open(fileobj=data, mode="w") as tar:
-        if source is not None:
-            for path in sorted(source.rglob("*")):
-                tar.add(path, arcname=str(path.relative_to(source)), recursive=False)
     ckpt = rq(layout.checkpoints)
-    node.run(f"rm -rf {ckpt} && mkdir -p {ckpt} && tar -C {ckpt} -xf -", "restoring the checkpoint", data.getvalue())
+    with tempfile.TemporaryFile() as data:  # streamed, never held in memory
+        with tarfile.open(fileobj=data, mode="w") as tar:
+            if source is not None:
+                for path in sorted(source.rglob("*")):
+                    tar.add(path, arcname=str(path.relative_to(source)), recursive=False)
+        data.seek(0)
+        chunks = iter(lambda: data.read(1 << 20), b"")
+        node.exec(f"rm -rf {ckpt} && mkdir -p {ckpt} && tar -C {ckpt} -xf -", chunks).check("restoring the checkpoint")
     return source
 
 
