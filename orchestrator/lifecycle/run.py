@@ -70,6 +70,7 @@ def run(
     t0 = time.monotonic()
     spec, secrets, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
+        session.prefetch("resource", "compute", "network")  # imported while the preflight waits on ARM
         checked = preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         dest = artifacts_destination(artifacts_dir, ctx.files)
@@ -316,6 +317,7 @@ def provision(
 
     spec, _, run_id = _checked(spec, target, report, run_id)
     with target.session() as session:
+        session.prefetch("resource", "compute", "network")  # imported while the preflight waits on ARM
         checked = preflight(spec, session, target, report)  # Azure would refuse it: stop before anything exists
         ctx = RunContext(spec, target, session, run_id, report)
         try:
