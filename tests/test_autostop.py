@@ -217,6 +217,8 @@ def test_a_provisioned_vm_left_idle_deallocates_itself_and_collect_brings_its_ou
     assert json.loads(cli(*state, "--json", "status", run_id).stdout)["state"] == "stopped", "not expired yet"
     refused = cli(*state, "exec", run_id, "--", "true")
     assert refused.returncode == 2 and f"orchestrator collect {run_id}" in refused.stderr
+    refused = cli(*state, "ssh", run_id, "--", "true")  # a VM that is off is not dialled until a timeout
+    assert refused.returncode == 2 and f"run {run_id} is stopped" in refused.stderr
     collected = cli(*state, "collect", run_id)
     assert collected.returncode == 0, collected.stderr
     assert (state_dir / "runs" / run_id / "artifacts" / "note.txt").read_text() == "kept\n"

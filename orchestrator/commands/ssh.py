@@ -101,7 +101,7 @@ def _endpoints(where: Target, nodes: list[NodeRecord]) -> list[tuple[str, int]]:
 def entries(obj: Ctx, run: str, node: int | None = None) -> list[SshEntry]:
     """Every node of a provisioned run (or node `node`), reachable with the run's key and pinned host key."""
     from orchestrator.errors import UserInputError
-    from orchestrator.lifecycle.kept import record_of
+    from orchestrator.lifecycle.kept import record_of, running_record
     from orchestrator.runfiles import RunFiles
     from orchestrator.targets import target_for
 
@@ -112,6 +112,8 @@ def entries(obj: Ctx, run: str, node: int | None = None) -> list[SshEntry]:
     nodes = files.read_nodes()
     if record.torn_down:
         raise UserInputError(f"run {run_id} has been torn down: there is nothing to log in to.")
+    if nodes:
+        record = running_record(run_id, target)  # a stopped run's VMs are off: say so, do not wait
     if not nodes:
         raise UserInputError(
             f"run {run_id} has no provisioned nodes; `orchestrator provision JOB` (or `run --keep`) makes one "

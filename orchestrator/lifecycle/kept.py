@@ -33,6 +33,20 @@ def record_of(run_id: str, target: Target) -> RunRecord:
     return record
 
 
+def running_record(run_id: str, target: Target) -> RunRecord:
+    """The record of a run whose VMs should be up; a run whose VMs deallocated themselves
+    (autostop), noticed now or earlier, is refused with what to do instead of dialling a VM that is off."""
+    from orchestrator.lifecycle import autostop
+
+    record = autostop.refresh(open_store(target.state), target, [record_of(run_id, target)])[0]
+    if record.state == "stopped":
+        raise UserInputError(
+            f"run {run_id} is stopped: its VMs deallocated themselves (autostop). `orchestrator collect {run_id}` "
+            f"brings its outputs home and tears it down; `orchestrator train {run_id}` starts it and trains again."
+        )
+    return record
+
+
 @contextmanager
 def attached(run_id: str, target: Target) -> Iterator[tuple[RunRecord, list[NodeRecord], list[Any], Target]]:
     """(record, node records, SSH nodes, target) of a provisioned run, reachable with its own keys."""
@@ -46,11 +60,7 @@ def attached(run_id: str, target: Target) -> Iterator[tuple[RunRecord, list[Node
         )
     if record.torn_down:
         raise UserInputError(f"run {run_id} has been torn down; provision a new one.")
-    if record.state == "stopped":
-        raise UserInputError(
-            f"run {run_id} is stopped: its VMs deallocated themselves (autostop). `orchestrator collect {run_id}` "
-            f"brings its outputs home and tears it down; `orchestrator train {run_id}` starts it and trains again."
-        )
+    record = running_record(run_id, target)
     where = target_for(record, target)
     with where.session():  # the local target serves its VMs while this session is open
         nodes = steps.ssh_nodes(where, records, files.client_key)
