@@ -52,6 +52,15 @@ TRAINING = TICKING.replace("sleep 60", "true")
 BULKY = "name: bulky\nrun: sha256sum payload.bin > $ORCH_OUTPUT_DIR/sum.txt\n"
 # the job's output is big enough that bringing it home takes a moment
 WRITER = f"name: writer\nrun: head -c {PAYLOAD_MB}M /dev/urandom > $ORCH_OUTPUT_DIR/big.bin && echo written\n"
+# resumes from its checkpoint, as a job on spot VMs must
+RESUMING = (
+    "name: resuming\n"
+    "resources: {spot: true}\n"
+    "run: |\n"
+    "  i=$(cat $ORCH_CHECKPOINT_DIR/step 2>/dev/null || echo 0)\n"
+    "  while [ $i -lt 60 ]; do i=$((i+1)); echo $i > $ORCH_CHECKPOINT_DIR/step; echo tick $i; sleep 0.05; done\n"
+    "  echo $i > $ORCH_OUTPUT_DIR/final.txt\n"
+)
 JOBS = {
     "quick": QUICK,
     "zoned": QUICK + "resources: {region: eastus, zone: any}\n",
@@ -60,6 +69,7 @@ JOBS = {
     "training": TRAINING,
     "bulky": BULKY,
     "writer": WRITER,
+    "resuming": RESUMING,
 }
 
 SLOW = {"ORCH_EMULATOR_PROFILE": "azure-like", "ORCH_EMULATOR_SPEED": "60"}  # a VM create: 2 s
@@ -108,6 +118,7 @@ class Row:
     attempts: tuple[str | None, ...] | None = None  # each attempt's Azure error code (None: it worked)
     output: tuple[str, ...] = ()  # anywhere in what the run printed
     ticks: int = 0  # the job's "tick N" lines: each exactly once, in order
+    once: tuple[str, ...] = ()  # lines of the job's output seen exactly once (a resumed job's first)
 
 
 FINISHED_QUICK = {"out.txt": "done\n", "metrics.json": '{"ok": 1}\n'}
@@ -206,6 +217,22 @@ ROWS = [
         act=Act("drop", log_line("tick 5")),
         artifacts={"progress.txt": "40\n"},
         ticks=40,  # every line once, in order, across the cut
+    ),
+    Row(
+        "spot-evicted-twice",
+        "resuming",
+        "succeeded",
+        0,
+        # each spot VM (the first replacement too) evicted 2 s after it runs, the Preempt notice 1 s ahead
+        env={
+            "ORCH_EMULATOR_SPEED": "30",
+            "ORCH_CHECKPOINT_SYNC_S": "0.5",
+            **faults({"code": "Evicted", "phase": "evict", "after": 60, "count": 2}),
+        },
+        artifacts={"final.txt": "60\n"},
+        attempts=(None, None, None),  # the first VM and its two replacements
+        output=("restarting from its checkpoint (restart 1 of 3)", "restarting from its checkpoint (restart 2 of 3)"),
+        once=("tick 1", "tick 60"),  # resumed from its checkpoint each time, never from the start
     ),
     Row(
         "sigint-provision",
@@ -420,6 +447,9 @@ def test_fault_matrix(row: Row, jobs: dict[str, Path], tmp_path: Path) -> None:
                     want = payload_sum(jobs) if want == "<payload sum>" else want
                     assert (home / name).read_text() == want, name
             assert result["skipped"] == []
+        logged = [e["line"] for e in ran.events if e["event"] == "log"]
+        for line in row.once:
+            assert logged.count(line) == 1, (line, logged)
         if row.ticks:
             ticks = [e["line"] for e in ran.events if e["event"] == "log" and e["line"].startswith("tick ")]
             assert ticks == [f"tick {i}" for i in range(1, row.ticks + 1)], ticks

@@ -353,10 +353,13 @@ def recover(
         steps.stop_job(survivors, ctx.run_id)
     except Exception as e:  # a node that cannot be told is replaced below only if evicted; said
         report.say(f"could not stop the job everywhere: {e}")
-    step = latest_step(next((home / str(r) for r in (0, *sorted(evicted)) if has_files(home / str(r))), None))
+    saved = next((home / str(r) for r in (0, *sorted(evicted)) if has_files(home / str(r))), None)
+    step = latest_step(saved)
+    # a checkpoint whose file names carry no step number is still restored: never "the beginning"
+    since = "the beginning (no checkpoint yet)" if saved is None else "its checkpoint"
     line = (
         f"{_evicted_line(found)}; restarting from "
-        + (f"checkpoint step {step}" if step is not None else "the beginning (no checkpoint yet)")
+        + (f"checkpoint step {step}" if step is not None else since)
         + f" (restart {restarts} of {ctx.spec.max_restarts})"
     )
     report.say(line)
