@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_overhead.py
 	$(BIN)/python bench/preflight.py
 	$(BIN)/python bench/first_step.py
+	$(BIN)/python bench/concurrency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
