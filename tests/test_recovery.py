@@ -131,3 +131,62 @@ def test_evictions_beyond_max_restarts_end_the_run_restarts_exhausted(tmp_path: 
     lines = [e["line"] for e in events if e["event"] == "log"]
     assert step > 0 and f"resumed at {step}" in lines, (restarted, lines)  # restored, then resumed there
     _nothing_left(state)
+
+
+COUNT_TO = (
+    "import os, pathlib, time\n"
+    "ckpt = pathlib.Path(os.environ['ORCH_CHECKPOINT_DIR'])\n"
+    "step = max([int(p.stem) for p in ckpt.glob('*.step')] or [0])\n"
+    "print(f'resumed at {step}' if step else 'from the start', flush=True)\n"
+    "while step < {steps}:\n"
+    "    step += 1\n"
+    "    (ckpt / f'{step}.step').write_text('')\n"
+    "    time.sleep(0.05)\n"
+    "(pathlib.Path(os.environ['ORCH_OUTPUT_DIR']) / 'done.txt').write_text(str(step))\n"
+)
+
+
+def test_a_replacement_azure_has_no_spot_room_for_falls_back_to_on_demand(tmp_path: Path) -> None:
+    """`spot: prefer`: the spot VM is evicted and Azure has no spot room for its replacement
+    (AllocationFailed, late); the node comes back on-demand in the same place and the job finishes
+    there, the run pinned and priced as on-demand from then on."""
+    (tmp_path / "count.py").write_text(COUNT_TO.replace("{steps}", "160"))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: spot-fallback\n"
+        "resources: {vm_size: Standard_NC4as_T4_v3, region: eastus, spot: prefer}\n"
+        "run: python3 count.py\n"
+        "max_duration: 10m\n"
+    )
+    state = tmp_path / "state"
+    faults = [
+        {"code": "Evicted", "phase": "evict", "after": 40, "count": 1},
+        # the first VM PUT (the run's own spot VM) goes through; the next (its spot replacement) fails late
+        {
+            "code": "AllocationFailed",
+            "status": 200,
+            "method": "PUT",
+            "phase": "lro",
+            "skip": 1,
+            "count": 1,
+            "resource_type": "Microsoft.Compute/virtualMachines",
+        },
+    ]
+    env = {**FAST, "ORCH_EMULATOR_FAULTS": json.dumps(faults)}
+    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
+    events = _events(r.stdout)
+    result = events[-1]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert (result["verdict"], result["restarts"]) == ("succeeded", 1), result
+    tried = [(a["spot"], a["code"]) for a in result["attempts"]]
+    assert tried == [(True, None), (True, "AllocationFailed"), (False, None)], result["attempts"]
+    said = [e["message"] for e in events if e["event"] == "progress"]
+    assert any("the run now holds Standard_NC4as_T4_v3 in eastus" in m and "(spot)" not in m for m in said), said
+    assert (Path(result["artifacts"]) / "done.txt").read_text() == "160"
+    lines = [e["line"] for e in events if e["event"] == "log"]
+    assert any(line.startswith("resumed at ") for line in lines), lines
+    (cost,) = json.loads(
+        cli("--target", "local", "--state-dir", str(state), "--json", "cost", result["run_id"]).stdout
+    )["runs"]
+    assert cost["spot"] is False, "priced as the on-demand VM it finished on"
+    _nothing_left(state)

@@ -95,7 +95,9 @@ class Fault:
     zone: str | None = None  # only requests pinned to this zone ("": only zoneless ones)
     after: float | None = None  # phase "evict": emulated seconds from running to the eviction
     vm: str | None = None  # phase "evict": the VM's name, or a node index ("0": the name ends in "-0")
+    skip: int = 0  # let this many matching requests through first ("the replacement VM fails")
     fired: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
 
     @property
     def located(self) -> bool:
@@ -213,6 +215,9 @@ class FaultInjector:
                     f.matches(method, resource_type, phase, location, zone, where_known=where_known)
                     and self._rng.random() < f.probability
                 ):
+                    if f.skipped < f.skip:
+                        f.skipped += 1
+                        continue
                     f.fired += 1
                     return f
         return None

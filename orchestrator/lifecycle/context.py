@@ -32,6 +32,9 @@ class RunContext:
         """A new run (its record written now), or with resume an existing one this process takes over
         (`attach`, `cancel`): it becomes the run's owner."""
         self.spec, self.target, self.session, self.run_id = spec, target, session, run_id
+        # Every candidate the job allows, in order: `spec` is pinned to the one provisioned later, and
+        # a replacement for an evicted node may fall back to another in the same region and zone.
+        self.candidates = list(spec.resources.candidates.ordered)
         self.report = report
         session.on_retry = report.say
         self.files = RunFiles(target.state, run_id).ensure()

@@ -118,11 +118,73 @@ def _candidate_of(ctx: RunContext) -> Any:
     return Candidate(res.size.name, res.region, res.zone, bool(res.spot))
 
 
+def replacements(ctx: RunContext) -> list[Any]:
+    """Where an evicted node may be replaced, in order: the candidate the run holds, then the job's
+    other candidates in the same region and zone (its network stays where it is), e.g. on-demand
+    after spot under `spot: prefer`; a multi-node run only with the same size (its ranks alike)."""
+    held = _candidate_of(ctx)
+    others = [
+        c
+        for c in ctx.candidates
+        if c != held
+        and c.region == held.region
+        and c.zone == held.zone
+        and (ctx.spec.nodes == 1 or c.size == held.size)
+    ]
+    return [held, *others]
+
+
 def replace_node(ctx: RunContext, record: NodeRecord, eviction: Eviction, client_key: Path) -> NodeRecord:
     """A running VM for an evicted node: a deallocated one is started again (same disk, same host
-    key); a deleted one is created again for the candidate the run holds, with a new host key
-    (pinned in nodes.json by the caller). Recorded as an attempt; raises CloudError when Azure
-    refuses it."""
+    key); a deleted one is created again, with a new host key (pinned in nodes.json by the caller),
+    for the candidate the run holds or, when Azure has no room for it (quota, size, capacity), the
+    next of `replacements`. Each try is recorded as an attempt; raises CloudError when Azure refuses
+    every one. A replacement on another candidate pins the run to it (spec, price)."""
+    from orchestrator.azure.errors import classify
+    from orchestrator.azure.provision import FAILOVER_ERRORS
+
+    if eviction.policy == "Deallocate":
+        return _try_replacement(ctx, record, eviction, client_key, _candidate_of(ctx))
+    tried = replacements(ctx)
+    for i, candidate in enumerate(tried):
+        try:
+            new = _try_replacement(ctx, record, eviction, client_key, candidate)
+        except Exception as e:
+            cloud = e if isinstance(e, CloudError) else classify(e, resource=f"replacing {record.vm_name}")
+            if not isinstance(cloud, FAILOVER_ERRORS) or i == len(tried) - 1:
+                raise
+            ctx.report.say(
+                f"replacing {record.vm_name} on {candidate.label()}: {cloud.code}; trying {tried[i + 1].label()}"
+            )
+            _delete_quietly(ctx, record.vm_name)  # a VM whose create failed late still exists, Failed
+            continue
+        if candidate != tried[0]:
+            _repin(ctx, tried[0], candidate)
+        return new
+    raise AssertionError("unreachable: the last try raises")
+
+
+def _delete_quietly(ctx: RunContext, vm_name: str) -> None:
+    try:
+        ctx.session.compute.virtual_machines.begin_delete(ctx.group, vm_name).result()
+    except Exception as e:  # gone already, or Azure is slow: the next create says what matters
+        ctx.report.say(f"could not delete the failed {vm_name} before the next try: {e}")
+
+
+def _repin(ctx: RunContext, old: Any, new: Any) -> None:
+    """The run now holds `new` for one node: its spec and recorded price follow."""
+    ctx.spec = ctx.spec.pinned(new)
+    disk = ctx.spec.resources.disk_gb
+    run = ctx.store.get(ctx.run_id)
+    if run is not None and run.price_per_hour is not None:
+        price = run.price_per_hour - old.usd_per_hour(1, disk) + new.usd_per_hour(1, disk)
+        ctx.store.update(ctx.run_id, price_per_hour=price)
+    ctx.report.say(f"the run now holds {new.label()} (the replacement for the evicted node)")
+
+
+def _try_replacement(
+    ctx: RunContext, record: NodeRecord, eviction: Eviction, client_key: Path, candidate: Any
+) -> NodeRecord:
     from orchestrator.azure.errors import classify
     from orchestrator.bootstrap import as_custom_data, cloud_init
     from orchestrator.lifecycle.steps import owner_name
@@ -130,7 +192,6 @@ def replace_node(ctx: RunContext, record: NodeRecord, eviction: Eviction, client
     from orchestrator.sshkeys import generate_host_key, generate_rsa_host_key, public_key_of
 
     session, group = ctx.session, ctx.group
-    candidate = _candidate_of(ctx)
     attempt_n = len(ctx.store.attempts(ctx.run_id)) + 1
     t0 = time.monotonic()
     try:
