@@ -44,6 +44,29 @@ def test_a_wrong_host_key_is_refused_never_accepted(vms: EmulatedVms) -> None:
         connect(impostor, FAST)
 
 
+@pytest.mark.slow  # a VM of its own (~1.5 s)
+def test_the_vm_answers_with_each_host_key_its_custom_data_carried(vms: EmulatedVms) -> None:
+    """A client that asks for RSA (an older OpenSSH, an editor's SSH library) gets the RSA key the
+    VM's cloud-init carried, signed with its private half; one that asks for ed25519, the pinned key."""
+    import socket
+
+    import paramiko
+
+    from orchestrator.emulator.cloudinit import parse_cloud_init
+
+    ep = vms.nodes[0].ep
+    carried = parse_cloud_init(vms.keys.custom_data[0])["ssh_keys"]
+    for key_type, expected in (("rsa-sha2-512", carried["rsa_public"]), ("ssh-ed25519", ep.host_key)):
+        transport = paramiko.Transport(socket.create_connection((ep.host, ep.port), timeout=10))
+        try:
+            transport.get_security_options().key_types = [key_type]
+            transport.start_client(timeout=10)  # fails unless the server signs with that key
+            key = transport.get_remote_server_key()
+            assert f"{key.get_name()} {key.get_base64()}" == " ".join(expected.split()[:2])
+        finally:
+            transport.close()
+
+
 def test_a_wrong_client_key_is_refused(vms: EmulatedVms, tmp_path: Path) -> None:
     other, _ = generate_keypair(tmp_path, "other")
     ep = vms.nodes[0].ep
