@@ -91,9 +91,15 @@ class LocalTarget(Target):
         profile = os.environ.get("ORCH_EMULATOR_PROFILE", "instant")
         speed = float(os.environ.get("ORCH_EMULATOR_SPEED", "1"))
         clock = SystemClock() if speed == 1 else ScaledClock(speed)
+        from orchestrator.emulator.faults import FaultInjector
+
+        # Each command draws its own faults (a storm hits concurrent runs differently, as Azure's
+        # throttling does); ORCH_EMULATOR_SEED repeats one draw.
+        seed = int(os.environ.get("ORCH_EMULATOR_SEED") or os.getpid())
         emulator = Emulator(
             profile,
             clock=clock,
+            faults=FaultInjector(seed=seed),
             backing=StoreFile(self.emulator_dir / "store.json"),
             subscription=os.environ.get("ORCH_EMULATOR_SUBSCRIPTION"),
         )
