@@ -111,6 +111,24 @@ def test_errors_have_arm_shape_request_ids_and_retry_after(emu: Emulator) -> Non
     assert r.headers["x-ms-request-id"] and r.headers["x-ms-correlation-request-id"] == "abc"
 
 
+def test_a_throttling_storm_reaches_operation_polls_and_preflight_reads(emu: Emulator) -> None:
+    """Azure throttles every request, not only resource writes: a fault with no resource type hits
+    an operation poll and a usages read too (the SDK's retry policy must carry both)."""
+    r = call(emu, "PUT", RG, {"location": "eastus"})
+    assert r.status in (200, 201)
+    deleting = call(emu, "DELETE", RG)
+    assert deleting.status == 202
+    emu.inject(Fault("TooManyRequests", status=429, method="GET", count=2, retry_after=1))
+    poll = emu.handle("GET", deleting.headers["Location"], AUTH, None)
+    assert (poll.status, poll.json()["error"]["code"], poll.headers["Retry-After"]) == (429, "TooManyRequests", "1")
+    usages = call(emu, "GET", f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/usages")
+    assert usages.status == 429
+    assert (
+        call(emu, "GET", f"{HOST}/subscriptions/{SUB}/providers/Microsoft.Compute/locations/eastus/usages").status
+        == 200
+    )
+
+
 @pytest.mark.parametrize(
     ("mutate", "status", "code"),
     [

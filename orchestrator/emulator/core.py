@@ -85,6 +85,13 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ("rg_op_result", re.compile(_SUB + r"/operationresults/(?P<op>[^/]+)$", re.I)),
 ]  # fmt: skip
 _POLLS = {"async_op", "op_result", "rg_op_result"}
+# Routes whose handlers take no injected fault themselves: operation polls and the reads and actions
+# of the preflight. A fault with no resource_type (a 429 storm, a 5xx) hits them too, as Azure's
+# throttling does every request.
+_UNTYPED_FAULTS = _POLLS | {
+    "provider", "provider_register", "usages", "skus", "image_versions", "image_version", "permissions",
+    "policy_check", "role_definitions", "role_definition", "vm_instance_view", "rg_list", "rg_resources",
+}  # fmt: skip
 
 
 class ArmCore:
@@ -312,6 +319,8 @@ class ArmCore:
             )
         if route not in _POLLS:
             self._hold_to_contract(method, path, query["api-version"], body, raw)
+        if route in _UNTYPED_FAULTS:
+            self._fault(method, None, rec)
         handler = getattr(self, f"_h_{route}")
         result: EmuResponse = handler(method, m.groupdict(), query, body, rec)
         return result
