@@ -1127,6 +1127,7 @@ def preflight(spec: JobSpec, session: AzureSession, target: Any, report: _Says) 
     warnings, raise the classified error when Azure would refuse the job; with several candidates it
     fails only when every candidate would be refused (exit 3, the list), dropping the doomed ones
     and saying which and why."""
+    session.on_retry = report.say  # a throttled or failing read is said, as the run's requests are
     found: list[Candidate] = list(spec.resources.candidates.ordered)
     if len(found) == 1:
         report.say(f"checking quota, {spec.resources.vm_size} in {spec.resources.region}, image, providers and rights")
