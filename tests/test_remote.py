@@ -67,6 +67,17 @@ def test_the_vm_answers_with_each_host_key_its_custom_data_carried(vms: Emulated
             transport.close()
 
 
+@pytest.mark.slow  # a VM of its own (~1.5 s)
+def test_commands_are_not_held_back_by_nagle(vms: EmulatedVms) -> None:
+    """Each command is a few small SSH packets: with Nagle's algorithm on, each waited ~40 ms for a
+    delayed ACK. The connection's socket has TCP_NODELAY."""
+    import socket
+
+    node = vms.nodes[0]
+    assert node.run("true", "a command").exit_code == 0
+    assert node.transport().sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_a_wrong_client_key_is_refused(vms: EmulatedVms, tmp_path: Path) -> None:
     other, _ = generate_keypair(tmp_path, "other")
     ep = vms.nodes[0].ep
