@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from installed import compile_bytecode  # bench/installed.py
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.3
 REGIONS = ("eastus", "westus2", "westus3")
@@ -224,6 +226,7 @@ def main() -> int:
     ap.add_argument("--storm", type=float, default=0.3, help="probability that an ARM request is answered 429")
     ap.add_argument("--job", default=str(REPO / "jobs" / "smoke" / "job.yaml"))
     args = ap.parse_args()
+    compile_bytecode()  # as a pip install leaves the tool: each of the many processes starts from bytecode
     env = environment(args.speed, args.storm)
     print(
         f"{args.runs} runs of {Path(args.job).parent.name} at once on --target local, one state directory; "

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from installed import compile_bytecode  # bench/installed.py
+
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "FIRST-STEP"
 
@@ -39,15 +41,6 @@ MARKER = "FIRST-STEP"
 # pip 4 min 32 s, uv 18 s (the same file, the same VM).
 AZURE_PIP_S = 272.0
 AZURE_UV_S = 18.0
-
-
-def compile_bytecode() -> None:
-    """The tool as pip installs it, with its modules' bytecode written. An editable install under
-    PYTHONDONTWRITEBYTECODE=1 (this machine sets it) would otherwise compile every orchestrator
-    module from source in each process: ~0.25 s for the CLI and again for each local VM's host."""
-    import compileall
-
-    compileall.compile_dir(REPO / "orchestrator", quiet=1)
 
 
 def make_job(folder: Path, requirements: Path, ours: bool) -> Path:

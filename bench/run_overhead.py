@@ -20,17 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from installed import compile_bytecode  # bench/installed.py
+
 REPO = Path(__file__).resolve().parents[1]
 JOB_PHASES = {"setup", "train"}
-
-
-def compile_bytecode() -> None:
-    """The tool as pip installs it, with its modules' bytecode written. An editable install under
-    PYTHONDONTWRITEBYTECODE=1 (this machine sets it) would otherwise compile every orchestrator
-    module from source in each process: ~0.25 s for the CLI and again for each local VM's host."""
-    import compileall
-
-    compileall.compile_dir(REPO / "orchestrator", quiet=1)
 
 
 def vm_creation_seconds(state: Path) -> float:
