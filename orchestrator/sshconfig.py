@@ -35,6 +35,8 @@ def _without_block(text: str, run_id: str) -> tuple[str, bool]:
                 inside = False
             continue
         out.append(line)
+    if inside:  # a begin marker without its end (edited by hand): take nothing, never the rest of the file
+        return text, False
     return "".join(out), found
 
 

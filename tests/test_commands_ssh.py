@@ -252,6 +252,11 @@ def test_config_blocks_come_out_alone(tmp_path: Path) -> None:
     assert sshconfig.remove_entries("orch-a-aaaaaa", config) is True  # `down orch-<id>` works too
     assert config.read_text() == b
     assert sshconfig.remove_entries("a-aaaaaa", config) is False
+    # A block whose end marker the user deleted: the rest of their file is never taken with it.
+    mine = "Host work\n    User me\n"
+    config.write_text(sshconfig.begin_marker("c-cccccc") + "\nHost orch-c-cccccc\n" + mine)
+    assert sshconfig.remove_entries("c-cccccc", config) is False
+    assert config.read_text().endswith(mine)
 
 
 # ----------------------------------------------------------------------------- shell completion

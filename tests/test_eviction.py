@@ -93,5 +93,22 @@ def test_the_watcher_sees_an_eviction_as_arm_shows_it(emu: Emulator, session: Az
     emu.evict(_vm_record(emu, records[0].vm_name)["id"])
     (found,) = evictions(session, rg, records)
     assert (found.rank, found.vm_name, found.policy) == (0, records[0].vm_name, "Delete")
+    # A VM someone deallocated (autostop, the shutdown schedule, a person) is not evicted: evictionPolicy
+    # Delete means Azure never deallocates it for capacity, and starting it again would undo the stop.
+    session.compute.virtual_machines.begin_deallocate(rg, records[1].vm_name).result()
+    assert [e.rank for e in evictions(session, rg, records)] == [0]
     session.resources.resource_groups.begin_delete(rg).result()
     assert evictions(session, rg, records) == [], "a deleted group is the group watch's news, not an eviction"
+
+
+def test_a_deallocate_policy_spot_vm_deallocated_is_an_eviction(emu: Emulator, session: AzureSession) -> None:
+    from orchestrator.lifecycle.recovery import evictions
+    from orchestrator.runfiles import NodeRecord
+
+    emu.inject(Fault("Evicted", phase="evict", after=5))
+    result = _provision(session, policy="Deallocate")
+    (node,) = result.nodes
+    records = [NodeRecord(0, node.vm_name, node.public_ip, node.private_ip, "azureuser", "")]
+    emu.evict(_vm_record(emu, node.vm_name)["id"])
+    (found,) = evictions(session, result.plan.resource_group, records)
+    assert (found.rank, found.policy) == (0, "Deallocate")

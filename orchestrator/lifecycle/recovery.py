@@ -59,8 +59,10 @@ def sync_interval() -> float:
 
 
 def evictions(session: Any, group: str, records: list[NodeRecord]) -> list[Eviction]:
-    """The nodes whose VM ARM reports gone (404 ResourceNotFound while the group exists) or
-    deallocated. A group that is gone is not an eviction (the group watch reports it)."""
+    """The nodes whose VM ARM reports gone (404 ResourceNotFound while the group exists) or, for a
+    spot VM whose evictionPolicy is Deallocate, deallocated. A group that is gone is not an eviction
+    (the group watch reports it), nor a VM someone stopped (autostop, the auto-shutdown schedule, a
+    person): starting it again would undo a deliberate stop."""
     from azure.core.exceptions import ResourceNotFoundError
 
     found = []
@@ -74,7 +76,9 @@ def evictions(session: Any, group: str, records: list[NodeRecord]) -> list[Evict
             continue
         view = getattr(vm, "instance_view", None)
         codes = {str(getattr(s, "code", "")) for s in (getattr(view, "statuses", None) or [])}
-        if codes & {"PowerState/deallocated", "PowerState/deallocating"}:
+        # The SDK's enums are str subclasses: compare them, never their str() (the member's name)
+        evictable = getattr(vm, "priority", None) == "Spot" and getattr(vm, "eviction_policy", None) == "Deallocate"
+        if evictable and codes & {"PowerState/deallocated", "PowerState/deallocating"}:
             found.append(Eviction(r.rank, r.vm_name, "Deallocate", datetime.now(UTC)))
     return found
 
