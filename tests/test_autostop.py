@@ -227,6 +227,28 @@ def test_a_provisioned_vm_left_idle_deallocates_itself_and_collect_brings_its_ou
 
 
 @pytest.mark.slow
+def test_train_on_a_stopped_run_leaves_it_able_to_stop_itself_again(tmp_path: Path) -> None:
+    """`train` starts a stopped run's VM and leaves it up: the agent that deallocated it ended with
+    it, so a new one must watch it, or the VM would run (and bill) with nothing to stop it."""
+    from tests.test_cli import cli
+
+    state_dir = tmp_path / "state"
+    state = ["--target", "local", "--state-dir", str(state_dir)]
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "job.yaml").write_text("name: again\nrun: 'echo trained > $ORCH_OUTPUT_DIR/out.txt'\n")
+    assert cli(*state, "--json", "provision", str(job / "job.yaml"), "--autostop", "2s").returncode == 0
+    run_id = json.loads(cli(*state, "--json", "ls").stdout)["runs"][0]["run_id"]
+    assert _until_stopped(state, run_id)["state"] == "stopped"
+    trained = cli(*state, "train", run_id)
+    assert trained.returncode == 0, trained.stderr
+    assert "starting 1 stopped VM(s)" in trained.stdout + trained.stderr
+    assert json.loads(cli(*state, "--json", "status", run_id).stdout)["state"] == "kept"
+    assert _until_stopped(state, run_id)["state"] == "stopped", "stopped itself again after train"
+    assert cli(*state, "down", run_id).returncode == 0
+
+
+@pytest.mark.slow
 def test_a_detached_run_whose_job_ends_unwatched_deallocates_and_attach_finishes_it(tmp_path: Path) -> None:
     from tests.test_cli import cli, store_of
 

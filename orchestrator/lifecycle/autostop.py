@@ -140,8 +140,11 @@ def stopped_at(record: RunRecord) -> float:
     return record.expires - STOPPED_EXPIRY_S if record.expires else record.phase_started
 
 
-def start_stopped(record: RunRecord, target: Target, say: Any) -> None:
-    """A stopped run's VMs started again (same disks, addresses and host keys), before attach/collect."""
+def start_stopped(record: RunRecord, target: Target, say: Any) -> list[str]:
+    """The run's VMs that are off started again (same disks, addresses and host keys), before
+    attach/collect/train: all of a stopped run's, or the ones of a kept or detached run that stopped
+    while another did not (each node's agent counts its own idle time). Returns their names; their
+    agents are gone with them (`rearm` starts them again where the VMs stay up)."""
     from orchestrator.azure import selfstop
     from orchestrator.runfiles import RunFiles
     from orchestrator.targets import target_for
@@ -151,9 +154,26 @@ def start_stopped(record: RunRecord, target: Target, say: Any) -> None:
     where = target_for(record, target)
     with where.session() as session:
         states = selfstop.power_states(session, record.resource_group, names)
-        off = [n for n in names if states.get(n) in {"deallocated", "stopped"}]
+        off = [n for n in names if states.get(n) in {"deallocated", "deallocating", "stopped"}]
         if off:
-            say(f"starting {len(off)} stopped VM(s) of {record.run_id} to bring its outputs home")
+            say(f"starting {len(off)} stopped VM(s) of {record.run_id}")
             selfstop.start(session, record.resource_group, off)
-    # Running (and billed) again: `kept` until the caller tears it down (its agent is not restarted).
-    RunStore(target.state / "runs.db").transition(record.run_id, "kept")
+    if record.state == "stopped":  # running (and billed) again: `kept` until the caller tears it down
+        RunStore(target.state / "runs.db").transition(record.run_id, "kept")
+    return off
+
+
+def stop_again(record: RunRecord, target: Target, vm_names: list[str], say: Any) -> None:
+    """VMs this command started (`start_stopped`) deallocated again, when what it started them for
+    failed: they must not run, and bill, with no agent to stop them."""
+    from orchestrator.azure import selfstop
+    from orchestrator.targets import target_for
+
+    if not vm_names:
+        return
+    say(f"deallocating {len(vm_names)} VM(s) of {record.run_id} again")
+    where = target_for(record, target)
+    with where.session() as session:
+        selfstop.deallocate(session, record.resource_group, vm_names)
+    if record.state == "stopped":
+        RunStore(target.state / "runs.db").transition(record.run_id, "stopped", expires=record.expires)

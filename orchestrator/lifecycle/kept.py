@@ -140,23 +140,46 @@ def _q(text: str) -> str:
     return shlex.quote(text)
 
 
-def _woken(run_id: str, target: Target, report: Reporter) -> RunRecord:
-    """The run's record; a run whose VMs deallocated themselves (autostop) is `stopped` and its VMs
-    are started again (same disks, addresses and host keys) so its outputs can come home."""
+def _woken(run_id: str, target: Target, report: Reporter) -> tuple[RunRecord, list[str]]:
+    """The run's record, and the VMs started for this command: a run whose VMs deallocated
+    themselves (autostop) is `stopped`, and its VMs are started again (same disks, addresses and
+    host keys); a kept or detached one with autostop gets any VM that stopped alone started too."""
     from orchestrator.lifecycle import autostop
 
     record = autostop.refresh(open_store(target.state), target, [record_of(run_id, target)])[0]
-    if record.state == "stopped":
-        autostop.start_stopped(record, target, report.say)
-    return record
+    started: list[str] = []
+    if record.state == "stopped" or (record.autostop and not record.torn_down and record.state in {"kept", "detached"}):
+        started = autostop.start_stopped(record, target, report.say)
+    return record, started
+
+
+def rearm(run_id: str, target: Target, started: list[str]) -> None:
+    """The autostop agents of VMs started again for a command that leaves them up (`train`,
+    `attach --keep`): their agents ended when they deallocated."""
+    from orchestrator.lifecycle import autostop
+
+    record = record_of(run_id, target)
+    seconds = record.autostop
+    if not started or not seconds or record.torn_down or record.state not in {"kept", "detached"}:
+        return
+    with attached(run_id, target) as (record, records, nodes, where):
+        again = [n for n in nodes if any(r.rank == n.ep.rank and r.vm_name in started for r in records)]
+        autostop.start_agents(where, record.subscription, record.resource_group, records, again, seconds)
 
 
 def collect(run_id: str, target: Target, report: Reporter, dest: Path | None = None) -> Any:
-    """Bring a kept run's outputs home; a stopped run's VMs are started for it and torn down after."""
+    """Bring a kept run's outputs home; a stopped run's VMs are started for it and torn down after
+    (deallocated again if the collection fails: nothing else would stop them)."""
+    from orchestrator.lifecycle import autostop
     from orchestrator.lifecycle.run import artifacts_destination
 
-    stopped = _woken(run_id, target, report).state == "stopped"
-    out = _collect(run_id, target, report, dest, artifacts_destination)
+    record, started = _woken(run_id, target, report)
+    stopped = record.state == "stopped"
+    try:
+        out = _collect(run_id, target, report, dest, artifacts_destination)
+    except BaseException:
+        autostop.stop_again(record, target, started, report.say)
+        raise
     if stopped:
         from orchestrator.lifecycle.cleanup import down
 
@@ -179,9 +202,17 @@ def _collect(run_id: str, target: Target, report: Reporter, dest: Path | None, a
 
 def train(run_id: str, target: Target, report: Reporter, *, artifacts_dir: Path | None = None) -> RunOutcome:
     """sync + setup + run + collect on a kept run's VMs, gates applied, verdict recorded; the VMs stay."""
+
+    _, started = _woken(run_id, target, report)
+    try:
+        return _train(run_id, target, report, artifacts_dir)
+    finally:
+        rearm(run_id, target, started)  # the VMs stay: whatever stopped them before may again
+
+
+def _train(run_id: str, target: Target, report: Reporter, artifacts_dir: Path | None) -> RunOutcome:
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
-    _woken(run_id, target, report)
     _, where, spec, records, files = _take_over(run_id, target, report)
     t0 = time.monotonic()
     with where.session() as session:
@@ -280,9 +311,35 @@ def attach(
 ) -> RunOutcome:
     """Stream a detached run's output from where it is, then collect and tear down as `run` would.
     Ctrl-C only detaches again (AttachInterrupted)."""
+
+    woken, started = _woken(run_id, target, report)
+    was_stopped = woken.state == "stopped"
+    try:
+        return _attach(run_id, target, report, keep, artifacts_dir, collect_deadline, was_stopped)
+    except BaseException:
+        if not keep:  # what it started the VMs for did not happen: they must not run unwatched
+            from orchestrator.lifecycle import autostop
+
+            record = record_of(run_id, target)
+            if not record.torn_down and record.state in {"kept", "stopped"}:
+                autostop.stop_again(woken, target, started, report.say)
+        raise
+    finally:
+        if keep:
+            rearm(run_id, target, started)
+
+
+def _attach(
+    run_id: str,
+    target: Target,
+    report: Reporter,
+    keep: bool,
+    artifacts_dir: Path | None,
+    collect_deadline: float,
+    was_stopped: bool,
+) -> RunOutcome:
     from orchestrator.lifecycle.run import artifacts_destination, finish
 
-    was_stopped = _woken(run_id, target, report).state == "stopped"
     record, where, spec, records, files = _take_over(run_id, target, report)
     trained = any(p.phase == "train" for p in open_store(target.state).phases(run_id))
     if record.state not in {"detached", "kept", "stopped"} and not record.orphaned:
