@@ -41,8 +41,14 @@ def test_the_vm_role_allows_only_reading_deallocating_and_deleting_vms_and_delet
     assert "Microsoft.Authorization/roleAssignments/write" in assigner["Actions"]
     assert not [a for a in assigner["Actions"] if not a.startswith("Microsoft.Authorization/")]
     condition = selfstop.assigner_condition("5e467623-bb1f-42f4-a55d-6e525e11384b")
-    assert "GuidEquals {5e467623-bb1f-42f4-a55d-6e525e11384b}" in condition
-    assert "{'ServicePrincipal'}" in condition and "{vmRoleId}" not in condition
+    assert "{vmRoleId}" not in condition
+    # Both branches, write and delete, hold to that one role and to service principals.
+    write, delete = condition.split("roleAssignments/delete")
+    for branch, side in ((write, "@Request"), (delete, "@Resource")):
+        assert f"{side}[Microsoft.Authorization/roleAssignments:RoleDefinitionId]" in branch
+        assert "GuidEquals {5e467623-bb1f-42f4-a55d-6e525e11384b}" in branch
+        assert f"{side}[Microsoft.Authorization/roleAssignments:PrincipalType]" in branch
+        assert "{'ServicePrincipal'}" in branch
 
 
 def make_group(emu: Emulator, run_id: str) -> str:
@@ -378,3 +384,42 @@ def test_a_stopped_runs_compute_ends_when_its_vms_deallocated_not_when_it_is_not
     clock.advance(3 * 86400)  # nobody looks for three days
     assert selfstop.power_states(session, plan.resource_group, vms) == {vms[0]: "deallocated"}
     assert abs((selfstop.stopped_at(session, plan.resource_group, vms) or 0) - deallocated) < 1
+
+
+def test_the_agent_asks_the_metadata_service_directly_never_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Azure's metadata service refuses proxied requests: with http_proxy set on the VM, the token
+    request must still go straight to it (ARM's may use the proxy)."""
+    import http.server
+    import socket
+    import threading
+    import urllib.error
+
+    from orchestrator.remote import autostop as agent
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"access_token": "t"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as closed:  # a proxy address nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        proxy_port = closed.getsockname()[1]
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy_port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    url = f"http://127.0.0.1:{server.server_port}/metadata/identity/oauth2/token"
+    try:
+        assert agent.request("GET", url, {"Metadata": "true"}, timeout=5, direct=True) == (
+            200,
+            b'{"access_token": "t"}',
+        )
+        with pytest.raises(urllib.error.URLError):  # what the agent did before: through the dead proxy
+            agent.request("GET", url, {"Metadata": "true"}, timeout=5)
+    finally:
+        server.shutdown()

@@ -102,10 +102,15 @@ def keep_outputs(home: Path) -> None:
     log(f"moved {target} to the OS disk ({orch})")
 
 
-def request(method: str, url: str, headers: dict[str, str], timeout: float = 30.0) -> tuple[int, bytes]:
+def request(
+    method: str, url: str, headers: dict[str, str], timeout: float = 30.0, *, direct: bool = False
+) -> tuple[int, bytes]:
+    """`direct`: never through an http(s)_proxy (the metadata service refuses proxied requests; ARM
+    may need the proxy)."""
     req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else urllib.request.build_opener()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with opener.open(req, timeout=timeout) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as e:
         return int(e.code), bytes(e.read())
@@ -118,6 +123,7 @@ def deallocate(resource_id: str) -> bool:
         "GET",
         f"{imds}/metadata/identity/oauth2/token?api-version={IDENTITY_API}&resource={RESOURCE}",
         {"Metadata": "true"},
+        direct=True,
     )
     if status != 200:
         log(f"no token from the metadata service ({status}): {body.decode(errors='replace')}")
