@@ -26,6 +26,7 @@ class CheckpointShipper:
         self.layout, self.home, self.interval, self.say = layout, home, interval, say
         self._stop = threading.Event()
         self._seen: dict[int, str] = {}
+        self._pulling = threading.Lock()  # held while a copy writes home/<rank>
         self._threads = [threading.Thread(target=self._loop, args=(n,), daemon=True) for n in nodes]
         for t in self._threads:
             t.start()
@@ -48,15 +49,22 @@ class CheckpointShipper:
                     self.say(
                         f"node {node.ep.rank}: Azure announced a spot eviction (Preempt); copying its checkpoint home"
                     )
-                pull(node, self.layout, self.home, self._seen)
+                with self._pulling:
+                    if self._stop.is_set():
+                        return
+                    pull(node, self.layout, self.home, self._seen)
                 if preempt:
                     self._stop.wait(1.0)  # until the VM goes: the job may still write a last one
             except Exception:  # the connection is gone (eviction?) or cancelled: the watch decides
                 if self._stop.wait(1.0):
                     return
 
-    def cancel(self) -> None:
+    def cancel(self, wait_s: float = 30.0) -> None:
+        """Stop, and wait (a while) for a copy under way to finish: `recover` pulls the same folders
+        next. A thread only waiting on the VM is not waited for."""
         self._stop.set()
+        if self._pulling.acquire(timeout=wait_s):
+            self._pulling.release()
 
 
 def pull(node: Any, layout: Any, home: Path, seen: dict[int, str]) -> bool:
