@@ -34,13 +34,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench jobs
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto   # one worker per core (pytest-xdist): most tests wait on processes and SSH
 
 # The inner loop: everything but the slow tier (model training, whole multi-node cycles).
 test-fast: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench jobs
 	$(BIN)/mypy
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n auto -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench jobs
