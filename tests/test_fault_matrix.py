@@ -58,7 +58,8 @@ RESUMING = (
     "resources: {spot: true}\n"
     "run: |\n"
     "  i=$(cat $ORCH_CHECKPOINT_DIR/step 2>/dev/null || echo 0)\n"
-    "  while [ $i -lt 60 ]; do i=$((i+1)); echo $i > $ORCH_CHECKPOINT_DIR/step; echo tick $i; sleep 0.05; done\n"
+    # 6 s of work: each spot VM is evicted 2 s after it runs, so two evictions land before the end
+    "  while [ $i -lt 60 ]; do i=$((i+1)); echo $i > $ORCH_CHECKPOINT_DIR/step; echo tick $i; sleep 0.1; done\n"
     "  echo $i > $ORCH_OUTPUT_DIR/final.txt\n"
 )
 JOBS = {

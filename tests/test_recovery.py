@@ -190,3 +190,30 @@ def test_a_replacement_azure_has_no_spot_room_for_falls_back_to_on_demand(tmp_pa
     )["runs"]
     assert cost["spot"] is False, "priced as the on-demand VM it finished on"
     _nothing_left(state)
+
+
+def test_a_vm_evicted_before_its_job_started_is_replaced_and_set_up_again(tmp_path: Path) -> None:
+    """Azure evicts when it needs the room, not when the job is ready: a spot VM gone while the run
+    is still setting up is replaced and set up again (one restart), never a failed run."""
+    (tmp_path / "count.py").write_text(COUNT_TO.replace("{steps}", "20"))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: spot-early\n"
+        "resources: {vm_size: Standard_NC4as_T4_v3, region: eastus, spot: true}\n"
+        "setup: 'echo setting up; sleep 4'\n"
+        "run: python3 count.py\n"
+        "max_duration: 10m\n"
+    )
+    state = tmp_path / "state"
+    faults = [{"code": "Evicted", "phase": "evict", "after": 10, "count": 1}]  # 1 s after it runs: in setup
+    env = {**FAST, "ORCH_EMULATOR_FAULTS": json.dumps(faults)}
+    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
+    events = _events(r.stdout)
+    result = events[-1]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert (result["verdict"], result["restarts"]) == ("succeeded", 1), result
+    assert [a["code"] for a in result["attempts"]] == [None, None], "the first VM and its replacement"
+    said = [e["message"] for e in events if e["event"] == "progress"]
+    assert any("evicted at" in m and "restarting from the beginning" in m for m in said), said
+    assert (Path(result["artifacts"]) / "done.txt").read_text() == "20"
+    _nothing_left(state)

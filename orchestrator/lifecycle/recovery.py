@@ -383,6 +383,34 @@ def train(
             return result
 
 
+def recover_early(
+    ctx: RunContext, runner: Any, records: list[NodeRecord], found: list[Eviction], report: Any, client_key: Path
+) -> Any:
+    """A spot VM evicted before the job started (while connecting, syncing, installing or setting
+    up): one restart like any other, within recovery.max_restarts; the evicted nodes are replaced and
+    connected, synced, installed and set up again. Returns setup's PhaseResult if it failed, else
+    None (the caller goes on to start the job)."""
+    ctx.spec = held_spec(ctx)
+    while True:
+        record = ctx.store.get(ctx.run_id)
+        restarts = (record.restarts if record is not None else 0) + 1
+        ctx.store.update(ctx.run_id, restarts=restarts)
+        if restarts > ctx.spec.max_restarts:
+            raise RestartsExhausted(
+                f"Spot VM(s) of run {ctx.run_id} were evicted {restarts} times; recovery.max_restarts allows "
+                f"{ctx.spec.max_restarts}. " + _evicted_line(found) + ". Raise recovery.max_restarts, or run "
+                "on-demand (`--no-spot`) where spot capacity is scarce."
+            )
+        try:
+            return recover(ctx, runner, records, found, report, client_key, restarts)
+        except Exception as e:
+            if isinstance(e, CloudError):
+                raise
+            found = evictions(ctx.session, ctx.group, records)  # the replacement went too: once more
+            if not found:
+                raise
+
+
 def _evicted_line(found: list[Eviction]) -> str:
     return "; ".join(
         f"node {e.rank} ({e.vm_name}) evicted at {e.at:%H:%M:%S} UTC"

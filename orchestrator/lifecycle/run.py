@@ -100,16 +100,38 @@ def run(
             limits.check()  # a limit that passed while provisioning had no node to stop yet
             runner = steps.runner_for(spec, target, records, nodes, ctx.files, report, secrets, upload_limit)
             watch = GroupWatch(lambda: group_exists(session, ctx.group), target.watch_interval_s, stop_nodes)
-            steps.connect(ctx, runner)
-            if spec.resources.size.is_gpu and target.has_gpus:
-                with ctx.phase("connect"):
-                    steps.gpu_check(nodes, spec.resources.size.gpus)
-            steps.sync(ctx, runner)
-            install.wait_for_install(ctx, runner, report)
-            in_job = True
-            limits.check()
-            if spec.setup:
-                phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
+            early = (
+                recovery.EvictionWatch(
+                    lambda: recovery.evictions(session, ctx.group, records), target.watch_interval_s, stop_nodes
+                )
+                if spec.resources.spot
+                else None
+            )
+            try:
+                steps.connect(ctx, runner)
+                if spec.resources.size.is_gpu and target.has_gpus:
+                    with ctx.phase("connect"):
+                        steps.gpu_check(nodes, spec.resources.size.gpus)
+                steps.sync(ctx, runner)
+                install.wait_for_install(ctx, runner, report)
+                in_job = True
+                limits.check()
+                if spec.setup:
+                    phases.append(steps.job_phase(ctx, runner, "setup", spec.setup, report))
+            except Exception:
+                # A spot VM evicted before the job started: replaced and set up again, not a failure
+                found = []
+                if early is not None:
+                    early.cancel()
+                    found = early.found or recovery.evictions(session, ctx.group, records)
+                if not found:
+                    raise
+                in_job = True
+                failed = recovery.recover_early(ctx, runner, records, found, report, keys.client_key)
+                phases = [failed] if failed is not None else []
+            finally:
+                if early is not None:
+                    early.cancel()
             if detach and all(p.exit_code == 0 for p in phases):
                 if result.plan.schedule_enable_at is not None:
                     report.say(
