@@ -144,8 +144,8 @@ def test_another_module_registers_a_route(served: Served) -> None:
     assert (status, body) == (200, {"resource": "https://management.azure.com/"})
 
 
-async def _schedule(imds: Imds, not_before: float) -> str:
-    return imds.events.schedule("Preempt", "r1-0", not_before).event_id
+async def _schedule(imds: Imds, not_before: float, vm: str = "r1-0") -> str:
+    return imds.events.schedule("Preempt", vm, not_before).event_id
 
 
 async def _shut(imds: Imds) -> None:
@@ -158,9 +158,19 @@ def test_the_vm_side_watcher_reads_the_endpoint_from_the_environment(served: Ser
     """templates/preempt-watch.py asks ORCH_IMDS_ENDPOINT (never 169.254.169.254 here) and leaves the
     marker the watching orchestrator waits on once a Preempt is scheduled."""
     marker = tmp_path / "preempted"
+    marker.write_text("{}")  # left by the run before a restart on the same disk: old news
     env = {**os.environ, "ORCH_IMDS_ENDPOINT": served.url}
     watcher = subprocess.Popen([sys.executable, str(TEMPLATES / "preempt-watch.py"), str(marker)], env=env)
     try:
+        deadline = time.monotonic() + 10
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not marker.exists(), "the old marker is taken away at start"
+        # A Preempt about another VM (the event lists the VMs it is about) is not this VM's.
+        others = asyncio.run_coroutine_threadsafe(_schedule(served.imds, time.time() + 30, "r1-1"), served.loop)
+        others.result(5)
+        time.sleep(2.5)  # the watcher asks once a second
+        assert watcher.poll() is None and not marker.exists()
         event = asyncio.run_coroutine_threadsafe(_schedule(served.imds, time.time() + 30), served.loop).result(5)
         assert watcher.wait(timeout=20) == 0
     finally:
