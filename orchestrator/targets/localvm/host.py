@@ -46,6 +46,7 @@ from orchestrator.targets.localvm.image import (
 from orchestrator.targets.localvm.imds import ENV_VAR as IMDS_ENV_VAR
 
 PR_SET_CHILD_SUBREAPER = 36
+NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 FALLBACK_PORT = 2222
 
 
@@ -296,10 +297,10 @@ class VmHost:
 
     def environ(self) -> dict[str, str]:
         env = vm_environ(self.vm, self.spec["user"])
-        if self.imds_endpoint:  # the VM-side code's metadata service: never 169.254.169.254 here
-            env[IMDS_ENV_VAR] = self.imds_endpoint
-        if self.arm_endpoint:  # and ARM (never management.azure.com here)
-            env[ARM_ENV_VAR] = self.arm_endpoint
+        # The VM-side code's metadata service and ARM: never 169.254.169.254 or management.azure.com
+        # here. Not served (yet): a loopback port nothing listens on, so a request fails, never leaves.
+        env[IMDS_ENV_VAR] = self.imds_endpoint or NOWHERE
+        env[ARM_ENV_VAR] = self.arm_endpoint or NOWHERE
         return env
 
     async def serve_imds(self) -> int:
