@@ -348,3 +348,18 @@ def test_cancel_from_another_process_collects_then_tears_down(tmp_path: Path, wa
     assert record["verdict"] == "cancelled" and record["torn_down"] and record["verdict_exit_code"] == 130
     assert store_of(tmp_path / "state")["groups"] == {}
     assert int((Path(record["artifacts"]) / "progress.txt").read_text()) >= 1, "what the job wrote came home"
+
+
+def test_collect_on_a_run_that_never_ran_a_job_brings_home_nothing_and_says_so(tmp_path: Path) -> None:
+    """`provision`, then `collect`: nothing was synced, so the run's folder does not exist on the VM
+    yet; that is no outputs, not a failure."""
+    state = ["--target", "local", "--state-dir", str(tmp_path / "state")]
+    r = cli(*state, "--json", "provision", str(REPO / "jobs" / "smoke" / "job.yaml"))
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(r.stdout.splitlines()[-1])["run_id"]
+    try:
+        collected = cli(*state, "collect", run_id)
+        assert collected.returncode == 0, collected.stderr
+        assert "collected 0 files" in collected.stdout + collected.stderr
+    finally:
+        assert cli(*state, "down", run_id).returncode == 0

@@ -231,7 +231,7 @@ def collect_command(layout: RemoteLayout, extra: list[str]) -> str:
     script = (TEMPLATES / "collect-artifacts.py").read_text()
     args = " ".join(shlex.quote(p) for p in extra)
     return (
-        f"cd {rq(layout.root)} && "
+        f"mkdir -p {rq(layout.root)} && cd {rq(layout.root)} && "  # a run that never synced has none yet
         "{ command -v zstd >/dev/null 2>&1 && Z='zstd -1 -T0 -q -c' || Z=cat; } && "
         f"python3 -c {shlex.quote(script)} {args} | $Z"
     )
