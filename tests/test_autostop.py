@@ -14,6 +14,7 @@ from orchestrator.azure import selfstop
 from orchestrator.azure.session import AzureSession
 from orchestrator.emulator import Emulator, VmEvent
 from orchestrator.emulator.store import HOST
+from orchestrator.remote.autostop import RESOURCE as ARM_AUDIENCE  # a token's audience: a name, never dialled
 from tests.conftest import SUB, make_plan
 from tests.test_emulator import call
 
@@ -150,7 +151,7 @@ def test_the_metadata_service_hands_the_vm_its_identity_token_and_arm_accepts_it
     arm = VmArm(store, vm_id)
     imds = Imds(lambda: None)
     imds.add_route(TOKEN_PATH, arm.token)
-    query = {"api-version": "2018-02-01", "resource": "https://management.azure.com/"}
+    query = {"api-version": "2018-02-01", "resource": ARM_AUDIENCE}
 
     def ask(headers: dict[str, str], q: dict[str, str] = query) -> Any:
         return asyncio.run(imds.handle(ImdsRequest("GET", TOKEN_PATH, q, headers)))
@@ -160,7 +161,7 @@ def test_the_metadata_service_hands_the_vm_its_identity_token_and_arm_accepts_it
     assert (missing.status, missing.body["error"]) == (400, "invalid_request")
     got = ask({"metadata": "true"})
     assert got.status == 200 and got.body["token_type"] == "Bearer"
-    assert got.body["resource"] == "https://management.azure.com/" and int(got.body["expires_on"]) > 0
+    assert got.body["resource"] == ARM_AUDIENCE and int(got.body["expires_on"]) > 0
     headers = {"Authorization": f"Bearer {got.body['access_token']}"}
     # What the agent does with it: through the VM's ARM endpoint (the same store), deallocate itself.
     assert arm.emulator().handle("POST", f"{vm_url}/deallocate?api-version=2026-04-01", headers, None).status == 202

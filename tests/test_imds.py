@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from orchestrator.bootstrap import TEMPLATES
+from orchestrator.remote.autostop import RESOURCE as ARM_AUDIENCE  # a token's audience: a name, never dialled
 from orchestrator.targets.localvm.imds import Imds, ImdsRequest, ImdsResponse
 
 RECORD = {
@@ -139,9 +140,9 @@ def test_another_module_registers_a_route(served: Served) -> None:
 
     served.imds.add_route("/metadata/identity/oauth2/token", token)
     status, body = served.call(
-        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/", headers=META
+        f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM_AUDIENCE}", headers=META
     )
-    assert (status, body) == (200, {"resource": "https://management.azure.com/"})
+    assert (status, body) == (200, {"resource": ARM_AUDIENCE})
 
 
 async def _schedule(imds: Imds, not_before: float, vm: str = "r1-0") -> str:
@@ -155,7 +156,7 @@ async def _shut(imds: Imds) -> None:
 
 
 def test_the_vm_side_watcher_reads_the_endpoint_from_the_environment(served: Served, tmp_path: Path) -> None:
-    """templates/preempt-watch.py asks ORCH_IMDS_ENDPOINT (never 169.254.169.254 here) and leaves the
+    """templates/preempt-watch.py asks ORCH_IMDS_ENDPOINT (never Azure's link-local address here) and leaves the
     marker the watching orchestrator waits on once a Preempt is scheduled."""
     marker = tmp_path / "preempted"
     marker.write_text("{}")  # left by the run before a restart on the same disk: old news
@@ -167,9 +168,21 @@ def test_the_vm_side_watcher_reads_the_endpoint_from_the_environment(served: Ser
             time.sleep(0.05)
         assert not marker.exists(), "the old marker is taken away at start"
         # A Preempt about another VM (the event lists the VMs it is about) is not this VM's.
+        seen: list[int] = []  # the document incarnations the watcher was served
+        serve = served.imds.routes["/metadata/scheduledevents"]["GET"]
+
+        def counting(request: ImdsRequest) -> Any:
+            seen.append(served.imds.events.incarnation)
+            return serve(request)
+
+        served.imds.add_route("/metadata/scheduledevents", counting)
         others = asyncio.run_coroutine_threadsafe(_schedule(served.imds, time.time() + 30, "r1-1"), served.loop)
         others.result(5)
-        time.sleep(2.5)  # the watcher asks once a second
+        newer = served.imds.events.incarnation
+        deadline = time.monotonic() + 10
+        while seen.count(newer) < 2 and time.monotonic() < deadline:  # read it, then once more after
+            time.sleep(0.05)
+        assert seen.count(newer) >= 2
         assert watcher.poll() is None and not marker.exists()
         event = asyncio.run_coroutine_threadsafe(_schedule(served.imds, time.time() + 30), served.loop).result(5)
         assert watcher.wait(timeout=20) == 0
