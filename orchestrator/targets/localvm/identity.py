@@ -16,20 +16,18 @@ nothing in another group. A VM without an identity gets IMDS's 400 "Identity not
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode
 
-from orchestrator.targets.localvm.imds import ImdsRequest, ImdsResponse
+from orchestrator.targets.localvm.imds import ImdsRequest, ImdsResponse, read_request, write_response
 
 TOKEN_PATH = "/metadata/identity/oauth2/token"
 ARM_ENV_VAR = "ORCH_ARM_ENDPOINT"
 TOKEN_LIFETIME_S = 24 * 3600
-MAX_BODY = 1 << 20
 
 
 class VmArm:
@@ -94,23 +92,16 @@ class VmArm:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, headers, body = 400, {"Content-Type": "application/json"}, b'{"error": {"code": "BadRequest"}}'
         try:
-            request = await asyncio.wait_for(_read(reader), timeout=10)
-            if request is not None:
-                method, target, req_headers, req_body = request
-                url = "https://management.azure.com" + target
-                response = await asyncio.to_thread(self.emulator().handle, method, url, req_headers, req_body or None)
+            request = await asyncio.wait_for(read_request(reader), timeout=10)
+            if request is not None and request.path.startswith("/subscriptions/"):
+                query = f"?{urlencode(request.query)}" if request.query else ""
+                url = "https://management.azure.com" + request.path + query
+                handle = self.emulator().handle
+                response = await asyncio.to_thread(handle, request.method, url, request.headers, request.body or None)
                 status, headers, body = response.status, dict(response.headers), response.body
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
-        extra = [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
-        head = [f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}", f"Content-Length: {len(body)}", *extra]
-        head.append("Connection: close")
-        with contextlib.suppress(ConnectionError):
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        await write_response(writer, status, headers, body)
 
 
 def install(imds: Any, arm: VmArm) -> None:
@@ -120,27 +111,6 @@ def install(imds: Any, arm: VmArm) -> None:
 
 def _invalid(description: str) -> ImdsResponse:
     return ImdsResponse(400, {"error": "invalid_request", "error_description": description})
-
-
-async def _read(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        method, target, _ = lines[0].split(" ", 2)
-    except ValueError:
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if ":" in line:
-            name, value = line.split(":", 1)
-            headers[name.strip()] = value.strip()
-    length = int({k.lower(): v for k, v in headers.items()}.get("content-length", "0") or 0)
-    if length > MAX_BODY:
-        return None
-    body = await reader.readexactly(length) if length else b""
-    if not urlsplit(target).path.startswith("/subscriptions/"):
-        return None
-    return method.upper(), target, headers, body
 
 
 def arm_env(address: str, port: int) -> dict[str, str]:

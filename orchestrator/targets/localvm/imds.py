@@ -200,27 +200,14 @@ class Imds:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(_read_request(reader), timeout=10)
+            request = await asyncio.wait_for(read_request(reader), timeout=10)
             response = error(400, "Bad request.") if request is None else await self.handle(request)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
             response = error(400, "Bad request.")
         except Exception:  # a handler's bug answers 500; the VM goes on
             response = error(500, "Internal server error")
-        body = response.encoded()
-        head = [
-            f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Error')}",
-            "Content-Type: application/json; charset=utf-8",
-            f"Content-Length: {len(body)}",
-            "Server: Microsoft-IIS/10.0",
-            "Connection: close",
-            *(f"{k}: {val}" for k, val in response.headers.items()),
-        ]
-        with contextlib.suppress(ConnectionError):
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        headers = {"Content-Type": "application/json; charset=utf-8", "Server": "Microsoft-IIS/10.0"}
+        await write_response(writer, response.status, {**headers, **response.headers}, response.encoded())
 
     # ------------------------------------------------------------------ the built-in routes
 
@@ -268,7 +255,8 @@ def instance_document(record: dict[str, Any]) -> dict[str, Any]:
     return {"compute": compute, "network": {"interface": []}}
 
 
-async def _read_request(reader: asyncio.StreamReader) -> ImdsRequest | None:
+async def read_request(reader: asyncio.StreamReader) -> ImdsRequest | None:
+    """One HTTP/1.1 request off the connection (header names lower-cased); None when malformed."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     try:
@@ -286,3 +274,19 @@ async def _read_request(reader: asyncio.StreamReader) -> ImdsRequest | None:
     body = await reader.readexactly(length) if length else b""
     url = urlsplit(target)
     return ImdsRequest(method.upper(), url.path, dict(parse_qsl(url.query)), headers, body)
+
+
+async def write_response(writer: asyncio.StreamWriter, status: int, headers: dict[str, str], body: bytes) -> None:
+    """The answer, then the connection closed (one request per connection)."""
+    head = [
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"),
+    ]
+    with contextlib.suppress(ConnectionError):
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
