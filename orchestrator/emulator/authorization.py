@@ -164,6 +164,23 @@ class AuthorizationRP(ArmCore):
             for p in self.store.permissions
         )
 
+    def _get_or_delete(
+        self, method: str, rid: str, existing: dict[str, Any] | None, missing: ArmFault, rec: LoggedRequest
+    ) -> EmuResponse | None:
+        """GET (404 `missing` when absent) and DELETE (204 when absent, as Authorization answers) of a
+        role definition or assignment; None for other methods."""
+        if method == "GET":
+            if existing is None:
+                raise missing
+            return self._ok(200, existing)
+        if method == "DELETE":
+            rec.kind = "delete"
+            if existing is None:
+                return EmuResponse(204, {})
+            del self.store.roles[rid.lower()]
+            return self._ok(200, existing)
+        return None
+
     # ------------------------------------------------------------------ role definitions
 
     def _h_role_definitions(
@@ -192,17 +209,11 @@ class AuthorizationRP(ArmCore):
         rid = f"/subscriptions/{g['sub']}/providers/Microsoft.Authorization/roleDefinitions/{g['name']}"
         rec.resource_type, rec.resource_id = T_ROLE_DEF, rid
         existing = self.store.roles.get(rid.lower())
-        if method == "GET":
-            if existing is None:
-                raise ArmFault(404, "RoleDefinitionDoesNotExist", "The specified role definition with ID "
-                               f"'{g['name']}' does not exist.")  # fmt: skip
-            return self._ok(200, existing)
-        if method == "DELETE":
-            rec.kind = "delete"
-            if existing is None:
-                return EmuResponse(204, {})
-            del self.store.roles[rid.lower()]
-            return self._ok(200, existing)
+        missing = ArmFault(404, "RoleDefinitionDoesNotExist", f"The specified role definition with ID '{g['name']}' "
+                           "does not exist.")  # fmt: skip
+        done = self._get_or_delete(method, rid, existing, missing, rec)
+        if done is not None:
+            return done
         if method == "PUT":
             rec.kind = "update" if existing else "create"
             props = (body or {}).get("properties") or {}
@@ -236,16 +247,10 @@ class AuthorizationRP(ArmCore):
         existing = self.store.roles.get(rid.lower())
         if g.get("rg"):
             self._group(g["sub"], g["rg"])
-        if method == "GET":
-            if existing is None:
-                raise ArmFault(404, "RoleAssignmentNotFound", f"The role assignment '{g['name']}' is not found.")
-            return self._ok(200, existing)
-        if method == "DELETE":
-            rec.kind = "delete"
-            if existing is None:
-                return EmuResponse(204, {})
-            del self.store.roles[rid.lower()]
-            return self._ok(200, existing)
+        missing = ArmFault(404, "RoleAssignmentNotFound", f"The role assignment '{g['name']}' is not found.")
+        done = self._get_or_delete(method, rid, existing, missing, rec)
+        if done is not None:
+            return done
         if method != "PUT":
             raise ArmFault(405, "MethodNotAllowed", "The requested method is not allowed.")
         rec.kind = "create"
