@@ -24,6 +24,24 @@ pytestmark = pytest.mark.slow
 EVICT_TWICE = json.dumps([{"code": "Evicted", "phase": "evict", "after": 40, "count": 2}])
 FAST = {"ORCH_EMULATOR_SPEED": "10", "ORCH_CHECKPOINT_SYNC_S": "1"}
 TRAIN_ARGS = ["--dataset", "digits", "--epochs", "1", "--checkpoint-every", "4"]
+COUNT_TO = (
+    "import os, pathlib, time\n"
+    "ckpt = pathlib.Path(os.environ['ORCH_CHECKPOINT_DIR'])\n"
+    "step = max([int(p.stem) for p in ckpt.glob('*.step')] or [0])\n"
+    "print(f'resumed at {step}' if step else 'from the start', flush=True)\n"
+    "while step < {steps}:\n"
+    "    step += 1\n"
+    "    (ckpt / f'{step}.step').write_text('')\n"
+    "    time.sleep(0.05)\n"
+    "(pathlib.Path(os.environ['ORCH_OUTPUT_DIR']) / 'done.txt').write_text(str(step))\n"
+)
+
+
+def _run(state: Path, job: Path, faults: str) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """`orchestrator --json run JOB` on the local target under these faults: the process and its events."""
+    env = {**FAST, "ORCH_EMULATOR_FAULTS": faults}
+    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
+    return r, _events(r.stdout)
 
 
 def _events(stdout: str) -> list[dict[str, Any]]:
@@ -54,9 +72,7 @@ def test_a_run_evicted_twice_ends_like_an_uninterrupted_one(tmp_path: Path) -> N
         "max_duration: 20m\n"
     )
     state = tmp_path / "state"
-    env = {**FAST, "ORCH_EMULATOR_FAULTS": EVICT_TWICE}
-    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
-    events = _events(r.stdout)
+    r, events = _run(state, job, EVICT_TWICE)
     result = events[-1]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert (result["verdict"], result["restarts"]) == ("succeeded", 2), result
@@ -96,16 +112,7 @@ def test_a_run_evicted_twice_ends_like_an_uninterrupted_one(tmp_path: Path) -> N
 
 
 def test_evictions_beyond_max_restarts_end_the_run_restarts_exhausted(tmp_path: Path) -> None:
-    (tmp_path / "count.py").write_text(
-        "import json, os, pathlib, time\n"
-        "ckpt = pathlib.Path(os.environ['ORCH_CHECKPOINT_DIR'])\n"
-        "step = max([int(p.stem) for p in ckpt.glob('*.step')] or [0])\n"
-        "print(f'resumed at {step}' if step else 'from the start', flush=True)\n"
-        "while step < 600:\n"
-        "    step += 1\n"
-        "    (ckpt / f'{step}.step').write_text('')\n"
-        "    time.sleep(0.05)\n"
-    )
+    (tmp_path / "count.py").write_text(COUNT_TO.replace("{steps}", "600"))
     job = tmp_path / "job.yaml"
     job.write_text(
         "name: spot-count\n"
@@ -115,9 +122,7 @@ def test_evictions_beyond_max_restarts_end_the_run_restarts_exhausted(tmp_path: 
         "max_duration: 10m\n"
     )
     state = tmp_path / "state"
-    env = {**FAST, "ORCH_EMULATOR_FAULTS": EVICT_TWICE}
-    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
-    events = _events(r.stdout)
+    r, events = _run(state, job, EVICT_TWICE)
     result = events[-1]
     assert r.returncode == 3, r.stdout[-4000:] + r.stderr[-2000:]
     assert (result["verdict"], result["exit_code"], result["restarts"]) == ("restarts-exhausted", 3, 2), result
@@ -131,19 +136,6 @@ def test_evictions_beyond_max_restarts_end_the_run_restarts_exhausted(tmp_path: 
     lines = [e["line"] for e in events if e["event"] == "log"]
     assert step > 0 and f"resumed at {step}" in lines, (restarted, lines)  # restored, then resumed there
     _nothing_left(state)
-
-
-COUNT_TO = (
-    "import os, pathlib, time\n"
-    "ckpt = pathlib.Path(os.environ['ORCH_CHECKPOINT_DIR'])\n"
-    "step = max([int(p.stem) for p in ckpt.glob('*.step')] or [0])\n"
-    "print(f'resumed at {step}' if step else 'from the start', flush=True)\n"
-    "while step < {steps}:\n"
-    "    step += 1\n"
-    "    (ckpt / f'{step}.step').write_text('')\n"
-    "    time.sleep(0.05)\n"
-    "(pathlib.Path(os.environ['ORCH_OUTPUT_DIR']) / 'done.txt').write_text(str(step))\n"
-)
 
 
 def test_a_replacement_azure_has_no_spot_room_for_falls_back_to_on_demand(tmp_path: Path) -> None:
@@ -172,9 +164,7 @@ def test_a_replacement_azure_has_no_spot_room_for_falls_back_to_on_demand(tmp_pa
             "resource_type": "Microsoft.Compute/virtualMachines",
         },
     ]
-    env = {**FAST, "ORCH_EMULATOR_FAULTS": json.dumps(faults)}
-    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
-    events = _events(r.stdout)
+    r, events = _run(state, job, json.dumps(faults))
     result = events[-1]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert (result["verdict"], result["restarts"]) == ("succeeded", 1), result
@@ -206,9 +196,7 @@ def test_a_vm_evicted_before_its_job_started_is_replaced_and_set_up_again(tmp_pa
     )
     state = tmp_path / "state"
     faults = [{"code": "Evicted", "phase": "evict", "after": 10, "count": 1}]  # 1 s after it runs: in setup
-    env = {**FAST, "ORCH_EMULATOR_FAULTS": json.dumps(faults)}
-    r = cli("--target", "local", "--state-dir", str(state), "--json", "run", str(job), env=env)
-    events = _events(r.stdout)
+    r, events = _run(state, job, json.dumps(faults))
     result = events[-1]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert (result["verdict"], result["restarts"]) == ("succeeded", 1), result
