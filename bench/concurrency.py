@@ -145,19 +145,9 @@ def leftovers(state: Path) -> list[str]:
 
 
 def processes_under(folder: Path) -> list[str]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.rindex(")") + 2] != "Z" and (str(folder) in cmdline or cwd.startswith(str(folder))):
-            found.append(f"{entry} {cmdline.strip()[:120]}")
-    return found
+    from orchestrator.targets.localvm.manager import processes_in
+
+    return [f"{pid} {cmdline[:120]}" for pid, cmdline, _ in processes_in(folder)]
 
 
 class CpuSampler:

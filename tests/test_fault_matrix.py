@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.targets.localvm.manager import processes_in
 from tests.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow
@@ -381,22 +382,7 @@ def act(what: str, proc: subprocess.Popen[str], state: Path) -> str:
 
 def processes_under(folder: Path) -> list[str]:
     """Processes whose command line or working directory is inside `folder` (VM hosts, jobs, uv)."""
-    found = []
-    mark = str(folder)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.rindex(")") + 2] == "Z":
-            continue
-        if mark in cmdline or cwd.startswith(mark):
-            found.append(f"{entry}: {cmdline.strip()} (in {cwd})")
-    return found
+    return [f"{pid}: {cmdline} (in {cwd})" for pid, cmdline, cwd in processes_in(folder)]
 
 
 def no_processes_under(folder: Path) -> list[str]:

@@ -212,6 +212,26 @@ def _starting_host(vm: VmPaths) -> int | None:
     return None
 
 
+def processes_in(folder: Path) -> list[tuple[int, str, str]]:
+    """(pid, command line, working directory) of every live process whose command line or working
+    directory is inside `folder`: a state directory's VM hosts, jobs and installs (for checks that
+    nothing outlived its VM)."""
+    found = []
+    mark = str(folder)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] != "Z" and (mark in cmdline or cwd.startswith(mark)):
+            found.append((int(entry), cmdline.strip(), cwd))
+    return found
+
+
 def _host_key(custom_data: str | None) -> str:
     from orchestrator.emulator.cloudinit import parse_cloud_init
 
