@@ -125,11 +125,13 @@ def finish(started: Started) -> Finished:
 def leftovers(state: Path) -> list[str]:
     """What is left of the runs: resources in the emulator, runs in `status`, processes, VM folders."""
     left = []
-    store = state / "emulator" / "store.json"
-    if store.exists():
-        data = json.loads(store.read_text())
-        left += [f"resource group {g}" for g in data.get("groups", {})]
-        left += [f"resource {r}" for r in data.get("resources", {})]
+    from orchestrator.emulator.persist import StoreFile
+
+    store = StoreFile(state / "emulator" / "store.json")
+    with store.locked():
+        data = store.load()
+    left += [f"resource group {g}" for g in data.groups]
+    left += [f"resource {r}" for r in data.resources]
     cli = [sys.executable, "-m", "orchestrator", "--target", "local", "--state-dir", str(state), "--json", "status"]
     status = subprocess.run(cli, capture_output=True, text=True, check=False, cwd=REPO)
     try:

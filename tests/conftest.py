@@ -43,6 +43,18 @@ def session(emu: Emulator) -> AzureSession:
     return emulator_session(emu, subscription=SUB)
 
 
+def emulator_store(state: Path) -> dict[str, Any]:
+    """What the local target's emulator holds on disk under a state directory, as one JSON-able
+    dict (its groups, resources, operations...), read under its lock."""
+    import json
+
+    from orchestrator.emulator.persist import StoreFile
+
+    store = StoreFile(state / "emulator" / "store.json")
+    with store.locked():
+        return dict(json.loads(store.load().to_json()))
+
+
 def make_spec(**fields: Any) -> JobSpec:
     data: dict[str, Any] = {"name": "demo", "run": "python train.py"}
     data.update(fields)

@@ -165,7 +165,7 @@ def test_the_metadata_service_hands_the_vm_its_identity_token_and_arm_accepts_it
     headers = {"Authorization": f"Bearer {got.body['access_token']}"}
     # What the agent does with it: through the VM's ARM endpoint (the same store), deallocate itself.
     assert arm.emulator().handle("POST", f"{vm_url}/deallocate?api-version=2026-04-01", headers, None).status == 202
-    assert json.loads(store.read_text())["resources"][vm_id.lower()]["_power"] == "deallocated"
+    assert (StoreFile(store).resource(vm_id.lower()) or {}).get("_power") == "deallocated"
     # A VM without an identity gets none.
     plain = VmArm(store, vm_id.replace("first-aaa111-0", "nope-0"))
     assert asyncio.run(plain.token(ImdsRequest("GET", TOKEN_PATH, query, {}))).body["error_description"] == (

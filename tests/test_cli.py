@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.emulator.persist import StoreFile
+from tests.conftest import emulator_store
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke" / "job.yaml"
 
@@ -126,7 +129,7 @@ def test_local_target_provision_and_down_across_processes(tmp_path: Path) -> Non
     r = cli(*state, "down", run_id)
     assert r.returncode == 0, r.stderr
     assert "nothing of it is left" in r.stdout
-    store = json.loads((tmp_path / "emulator" / "store.json").read_text())
+    store = emulator_store(tmp_path)
     assert store["groups"] == {} and store["resources"] == {}
     again = cli(*state, "down", run_id)
     assert again.returncode == 0 and "Nothing to delete" in again.stdout
@@ -139,7 +142,7 @@ def test_gc_removes_what_a_crashed_run_left(tmp_path: Path) -> None:
     assert "Nothing to collect" in cli(*state, "gc").stdout
     r = cli(*state, "gc", "--all")
     assert r.returncode == 0 and "Deleted orch-smoke-" in r.stdout
-    assert json.loads((tmp_path / "emulator" / "store.json").read_text())["resources"] == {}
+    assert emulator_store(tmp_path)["resources"] == {}
 
 
 @pytest.mark.parametrize("bad", ["Bad_Run", "x"])
@@ -167,7 +170,7 @@ def test_run_does_the_whole_cycle_and_leaves_nothing(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "token is ****" in r.stdout and "lr 0.1" in r.stdout and "setting up" in r.stdout
     assert "acc=0.97" in r.stderr and "all resources deleted" in r.stderr
-    store = json.loads((state / "emulator" / "store.json").read_text())
+    store = emulator_store(state)
     assert store["groups"] == {} and store["resources"] == {}
     (run_folder,) = (state / "runs").iterdir()
     assert json.loads((run_folder / "artifacts" / "metrics.json").read_text()) == {"acc": 0.97}
@@ -188,7 +191,7 @@ def test_a_failing_job_exits_1_and_still_brings_its_outputs_home(tmp_path: Path)
     assert "failed in run with exit code 4" in r.stderr and "boom" in r.stdout
     (run_folder,) = (state / "runs").iterdir()
     assert (run_folder / "artifacts" / "partial.txt").read_text() == "p"
-    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+    assert emulator_store(state)["resources"] == {}
 
 
 def test_a_missing_secret_is_bad_input_before_anything_is_created(tmp_path: Path) -> None:
@@ -196,7 +199,7 @@ def test_a_missing_secret_is_bad_input_before_anything_is_created(tmp_path: Path
     state = tmp_path / "state"
     r = cli("--target", "local", "--state-dir", str(state), "run", str(job))
     assert r.returncode == 2 and "API_TOKEN not set in your environment" in r.stderr
-    assert not (state / "emulator" / "store.json").exists()
+    assert not StoreFile(state / "emulator" / "store.json").exists()
 
 
 def test_hostile_outputs_fail_the_run_but_not_the_teardown(tmp_path: Path) -> None:
@@ -207,7 +210,7 @@ def test_hostile_outputs_fail_the_run_but_not_the_teardown(tmp_path: Path) -> No
     # the unsafe member is left out and named; the run ends artifacts-incomplete, never losing the rest
     assert r.returncode == 1 and "left out" in r.stderr and "link leaves the outputs" in r.stderr, r.stderr
     assert "artifacts-incomplete" in r.stderr and "all resources deleted" in r.stderr
-    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+    assert emulator_store(state)["resources"] == {}
 
 
 def test_run_flags_artifacts_dir_upload_limit_and_keep(tmp_path: Path) -> None:
@@ -220,7 +223,7 @@ def test_run_flags_artifacts_dir_upload_limit_and_keep(tmp_path: Path) -> None:
     result = json.loads(r.stdout.splitlines()[-1])
     assert r.returncode == 2 and result["event"] == "result" and result["verdict"] == "bad-input"
     assert "over the 1 MB upload limit" in result["message"] and "data.bin" in result["message"]
-    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}, "torn down"
+    assert emulator_store(state)["resources"] == {}, "torn down"
     (job.parent / ".orchestratorignore").write_text("*.bin\n")
     dest = tmp_path / "mine"
     r = cli(*base, "--artifacts", str(dest), "--keep", env={"API_TOKEN": "x"})
@@ -229,9 +232,9 @@ def test_run_flags_artifacts_dir_upload_limit_and_keep(tmp_path: Path) -> None:
     assert finished["event"] == "result" and finished["torn_down"] is False and finished["kept"] is True
     assert finished["schema"] == 1 and finished["verdict"] == "succeeded"
     assert (dest / "out.txt").read_text() == "o"
-    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] != {}, "kept"
+    assert emulator_store(state)["resources"] != {}, "kept"
     assert cli("--target", "local", "--state-dir", str(state), "down", finished["run_id"]).returncode == 0
-    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+    assert emulator_store(state)["resources"] == {}
 
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -257,7 +260,7 @@ def wait_for(proc: subprocess.Popen[str], text: str, seen: list[str]) -> None:
 
 
 def store_of(state: Path) -> dict[str, object]:
-    return dict(json.loads((state / "emulator" / "store.json").read_text()))
+    return emulator_store(state)
 
 
 def test_sigint_during_training_tears_down_and_kills_the_job(tmp_path: Path) -> None:

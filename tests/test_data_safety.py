@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.conftest import emulator_store
 from tests.test_cli import cli
 
 PEM = (
@@ -76,7 +77,7 @@ def _provisioned(tmp_path: Path) -> tuple[list[str], str]:
 
 
 def _groups(tmp_path: Path) -> dict[str, object]:
-    return dict(json.loads((tmp_path / "state" / "emulator" / "store.json").read_text())["groups"])
+    return dict(emulator_store(tmp_path / "state")["groups"])
 
 
 def test_down_works_with_a_corrupt_store(tmp_path: Path) -> None:

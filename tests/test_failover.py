@@ -18,7 +18,7 @@ from orchestrator.candidates import Candidate
 from orchestrator.emulator import Emulator, Fault
 from orchestrator.errors import EXIT_AZURE_REFUSED
 from orchestrator.plan import ResourcePlan
-from tests.conftest import make_plan, make_spec
+from tests.conftest import emulator_store, make_plan, make_spec
 from tests.test_cli import cli
 
 T4 = "Standard_NC4as_T4_v3"
@@ -209,4 +209,4 @@ def test_cli_run_fails_over_when_a_zone_is_out_of_gpus(tmp_path: Path) -> None:
     assert [a["zone"] for a in listed["runs"][0]["attempts"]] == ["1", "2"]
     text = cli("--target", "local", "--state-dir", str(state), "status", result["run_id"]).stdout
     assert f"1. {T4} in eastus zone 1: ZonalAllocationFailed after" in text
-    assert json.loads((state / "emulator" / "store.json").read_text())["resources"] == {}
+    assert emulator_store(state)["resources"] == {}

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from orchestrator.targets.localvm.manager import processes_in
+from tests.conftest import emulator_store
 from tests.test_cli import REPO, cli
 
 pytestmark = pytest.mark.slow
@@ -447,7 +448,7 @@ def test_fault_matrix(row: Row, jobs: dict[str, Path], tmp_path: Path) -> None:
         assert (recorded["verdict"], recorded["verdict_exit_code"]) == (row.verdict, row.exit_code), recorded
 
     # Nothing left anywhere: the emulated Azure, the run store, this machine's processes.
-    store = json.loads((state / "emulator" / "store.json").read_text())
+    store = emulator_store(state)
     assert store["groups"] == {} and store["resources"] == {}, store
     status = cli(*base, "--json", "status")
     assert status.returncode == 0 and json.loads(status.stdout)["runs"] == [], status.stdout

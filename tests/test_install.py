@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from orchestrator import bootstrap
 from orchestrator.bootstrap import PythonSetup, cloud_init, python_setup_of
 from orchestrator.emulator.cloudinit import parse_cloud_init
 from orchestrator.spec import SpecError, load_spec
+from tests.conftest import emulator_store
 from tests.test_cli import cli
 from tests.test_local_vm import NO_TRACEBACK, _wheel
 
@@ -305,4 +305,4 @@ def test_a_requirement_that_cannot_be_installed_fails_the_job_with_its_log(tmp_p
     run_id = next(p.name for p in (tmp_path / "state" / "runs").iterdir())
     status = json.loads(_local(tmp_path, "--json", "status", run_id).stdout)
     assert status["verdict"] == "job-failed" and status["torn_down"] is True
-    assert yaml.safe_load((tmp_path / "state" / "emulator" / "store.json").read_text())["resources"] == {}
+    assert emulator_store(tmp_path / "state")["resources"] == {}

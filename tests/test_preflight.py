@@ -48,7 +48,7 @@ from orchestrator.lifecycle import run as lifecycle_run
 from orchestrator.spec import JobSpec
 from orchestrator.targets.base import SshSources, Target
 from orchestrator.targets.emulated import emulator_session
-from tests.conftest import SUB, make_spec
+from tests.conftest import SUB, emulator_store, make_spec
 from tests.test_cli import cli
 
 T4 = "Standard_NC4as_T4_v3"
@@ -370,7 +370,7 @@ def local(state: Path) -> list[str]:
 
 
 def no_group_and_no_run(state: Path) -> None:
-    store = json.loads((state / "emulator" / "store.json").read_text())
+    store = emulator_store(state)
     assert store["groups"] == {} and store["resources"] == {} and store["operations"] == {}
     assert not (state / "runs.db").exists()
 
@@ -401,7 +401,7 @@ def test_cli_a_too_small_disk_is_bad_input_before_any_request(tmp_path: Path) ->
     for verb in ("run", "check"):
         r = cli(*local(state), verb, str(job))
         assert r.returncode == 2 and "smaller than the 64 GB OS disk" in r.stderr, r.stderr
-        assert not (state / "emulator" / "store.json").exists()  # the emulator never got a request
+        assert not StoreFile(state / "emulator" / "store.json").exists()  # the emulator never got a request
 
 
 def test_cli_check_passes_on_a_ready_subscription_and_its_json_document(tmp_path: Path) -> None:

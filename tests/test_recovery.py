@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import emulator_store
 from tests.test_cli import REPO, cli
 from tests.test_fault_matrix import no_processes_under
 
@@ -49,7 +50,7 @@ def _events(stdout: str) -> list[dict[str, Any]]:
 
 
 def _nothing_left(state: Path) -> None:
-    store = json.loads((state / "emulator" / "store.json").read_text())
+    store = emulator_store(state)
     assert store["groups"] == {} and store["resources"] == {}, store
     assert no_processes_under(state) == []
     assert not [p for p in (state / "vms").glob("*") if p.is_dir()], "a VM folder outlived its VM"

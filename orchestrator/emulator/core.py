@@ -188,16 +188,13 @@ class ArmCore:
                 yield
                 return
             with self.backing.locked():
-                # Compared with the text read, not a second dump: every request of every process on
-                # the local target pays this under the one lock, and the store grows with the runs.
-                before = self.backing.read_text()
-                self.store = Store.from_json(before)
+                # Read lazily, a resource group at a time (persist.py): every request of every
+                # process on the local target pays this under the one lock.
+                self.store = self.backing.open()
                 try:
                     yield
                 finally:
-                    after = self.store.to_json()
-                    if after != before:
-                        self.backing.write_text(after)
+                    self.backing.commit(self.store)
 
     # ------------------------------------------------------------------ the HTTP entry point
 
@@ -445,9 +442,9 @@ class ArmCore:
             self._remove_resource(res_id)
         elif kind == "group-delete":
             prefix = res_id + "/"
-            for child in [r for r in self.store.resources if r.startswith(prefix)]:
+            for child, _ in self.store.resources.under(prefix):
                 self._remove_resource(child)
-            for role in [r for r in self.store.roles if r.startswith(prefix)]:  # assignments at its scope
+            for role, _ in self.store.roles.under(prefix):  # assignments at its scope
                 del self.store.roles[role]
             self.store.groups.pop(res_id, None)
         elif kind == "vm-power":

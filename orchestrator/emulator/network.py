@@ -19,6 +19,7 @@ from orchestrator.emulator.store import (
     EmuResponse,
     LoggedRequest,
     base,
+    group_of,
     rid,
 )
 from orchestrator.emulator.typed import TypedResources, Write, Written
@@ -123,7 +124,7 @@ class NetworkRP(TypedResources):
         if nsg_ref:
             self._referenced(nsg_ref, owner, location)
         pips = []
-        ipconfigs = []
+        ipconfigs: list[dict[str, Any]] = []
         existing_nic = self.store.resources.get(nic_id.lower())
         old = {c["name"]: c for c in (existing_nic or {}).get("properties", {}).get("ipConfigurations", [])}
         for ipc in props["ipConfigurations"]:
@@ -141,7 +142,7 @@ class NetworkRP(TypedResources):
                 "properties": {
                     "subnet": {"id": subnet_id},
                     "privateIPAllocationMethod": "Dynamic",
-                    "privateIPAddress": private or self._private_ip(vnet),
+                    "privateIPAddress": private or self._private_ip(vnet, subnet_id, nic_id, ipconfigs),
                     "primary": iprops.get("primary", True),
                 },
             }
@@ -185,14 +186,18 @@ class NetworkRP(TypedResources):
         }
         return pip
 
-    def _private_ip(self, vnet: dict[str, Any]) -> str:
-        subnet = vnet["properties"]["subnets"][0]["properties"]["addressPrefix"]
-        net = ipaddress.ip_network(subnet)
+    def _private_ip(self, vnet: dict[str, Any], subnet_id: str, nic_id: str, taken: list[dict[str, Any]]) -> str:
+        """The subnet's first free address. The NICs on it are looked for in the VNet's group and
+        the new NIC's (where this tool puts them), not across the subscription."""
+        subnet = _find_subnet(vnet, subnet_id.rpartition("/subnets/")[2]) or {}
+        net = ipaddress.ip_network(subnet["properties"]["addressPrefix"])
+        groups = {f"{group_of(vnet['id'].lower())}/", f"{group_of(nic_id.lower())}/"}
+        configs = [c for g in groups for _, r in self.store.resources.under(g) if r["type"] == T_NIC
+                   for c in r["properties"].get("ipConfigurations", [])]  # fmt: skip
         used = {
-            ipc["properties"].get("privateIPAddress")
-            for r in self.store.resources.values()
-            if r["type"] == T_NIC
-            for ipc in r["properties"].get("ipConfigurations", [])
+            c["properties"].get("privateIPAddress")
+            for c in [*configs, *taken]
+            if c["properties"]["subnet"]["id"].lower() == subnet_id.lower()
         }
         for host in list(net.hosts())[3:]:  # Azure reserves the first addresses of every subnet
             if str(host) not in used:

@@ -123,7 +123,7 @@ class ResourcesRP(ArmCore):
                 "Microsoft.Compute/virtualMachines and Microsoft.Compute/virtualMachineScaleSets.",
             )
         key = gid(sub, rg)
-        has_vms = any(r["type"] == T_VM for res_id, r in self.store.resources.items() if res_id.startswith(key + "/"))
+        has_vms = any(r["type"] == T_VM for _, r in self.store.resources.under(key + "/"))
         op_id = existing.get("_delete_op")
         if existing["properties"]["provisioningState"] != "Deleting" or op_id is None:
             existing["properties"]["provisioningState"] = "Deleting"
@@ -152,8 +152,7 @@ class ResourcesRP(ArmCore):
         prefix = gid(g["sub"], g["rg"]) + "/"
         out = [
             {k: r[k] for k in ("id", "name", "type", "location", "tags") if k in r}
-            for key, r in sorted(self.store.resources.items())
-            if key.startswith(prefix)
+            for _, r in self.store.resources.under(prefix)
         ]
         return self._ok(200, {"value": out})
 

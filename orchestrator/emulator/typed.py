@@ -74,11 +74,7 @@ class TypedResources(ArmCore):
         self._group(g["sub"], g["rg"])
         self._fault(method, rtype, rec)
         prefix = gid(g["sub"], g["rg"]) + "/"
-        out = [
-            public(r)
-            for key, r in sorted(self.store.resources.items())
-            if key.startswith(prefix) and r["type"] == rtype
-        ]
+        out = [public(r) for _, r in self.store.resources.under(prefix) if r["type"] == rtype]
         return self._ok(200, {"value": out})
 
     def _read_view(self, res: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:

@@ -77,7 +77,10 @@ class VmHost:
         store = self.spec.get("store")
         if not store:
             return True
-        path = Path(store)
+        from orchestrator.emulator.persist import StoreFile
+
+        key = str(self.spec["vm_id"]).lower()
+        path = StoreFile(Path(store)).file_of(key)  # its resource group's: the others' runs never touch it
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -89,7 +92,7 @@ class VmHost:
             data = json.loads(path.read_text() or "{}")
         except (OSError, ValueError):
             return True  # being replaced right now: ask again next time
-        record = {k.lower(): r for k, r in data.get("resources", {}).items()}.get(str(self.spec["vm_id"]).lower())
+        record = data.get("resources", {}).get(key)
         if isinstance(record, dict) and record.get("_power") in {"deallocating", "deallocated", "stopping", "stopped"}:
             self.deallocated = True  # its own agent's deallocation, or the tool's: the host lets go of it
             return False
@@ -121,12 +124,12 @@ class VmHost:
         store = self.spec.get("store")
         if not store:
             return None
+        from orchestrator.emulator.persist import StoreFile
+
         try:
-            data = json.loads(Path(store).read_text() or "{}")
-        except (OSError, ValueError):
+            return StoreFile(Path(store)).resource(str(self.spec["vm_id"]).lower())
+        except OSError:
             return None
-        found = data.get("resources", {}).get(str(self.spec["vm_id"]).lower())
-        return found if isinstance(found, dict) else None
 
     def custom_data(self) -> dict[str, Any] | None:
         """The VM's cloud-config, from the emulator's store (custom data is never returned by ARM)."""
@@ -365,9 +368,11 @@ class VmHost:
 
         store = StoreFile(Path(self.spec["store"]))
         with store.locked():
-            data = store.load()
-            policy = evict(data, str(self.spec["vm_id"]))
-            store.save(data)
+            data = store.open()
+            try:
+                policy = evict(data, str(self.spec["vm_id"]))
+            finally:
+                store.commit(data)
         return policy
 
     # ------------------------------------------------------------------ the VM's processes
