@@ -15,6 +15,7 @@ from orchestrator.azure.session import AzureSession
 from orchestrator.emulator import Emulator, VmEvent
 from orchestrator.emulator.store import HOST
 from orchestrator.remote.autostop import RESOURCE as ARM_AUDIENCE  # a token's audience: a name, never dialled
+from orchestrator.targets.localvm.manager import processes_in
 from tests.conftest import SUB, make_plan
 from tests.test_emulator import call
 
@@ -211,9 +212,9 @@ def test_a_provisioned_vm_left_idle_deallocates_itself_and_collect_brings_its_ou
     assert record["state"] == "stopped" and not record["torn_down"] and record["autostop"] == 2
     (vm,) = _vm_folders(state_dir)
     deadline = time.monotonic() + 30  # the host notices within its 1 s watch; this bounds a broken one
-    while (vm / "host.json").exists() and time.monotonic() < deadline:
+    while (processes_in(vm) or (vm / "host.json").exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not (vm / "host.json").exists(), "its host process stopped with it"
+    assert not (vm / "host.json").exists() and processes_in(vm) == [], "its host process stopped with it"
     assert not (vm / "mnt").exists(), "the temporary disk is wiped"
     assert (vm / "home" / "orch" / run_id / "outputs" / "note.txt").read_text() == "kept\n", "moved to the OS disk"
     assert "no compute billed" in cli(*state, "status").stdout

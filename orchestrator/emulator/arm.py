@@ -76,6 +76,8 @@ class Emulator(ResourcesRP, ComputeRP, DevTestLabRP, SubscriptionRP, Authorizati
         self.backing = backing  # a persist.StoreFile shared with other processes, or None
         self.log = []
         self._vm_listeners = []  # see add_vm_listener
+        self._vm_events = []  # told to the listeners once the store's lock is let go
+        self._depth = 0  # nesting of _locked in this thread
         self._lock = threading.RLock()
         openapi.SPECS.operations()  # load and compile the specs now, not inside the first request
         self.validated_bodies = 0

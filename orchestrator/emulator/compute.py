@@ -62,7 +62,7 @@ _POWER = {
     "start": ("starting", "running"),
     "poweroff": ("stopping", "stopped"),
 }
-_OFF = frozenset({"deallocating", "deallocated", "stopping", "stopped"})
+OFF = frozenset({"deallocating", "deallocated", "stopping", "stopped"})  # power states with no host
 
 
 def power_state(vm: dict[str, Any]) -> str:
@@ -73,6 +73,7 @@ def power_state(vm: dict[str, Any]) -> str:
 
 class ComputeRP(NetworkRP):
     _vm_listeners: list[VmListener]
+    _vm_events: list[VmEvent]
     _ended_at: float | None = None  # the end of the operation being finished, while it is
 
     def _finish(self, op_id: str, op: dict[str, Any]) -> None:
@@ -87,20 +88,21 @@ class ComputeRP(NetworkRP):
         (kind "running") for every VM that is already running.
 
         "running" comes again after each successful update of a VM, so a listener must treat a VM it
-        already knows as a no-op. Listeners run in the request's thread with the store locked: they
-        must not call the emulator."""
+        already knows as a no-op. Listeners run in the request's thread once the store's lock is let
+        go, so another process may have changed the VM since: a listener that acts on the VM checks
+        the store first. They must not call the emulator."""
         with self._locked():
             self._vm_listeners.append(listener)
             if replay:
                 for res in list(self.store.resources.values()):
                     if res["type"] != T_VM or res["properties"].get("provisioningState") != "Succeeded":
                         continue
-                    if power_state(res) not in _OFF:  # a deallocated VM has no host until started
-                        listener(self._vm_event("running", res))
+                    if power_state(res) not in OFF:  # a deallocated VM has no host until started
+                        self._vm_events.append(self._vm_event("running", res))
 
     def _on_provisioned(self, res: dict[str, Any]) -> None:
         super()._on_provisioned(res)
-        if res["type"] == T_VM and power_state(res) not in _OFF:
+        if res["type"] == T_VM and power_state(res) not in OFF:
             self._notify("running", res)
 
     # ------------------------------------------------------------------ power: deallocate, start, powerOff
@@ -143,7 +145,7 @@ class ComputeRP(NetworkRP):
         during, after = _POWER[action]
         vm["_power"] = during
         seconds = {"deallocate": self.profile.vm_deallocate, "start": self.profile.vm_start}.get(action, 0.0)
-        if during in _OFF:
+        if during in OFF:
             self._notify("deallocated", vm)
         vm["_powerTime"] = now_iso(self.clock.now())
         op_id = self._new_op("vm-power", vm["id"].lower(), seconds * self.profile.scale, power=after)
@@ -204,7 +206,15 @@ class ComputeRP(NetworkRP):
 
     def _notify(self, kind: str, vm: dict[str, Any]) -> None:
         if self._vm_listeners:
-            event = self._vm_event(kind, vm)
+            self._vm_events.append(self._vm_event(kind, vm))  # read now, while the store is at hand
+
+    def _after_unlock(self) -> None:
+        # Outside the store's lock: stopping a VM's host waits for it to end its processes, and
+        # other runs' requests must not wait for that. A listener that gets events out of order
+        # across processes re-checks the store (localvm/manager.py).
+        super()._after_unlock()
+        while self._vm_events:
+            event = self._vm_events.pop(0)
             for listener in list(self._vm_listeners):
                 listener(event)
 

@@ -106,6 +106,7 @@ class ArmCore:
     backing: Any  # a persist.StoreFile shared with other processes, or None
     log: list[LoggedRequest]
     _lock: threading.RLock
+    _depth: int
     # Held to Microsoft's contract (openapi.py): request bodies checked against the vendored specs,
     # requests matched to a vendored operation, requests whose path is not in the extracts, and the
     # read-only members clients sent (ignored, as Azure ignores them).
@@ -182,19 +183,31 @@ class ArmCore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """The store, current and exclusive: across threads always, across processes when backed
-        by a file (read before, written after if anything changed)."""
+        by a file (read before, written after if anything changed). What happened to VMs is told
+        to the listeners after the file's lock is let go (_after_unlock)."""
         with self._lock:
-            if self.backing is None:
-                yield
-                return
-            with self.backing.locked():
-                # Read lazily, a resource group at a time (persist.py): every request of every
-                # process on the local target pays this under the one lock.
-                self.store = self.backing.open()
-                try:
+            outermost = not self._depth
+            self._depth += 1
+            try:
+                if self.backing is None or not outermost:
                     yield
-                finally:
-                    self.backing.commit(self.store)
+                else:
+                    with self.backing.locked():
+                        # Read lazily, a resource group at a time (persist.py): every request of
+                        # every process on the local target pays this under the one lock.
+                        self.store = self.backing.open()
+                        try:
+                            yield
+                        finally:
+                            self.backing.commit(self.store)
+            finally:
+                self._depth -= 1
+            if outermost:
+                self._after_unlock()
+
+    def _after_unlock(self) -> None:
+        """Work queued during a request that must not hold the store's lock (compute.py: the VM
+        listeners, which start and stop local VMs' host processes)."""
 
     # ------------------------------------------------------------------ the HTTP entry point
 
@@ -207,6 +220,9 @@ class ArmCore:
         query = {k: vals[-1] for k, vals in parse_qs(parts.query).items()}
         lower_headers = {k.lower(): val for k, val in headers.items()}
         request_id = str(uuid.uuid4())
+        throttled = self._throttled(method, parts.path, query, lower_headers, request_id)
+        if throttled is not None:
+            return throttled
         with self._locked():
             self._settle()
             rec = LoggedRequest(
@@ -235,6 +251,28 @@ class ArmCore:
             self.log.append(rec)
         resp.headers.setdefault("x-ms-request-id", request_id)
         resp.headers["x-ms-correlation-request-id"] = lower_headers.get("x-ms-client-request-id", request_id)
+        resp.headers.setdefault("Content-Type", "application/json; charset=utf-8")
+        return resp
+
+    def _throttled(
+        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], request_id: str
+    ) -> EmuResponse | None:
+        """ARM's throttling, injected (Fault.throttling): a 429 from the front door for a caller that
+        presented a token, before any provider or the store is involved (nor its lock taken)."""
+        if not headers.get("authorization", "").startswith("Bearer "):
+            return None
+        f = self.faults.take_throttling(method)
+        if f is None:
+            return None
+        message = f.message or DEFAULT_MESSAGES.get(f.code, f.code)
+        resp = self._error(f.status, f.code, message, f.retry_after if f.retry_after is not None else 1.0)
+        with self._lock:
+            n, now, api = len(self.log) + 1, self.clock.now(), query.get("api-version")
+            rec = LoggedRequest(n, now, method, path, api, resp.status, "read", None, None, request_id, query=query)
+            rec.error_code = f.code
+            self.log.append(rec)
+        resp.headers["x-ms-request-id"] = request_id
+        resp.headers["x-ms-correlation-request-id"] = headers.get("x-ms-client-request-id", request_id)
         resp.headers.setdefault("Content-Type", "application/json; charset=utf-8")
         return resp
 

@@ -103,6 +103,12 @@ class Fault:
     def located(self) -> bool:
         return self.location is not None or self.zone is not None
 
+    @property
+    def throttling(self) -> bool:
+        """ARM's own throttling (429 for any resource type, anywhere): answered at its front door,
+        before the request reaches a resource provider or any state."""
+        return self.status == 429 and self.phase == "sync" and not self.resource_type and not self.located
+
     def matches(
         self,
         method: str,
@@ -190,6 +196,18 @@ class FaultInjector:
                     return f
         return None
 
+    def take_throttling(self, method: str) -> Fault | None:
+        """The first throttling fault (Fault.throttling) that fires for this request, counted."""
+        with self._lock:
+            for f in self.faults:
+                if f.throttling and f.matches(method, None, "sync") and self._rng.random() < f.probability:
+                    if f.skipped < f.skip:
+                        f.skipped += 1
+                        continue
+                    f.fired += 1
+                    return f
+        return None
+
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
@@ -209,7 +227,7 @@ class FaultInjector:
         match by location or zone (the late check that knows where the resource is)."""
         with self._lock:
             for f in self.faults:
-                if located_only and not f.located:
+                if (located_only and not f.located) or f.throttling:
                     continue
                 if (
                     f.matches(method, resource_type, phase, location, zone, where_known=where_known)

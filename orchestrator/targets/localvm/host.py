@@ -457,6 +457,10 @@ async def amain(vm: VmPaths) -> None:
     try:
         await host.watch()
     finally:
+        # Serving no more from here: a command that starts the VM again waits for this process to
+        # end (manager._settled_host) instead of taking it for the VM's host.
+        with contextlib.suppress(OSError):
+            vm.host.unlink()
         if evicting is not None and not evicting.done():
             evicting.cancel()
         if installing is not None and not installing.done():
