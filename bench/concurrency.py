@@ -146,6 +146,21 @@ def leftovers(state: Path) -> list[str]:
     return left
 
 
+def stop_warm_servers(tmp: Path) -> list[str]:
+    """Ask the warm-start servers to leave (SIGTERM, as a logout would); any still there is a leak."""
+    import signal
+
+    from orchestrator.targets.localvm.manager import processes_in
+
+    servers = [pid for folder in tmp.glob("warm*") for pid, _, _ in processes_in(folder)]
+    for pid in servers:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while (left := [p for p in servers if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [f"warm-start server {p}" for p in left]
+
+
 def processes_under(folder: Path) -> list[str]:
     from orchestrator.targets.localvm.manager import processes_in
 
@@ -157,8 +172,9 @@ class CpuSampler:
     ran), sampled twice a second, its last-seen user+system time kept (a process's final half
     second is missed)."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, warm: Path) -> None:
         self.state = str(state)
+        self.warm = str(warm)
         self.seen: dict[int, tuple[str, float]] = {}
         self.tick = os.sysconf("SC_CLK_TCK")
         self._stop = threading.Event()
@@ -173,6 +189,8 @@ class CpuSampler:
             return None
         if "-m orchestrator " in cmdline and self.state in cmdline:
             return "CLI (run, status)"
+        if "-m orchestrator.warm " in cmdline and self.warm in cmdline:
+            return "CLI forks (warm)"
         if "localvm.host" in cmdline and self.state in cmdline:
             return "VM hosts"
         if cwd.startswith(self.state) or self.state in cmdline:
@@ -217,9 +235,12 @@ def main() -> int:
     ap.add_argument("--speed", type=float, default=5.0, help="emulated seconds per real second (azure-like)")
     ap.add_argument("--storm", type=float, default=0.3, help="probability that an ARM request is answered 429")
     ap.add_argument("--job", default=str(REPO / "jobs" / "smoke" / "job.yaml"))
+    ap.add_argument("--warm", action="store_true", help="ORCH_WARM=1: commands fork from a warm server (README)")
     args = ap.parse_args()
     compile_bytecode()  # as a pip install leaves the tool: each of the many processes starts from bytecode
     env = environment(args.speed, args.storm)
+    if args.warm:
+        env["ORCH_WARM"] = "1"
     print(
         f"{args.runs} runs of {Path(args.job).parent.name} at once on --target local, one state directory; "
         f"azure-like profile at ORCH_EMULATOR_SPEED={args.speed:g}; 429 storm p={args.storm:g} (Retry-After 1 s)"
@@ -228,14 +249,17 @@ def main() -> int:
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="orch-concurrency-") as tmp:
         state = Path(tmp) / "state"
-        alone = finish(start(state, args.job, env, REGIONS[0]))
+        # Warm: the run alone and the many each start their own server (its start is in the times).
+        alone_env = {**env, "ORCH_WARM_DIR": f"{tmp}/warm-alone"}
+        env["ORCH_WARM_DIR"] = f"{tmp}/warm"
+        alone = finish(start(state, args.job, alone_env, REGIONS[0]))
         if alone.code != 0:
             failed.append(f"the run alone: exit {alone.code}, {alone.verdict}\n{alone.output[-2000:]}")
         print(f"alone:   {summary([alone])}")
 
         # The emulated subscription's default quota holds 24 NC4as_T4_v3 VMs per region (96 vCPUs), as
         # a pay-as-you-go one might: the runs are spread over three regions, as a team would.
-        sampler = CpuSampler(state)
+        sampler = CpuSampler(state, Path(env["ORCH_WARM_DIR"]))
         t0 = time.perf_counter()
         procs = [start(state, args.job, env, REGIONS[i % len(REGIONS)]) for i in range(args.runs)]
         runs = [finish(p) for p in procs]
@@ -250,7 +274,7 @@ def main() -> int:
         if locked:
             failed.append(f'"database is locked" in the output of {len(locked)} run(s)')
         retries = sum(r.retries for r in runs)
-        left = leftovers(state)
+        left = leftovers(state) + stop_warm_servers(Path(tmp))
         if left:
             failed.append("left behind: " + "; ".join(left[:20]) + (" ..." if len(left) > 20 else ""))
     ratio = together / alone.seconds

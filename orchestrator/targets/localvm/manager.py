@@ -25,6 +25,7 @@ from orchestrator.targets.localvm.addresses import AddressBook, groups_under, lo
 from orchestrator.targets.localvm.image import VmPaths
 
 HOST_MODULE = "orchestrator.targets.localvm.host"
+FOLDER_GRACE_S = 5.0
 
 
 class LocalVmError(OrchestratorError):
@@ -58,8 +59,10 @@ class VmHosts:
         with self._locked(event.name):
             # No vm.json: the folder went with the VM (a Delete eviction), so a host still found is
             # one on its way out, never the new VM's.
-            if vm.spec.exists() and self._host_pid(vm) is not None:
+            if vm.spec.exists() and self._settled_host(vm) is not None:
                 return
+            if not self._still_running(event.vm_id):
+                return  # deleted or deallocated by another command since this event was read
             vm.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             key_file = vm.root / "ssh_host_ed25519_key"
             if not key_file.exists():
@@ -87,6 +90,10 @@ class VmHosts:
             tmp.write_text(json.dumps(spec))
             tmp.replace(vm.spec)
             vm.host.unlink(missing_ok=True)
+            from orchestrator import warm
+
+            if warm.spawn(HOST_MODULE, [str(vm.root)], cwd=vm.root, log=vm.log):
+                return  # forked from the warm-start server, already past its imports
             with open(vm.log, "ab") as log:
                 subprocess.Popen(
                     [sys.executable, "-m", HOST_MODULE, str(vm.root)],
@@ -97,6 +104,22 @@ class VmHosts:
                     close_fds=True,
                     cwd="/",
                 )
+
+    def _settled_host(self, vm: VmPaths, wait_s: float = 10.0) -> int | None:
+        """The VM's host, once it is known whether a host found without its host.json is starting
+        (it writes it) or on its way out after a deallocation (it exits): None for the latter."""
+        pid = self._host_pid(vm)
+        deadline = time.monotonic() + wait_s
+        while pid is not None and not vm.host.exists() and _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._host_pid(vm)
+
+    def _still_running(self, vm_id: str) -> bool:
+        from orchestrator.emulator.compute import OFF, power_state
+        from orchestrator.emulator.persist import StoreFile
+
+        record = StoreFile(self.store).resource(vm_id.lower())
+        return record is not None and power_state(record) not in OFF
 
     def destroy(self, name: str) -> None:
         """The VM was deleted: its host ends everything it ran, then its folder goes."""
@@ -135,6 +158,9 @@ class VmHosts:
     def endpoint(self, name: str, timeout: float = 30.0) -> tuple[str, int]:
         vm = self.vm(name)
         deadline = time.monotonic() + timeout
+        # The command that saw the VM start makes its folder just after letting go of the store's
+        # lock: a folder missing for a moment is a VM on its way up, missing for longer a VM gone.
+        gone_after = time.monotonic() + FOLDER_GRACE_S
         while True:
             try:
                 info = json.loads(vm.host.read_text())
@@ -142,7 +168,7 @@ class VmHosts:
                     return str(info["address"]), int(info["port"])
             except (OSError, ValueError, KeyError):
                 pass
-            if not vm.root.exists():  # made when the VM runs, before anyone asks: the VM is gone
+            if not vm.root.exists() and time.monotonic() > gone_after:
                 raise LocalVmError(
                     f"the local VM {name} does not exist any more (deleted, or a spot VM evicted); "
                     "`orchestrator status` shows its run"
@@ -199,9 +225,13 @@ def _running(pid: int) -> bool:
 def _is_host(pid: int, vm: VmPaths) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if HOST_MODULE.encode() in cmdline and str(vm.root).encode() in cmdline:
+            return _running(pid)
+        # Forked from the warm-start server (warm.spawn): the server's command line, the VM's
+        # folder as its working directory (set before the spawn returns).
+        return b"orchestrator.warm" in cmdline and os.readlink(f"/proc/{pid}/cwd") == str(vm.root) and _running(pid)
     except OSError:
         return False
-    return HOST_MODULE.encode() in cmdline and str(vm.root).encode() in cmdline and _running(pid)
 
 
 def _starting_host(vm: VmPaths) -> int | None:
