@@ -7,7 +7,10 @@ compares the wall time of the N against one run alone under the same settings. T
 user relies on: every run succeeded, nothing is left (the emulator's store, `status`, VM host and job
 processes, VM folders), and no output anywhere says "database is locked".
 
-    python bench/concurrency.py [--runs 50] [--speed 5] [--storm 0.2] [--job jobs/smoke/job.yaml]
+    python bench/concurrency.py [--runs 50] [--speed 5] [--storm 0.3] [--job jobs/smoke/job.yaml] [--warm]
+
+--warm: every command with ORCH_WARM=1 (README, "Warm start"); the run alone and the many each start
+their own server, so its start is counted in both.
 
 Prints the figures; exits 1 if a run failed or anything leaked (a missed time target is printed,
 not an error: it depends on the machine).
