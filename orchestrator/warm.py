@@ -56,12 +56,20 @@ def run(argv: list[str]) -> int | None:
     if sock is None:
         return None
     with sock:
-        header = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask()}).encode()
-        fds = [fd for fd in (0, 1, 2) if _is_open(fd)]
-        header_msg = _STATUS.pack(len(header)) + header + bytes(fds)
         try:
-            socket.send_fds(sock, [header_msg], fds)
+            cwd = os.getcwd()
+        except OSError:  # a folder deleted under the shell: let the command say so itself
+            return None
+        ignored = [int(sig) for sig in RELAYED if signal.getsignal(sig) == signal.SIG_IGN]  # nohup's SIGHUP
+        fds = [fd for fd in (0, 1, 2) if _is_open(fd)]
+        request = {"argv": argv, "env": dict(os.environ), "cwd": cwd, "umask": _umask(), "fds": fds, "ignored": ignored}
+        header = json.dumps(request).encode()
+        try:
+            socket.send_fds(sock, [_STATUS.pack(len(header)) + header], fds)
+            accepted = _read_exactly(sock, 1)
         except OSError:
+            accepted = b""
+        if not accepted:  # the server was leaving as this command arrived: it never started
             return None
 
         def relay(signum: int, frame: Any) -> None:
@@ -69,20 +77,34 @@ def run(argv: list[str]) -> int | None:
                 sock.send(bytes([signum]))
 
         for sig in RELAYED:
-            signal.signal(sig, relay)
-        got = b""
-        while len(got) < _STATUS.size:
-            try:
-                chunk = sock.recv(_STATUS.size - len(got))
-            except InterruptedError:
-                continue
-            if not chunk:
-                break
-            got += chunk
+            if int(sig) not in ignored:
+                signal.signal(sig, relay)
+        try:
+            got = _read_exactly(sock, _STATUS.size)
+        except OSError:
+            got = b""
         if len(got) < _STATUS.size:
             print("error: the warm-start server stopped during the command (ORCH_WARM=0 runs it here)", file=sys.stderr)
             return 1
-        return int(_STATUS.unpack(got)[0])
+        (code,) = _STATUS.unpack(got)
+        if code < 0:  # the command died of a signal: so does this process, as a caller expects
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+            return 128 - int(code)
+        return int(code)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        try:
+            chunk = sock.recv(size - len(got))
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def spawn(module: str, args: list[str], *, cwd: Path, log: Path) -> bool:
@@ -92,17 +114,13 @@ def spawn(module: str, args: list[str], *, cwd: Path, log: Path) -> bool:
         return False
     with sock, open(log, "ab") as out, open(os.devnull, "rb") as null:
         request = {"detached": module, "argv": [module, *args], "env": dict(os.environ), "cwd": str(cwd)}
-        header = json.dumps({**request, "umask": _umask()}).encode()
+        header = json.dumps({**request, "umask": _umask(), "fds": [0, 1, 2], "ignored": []}).encode()
         try:
-            socket.send_fds(
-                sock,
-                [_STATUS.pack(len(header)) + header + bytes([0, 1, 2])],
-                [null.fileno(), out.fileno(), out.fileno()],
-            )
-            got = sock.recv(_STATUS.size)
+            socket.send_fds(sock, [_STATUS.pack(len(header)) + header], [null.fileno(), out.fileno(), out.fileno()])
+            got = _read_exactly(sock, 1 + _STATUS.size)  # accepted, then its pid once in its own session
         except OSError:
             return False
-    return len(got) == _STATUS.size
+    return len(got) == 1 + _STATUS.size
 
 
 def socket_path() -> Path | None:
@@ -280,9 +298,9 @@ def _reap(children: dict[int, socket.socket], daemons: set[int]) -> None:
         conn = children.pop(pid) if pid in children else None
         if conn is None:
             continue
-        code = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status)  # -N: killed by signal N (the client dies of it too)
         with contextlib.suppress(OSError):
-            conn.sendall(_STATUS.pack(code if code >= 0 else 128 - code))
+            conn.sendall(_STATUS.pack(code))
         conn.close()
 
 
@@ -307,17 +325,21 @@ def _child(conn: socket.socket, siblings: dict[int, socket.socket]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         request = _receive(conn)
+        conn.sendall(b"\1")  # accepted: from here the command runs here, whatever happens
         import random
         import tempfile
 
         random.seed()  # else every fork draws the server's numbers
         tempfile.tempdir = None  # found again from this command's TMPDIR
+        time.tzset()  # this command's TZ
+        for sig in request.get("ignored", []):
+            signal.signal(sig, signal.SIG_IGN)  # as its client had them (nohup: SIGHUP)
         sys.argv = list(request["argv"])
         if request.get("detached"):
             import runpy
 
             os.setsid()  # as start_new_session: a Ctrl-C in the user's terminal is not for it
-            conn.sendall(_STATUS.pack(os.getpid()))
+            conn.sendall(_STATUS.pack(os.getpid()))  # after the accepted byte: in its own session now
             conn.close()
             runpy.run_module(str(request["detached"]), run_name="__main__", alter_sys=True)
             code = 0
@@ -340,18 +362,19 @@ def _child(conn: socket.socket, siblings: dict[int, socket.socket]) -> None:
 
 
 def _receive(conn: socket.socket) -> dict[str, Any]:
-    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-    (size,) = _STATUS.unpack(msg[: _STATUS.size])
-    while len(msg) < _STATUS.size + size:  # a large environment arrives in several reads
-        more = conn.recv(1 << 20)
-        if not more:
-            raise EOFError("the client went away")
-        msg += more
-    request: dict[str, Any] = json.loads(msg[_STATUS.size : _STATUS.size + size])
-    wanted = list(msg[_STATUS.size + size :])
+    """The request, read to its last byte and no further (what follows are relayed signals), and
+    the client's descriptors put in place as 0, 1 and 2."""
+    prefix, fds, _, _ = socket.recv_fds(conn, _STATUS.size, 3)  # the descriptors come with the first bytes
+    prefix += _read_exactly(conn, _STATUS.size - len(prefix))
+    (size,) = _STATUS.unpack(prefix)
+    body = _read_exactly(conn, size)
+    if len(body) < size:
+        raise EOFError("the client went away")
+    request: dict[str, Any] = json.loads(body)
+    wanted = [int(fd) for fd in request["fds"]]
     null = os.open(os.devnull, os.O_RDWR)
     for target in (0, 1, 2):
-        source = fds[wanted.index(target)] if target in wanted else null
+        source = fds[wanted.index(target)] if target in wanted and wanted.index(target) < len(fds) else null
         os.dup2(source, target)
     for fd in [*fds, null]:
         if fd > 2:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from orchestrator.clock import SystemClock
 from orchestrator.emulator import Emulator
 from orchestrator.emulator.persist import StoreFile
@@ -106,3 +108,13 @@ def test_every_vnet_gives_its_first_nic_the_subnets_first_address(tmp_path: Path
         nic = call(emu, "GET", f"{base}/Microsoft.Network/networkInterfaces/{vm.name}-nic").json()
         addresses.append(nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"])
     assert addresses[0] == addresses[1] and addresses[0].endswith(".4"), addresses
+
+
+def test_a_group_file_that_does_not_parse_fails_requests_and_is_kept(tmp_path: Path) -> None:
+    emu = _emulator(tmp_path)
+    first = _put_network(emu, "one-aaaaaa")
+    broken = _group_files(tmp_path)["orch-one-aaaaaa"]
+    broken.write_text('{"groups": ')  # a disk that filled up, a hand edit
+    with pytest.raises(ValueError):
+        call(emu, "GET", f"{first}/resources")
+    assert broken.read_text() == '{"groups": ', "what could not be read is never taken for an emptied group"

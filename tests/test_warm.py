@@ -147,3 +147,32 @@ def test_the_server_leaves_when_idle_and_a_command_never_depends_on_it(tmp_path:
     deep = warm_dir / ("x" * 90)
     r = cli(*state, "ls", env=_warm(deep))
     assert r.returncode == 0 and not deep.exists()
+
+
+def test_a_warm_run_under_nohup_ignores_the_hangup_as_a_normal_one_does(tmp_path: Path, warm_dir: Path) -> None:
+    """SIGHUP ignored by the client (nohup, then the terminal closes) stays ignored for the command."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import REPO
+
+    ticks = "import time\nfor i in range(30):\n    print('tick', i, flush=True)\n    time.sleep(0.1)\n"
+    job = write_job(tmp_path, ticks)
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "ORCH_"))}
+    env.update(_warm(warm_dir, API_TOKEN="x"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--target", "local", "--state-dir", str(state), "run", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    seen: list[str] = []
+    wait_for(proc, "tick 3", seen)
+    proc.send_signal(signal.SIGHUP)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(seen) + out
+    assert "tick 29" in out and "all resources deleted" in out

@@ -202,8 +202,8 @@ class ArmCore:
                             self.backing.commit(self.store)
             finally:
                 self._depth -= 1
-            if outermost:
-                self._after_unlock()
+                if outermost:
+                    self._after_unlock()  # also after a request that failed: its events still happened
 
     def _after_unlock(self) -> None:
         """Work queued during a request that must not hold the store's lock (compute.py: the VM

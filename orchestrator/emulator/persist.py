@@ -183,10 +183,8 @@ class _Opened:
 
     def _read_in(self, group: str, path: Path) -> None:
         text = _read(path)
-        self.texts[group] = text
-        if not text:
-            return
-        sections = json.loads(text)
+        sections = json.loads(text) if text else {}  # a file that does not parse fails the request...
+        self.texts[group] = text  # ...and is never taken for an emptied group (commit deletes those)
         for name in SHARDED:
             target = getattr(self.store, name)
             for key, value in sections.get(name, {}).items():

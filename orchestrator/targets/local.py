@@ -143,7 +143,9 @@ class LocalTarget(Target):
     def inventory(self) -> LocalInventory:
         from orchestrator.emulator.persist import StoreFile
 
-        store = StoreFile(self.emulator_dir / "store.json").load()
+        backing = StoreFile(self.emulator_dir / "store.json")
+        with backing.locked():
+            store = backing.load()
         groups = [
             (g["name"], g["properties"].get("provisioningState", ""), g.get("location", ""))
             for g in store.groups.values()

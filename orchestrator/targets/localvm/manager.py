@@ -227,9 +227,15 @@ def _is_host(pid: int, vm: VmPaths) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if HOST_MODULE.encode() in cmdline and str(vm.root).encode() in cmdline:
             return _running(pid)
-        # Forked from the warm-start server (warm.spawn): the server's command line, the VM's
-        # folder as its working directory (set before the spawn returns).
-        return b"orchestrator.warm" in cmdline and os.readlink(f"/proc/{pid}/cwd") == str(vm.root) and _running(pid)
+        # Forked from the warm-start server (warm.spawn): the server's command line, a session of
+        # its own (a command's fork has none), the VM's folder as its working directory (set before
+        # the spawn returns; /proc gives it resolved, so compare it resolved).
+        return (
+            b"orchestrator.warm" in cmdline
+            and os.getsid(pid) == pid
+            and os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(vm.root)
+            and _running(pid)
+        )
     except OSError:
         return False
 
