@@ -126,16 +126,22 @@ def spawn(module: str, args: list[str], *, cwd: Path, log: Path) -> bool:
 def socket_path() -> Path | None:
     """Where this command's server listens: in a folder only this user can enter (None: no such
     folder, or a path too long for a Unix socket, at most 107 bytes)."""
-    base = Path(os.environ.get("ORCH_WARM_DIR") or f"/tmp/orchestrator-{os.getuid()}/warm")
+    chosen = os.environ.get("ORCH_WARM_DIR")
+    base = Path(chosen or f"/tmp/orchestrator-{os.getuid()}/warm")
     path = base / f"{fingerprint()}.sock"
     if len(str(path)) >= 100:
         return None
     try:
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        info = base.stat()
+        # The folder and the one above it (in /tmp, anyone may make it first): ours, private, and
+        # no symbolic link in between.
+        for folder in (base,) if chosen else (base.parent, base):
+            info = folder.lstat()
+            if info.st_uid != os.getuid() or not os.path.isdir(folder) or os.path.islink(folder):
+                return None
+        if info.st_mode & 0o077:
+            return None
     except OSError:
-        return None
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
     return path
 
@@ -185,6 +191,9 @@ def _start_and_connect(path: Path) -> socket.socket | None:
             path.unlink()  # a server that died without cleaning up
         log = open(path.with_suffix(".log"), "ab")  # noqa: SIM115 (the server's, not ours)
         with log:
+            # The same package as this command's, wherever the server starts (a checkout run with
+            # `python -m orchestrator` without an install included).
+            search = os.pathsep.join(p for p in (str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")) if p)
             server = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.warm", str(path)],
                 stdin=subprocess.DEVNULL,
@@ -193,6 +202,7 @@ def _start_and_connect(path: Path) -> socket.socket | None:
                 start_new_session=True,
                 close_fds=True,
                 cwd="/",
+                env={**os.environ, "PYTHONPATH": search},
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and server.poll() is None:
@@ -252,6 +262,8 @@ def serve(path: Path) -> None:
                     if _peer_uid(conn) != os.getuid():  # only its own user's commands run as that user
                         conn.close()
                         continue
+                    sys.stdout.flush()
+                    sys.stderr.flush()  # else a fork would write the server's buffered log lines again
                     pid = os.fork()
                     if pid == 0:
                         listener.close()
