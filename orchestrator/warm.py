@@ -108,7 +108,7 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def spawn(module: str, args: list[str], *, cwd: Path, log: Path) -> bool:
-    """Start `python -m module args...` as a daemon forked from the warm server, if one serves this
+    """Start `python -m module args...` (its main()) as a daemon forked from the warm server, if one serves this
     command (its own session, stdin /dev/null, stdout and stderr to `log`): whether it did."""
     if os.environ.get("ORCH_WARM") != "1" or (path := socket_path()) is None or (sock := _connect(path)) is None:
         return False
@@ -348,12 +348,12 @@ def _child(conn: socket.socket, siblings: dict[int, socket.socket]) -> None:
             signal.signal(sig, signal.SIG_IGN)  # as its client had them (nohup: SIGHUP)
         sys.argv = list(request["argv"])
         if request.get("detached"):
-            import runpy
+            import importlib
 
             os.setsid()  # as start_new_session: a Ctrl-C in the user's terminal is not for it
             conn.sendall(_STATUS.pack(os.getpid()))  # after the accepted byte: in its own session now
             conn.close()
-            runpy.run_module(str(request["detached"]), run_name="__main__", alter_sys=True)
+            importlib.import_module(str(request["detached"])).main()  # preloaded: run, not imported again
             code = 0
         else:
             _watch_client(conn)

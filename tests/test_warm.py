@@ -176,3 +176,21 @@ def test_a_warm_run_under_nohup_ignores_the_hangup_as_a_normal_one_does(tmp_path
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(seen) + out
     assert "tick 29" in out and "all resources deleted" in out
+
+
+def test_a_state_dir_behind_a_symlink_keeps_one_host_per_vm_and_down_ends_it(tmp_path: Path, warm_dir: Path) -> None:
+    """Forked VM hosts are recognised by their (resolved) folder: a later command does not start a
+    second host for the VM, and `down` ends the one there is."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    state = ["--target", "local", "--state-dir", str(tmp_path / "link")]
+    provisioned = cli(*state, "--json", "provision", str(SMOKE), env=_warm(warm_dir))
+    assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
+    run_id = json.loads(provisioned.stdout.splitlines()[-1])["run_id"]
+    assert cli(*state, "ls", env=_warm(warm_dir)).returncode == 0  # replays the running VMs
+    (server,) = _servers(warm_dir)
+    hosts = [pid for pid in _children(server, commands_only=False) if pid not in _children(server)]
+    assert len(hosts) == 1, hosts
+    assert cli(*state, "down", run_id, env=_warm(warm_dir)).returncode == 0
+    assert processes_in(real) == [], "down ended the VM's host before it returned (not the host alone, later)"
