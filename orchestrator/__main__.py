@@ -8,10 +8,10 @@ import sys
 
 
 def entry() -> None:
-    from orchestrator import warm
+    if os.environ.get("ORCH_WARM") == "1":  # else not even the client's modules are imported
+        from orchestrator import warm
 
-    if warm.enabled(sys.argv[1:]):
-        code = warm.run(sys.argv)
+        code = warm.run(sys.argv) if warm.enabled(sys.argv[1:]) else None
         if code is not None:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -249,8 +249,13 @@ class ArmCore:
                 rec.error_code = f.code
             rec.status = resp.status
             self.log.append(rec)
+        return self._stamped(resp, lower_headers, request_id)
+
+    @staticmethod
+    def _stamped(resp: EmuResponse, headers: dict[str, str], request_id: str) -> EmuResponse:
+        """ARM's headers on every answer: its request id, the caller's correlation id, JSON."""
         resp.headers.setdefault("x-ms-request-id", request_id)
-        resp.headers["x-ms-correlation-request-id"] = lower_headers.get("x-ms-client-request-id", request_id)
+        resp.headers["x-ms-correlation-request-id"] = headers.get("x-ms-client-request-id", request_id)
         resp.headers.setdefault("Content-Type", "application/json; charset=utf-8")
         return resp
 
@@ -271,10 +276,7 @@ class ArmCore:
             rec = LoggedRequest(n, now, method, path, api, resp.status, "read", None, None, request_id, query=query)
             rec.error_code = f.code
             self.log.append(rec)
-        resp.headers["x-ms-request-id"] = request_id
-        resp.headers["x-ms-correlation-request-id"] = headers.get("x-ms-client-request-id", request_id)
-        resp.headers.setdefault("Content-Type", "application/json; charset=utf-8")
-        return resp
+        return self._stamped(resp, headers, request_id)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -198,9 +199,13 @@ class FaultInjector:
 
     def take_throttling(self, method: str) -> Fault | None:
         """The first throttling fault (Fault.throttling) that fires for this request, counted."""
+        return self._fire(lambda f: f.throttling and f.matches(method, None, "sync"))
+
+    def _fire(self, matches: Callable[[Fault], bool]) -> Fault | None:
+        """The first fault that matches and draws its probability, past its `skip`, counted as fired."""
         with self._lock:
             for f in self.faults:
-                if f.throttling and f.matches(method, None, "sync") and self._rng.random() < f.probability:
+                if matches(f) and self._rng.random() < f.probability:
                     if f.skipped < f.skip:
                         f.skipped += 1
                         continue
@@ -225,17 +230,10 @@ class FaultInjector:
     ) -> Fault | None:
         """The first matching fault, counted as fired. `located_only`: consider only faults that
         match by location or zone (the late check that knows where the resource is)."""
-        with self._lock:
-            for f in self.faults:
-                if (located_only and not f.located) or f.throttling:
-                    continue
-                if (
-                    f.matches(method, resource_type, phase, location, zone, where_known=where_known)
-                    and self._rng.random() < f.probability
-                ):
-                    if f.skipped < f.skip:
-                        f.skipped += 1
-                        continue
-                    f.fired += 1
-                    return f
-        return None
+        return self._fire(
+            lambda f: (
+                not f.throttling
+                and (f.located or not located_only)
+                and f.matches(method, resource_type, phase, location, zone, where_known=where_known)
+            )
+        )
